@@ -1,0 +1,179 @@
+# -*- test-case-name: tests.test_classifier -*-
+"""The classifier: picks the host of a pool for each request.
+
+Sans-I/O: hosts, directives and passive health are plain objects driven by an
+injected clock (anything with ``seconds()``).  Selection is nginx's smooth
+weighted round robin over the hosts that may take new clients; affinity comes
+first and may also reach a draining host.
+
+Directive semantics follow HAProxy:
+
+========== ====================== ===================================
+directive  new clients            requests bound by affinity
+========== ====================== ===================================
+active     yes                    yes
+draining   no                     yes (until the host is down)
+inactive   no                     no (the session moves)
+========== ====================== ===================================
+
+A host is *down* while a passive failure (connect refused or timed out, reset
+before any response byte) is younger than the pool's ``fail_timeout``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections import OrderedDict
+from typing import Iterable, Protocol
+
+from nlbproxy.config import HostConfig, PoolConfig
+from nlbproxy.metrics import HostStats
+
+ACTIVE = "active"
+DRAINING = "draining"
+INACTIVE = "inactive"
+DIRECTIVES = (ACTIVE, DRAINING, INACTIVE)
+
+#: client_ip affinity entries kept per pool; the least recently used go first.
+MAX_CLIENT_IP_ENTRIES = 100_000
+
+
+class Clock(Protocol):
+    def seconds(self) -> float: ...
+
+
+class Host:
+    """One backend of one pool, with the state selection needs."""
+
+    __slots__ = (
+        "pool", "key", "host", "port", "weight", "directive", "directive_reason",
+        "down_until", "down_reason", "current_weight", "active_requests", "stats",
+        "affinity_token",
+    )
+
+    def __init__(self, pool: str, config: HostConfig, affinity_token: str) -> None:
+        self.pool = pool
+        self.key = config.key
+        self.host = config.host
+        self.port = config.port
+        self.weight = config.weight
+        self.directive = ACTIVE
+        self.directive_reason = "config"
+        self.down_until = 0.0
+        self.down_reason = ""
+        self.current_weight = 0
+        self.active_requests = 0
+        self.stats = HostStats()
+        self.affinity_token = affinity_token
+
+    def is_up(self, now: float) -> bool:
+        return now >= self.down_until
+
+    def health(self, now: float) -> str:
+        return "up" if now >= self.down_until else "down"
+
+    def __repr__(self) -> str:
+        return f"<Host {self.pool}/{self.key} {self.directive}>"
+
+
+class Pool:
+    """The hosts of one application, and how to choose among them."""
+
+    def __init__(self, config: PoolConfig, clock: Clock, secret: bytes) -> None:
+        self.config = config
+        self.name = config.name
+        self.clock = clock
+        self._secret = secret
+        self.hosts: list[Host] = []
+        self.by_key: dict[str, Host] = {}
+        self.by_token: dict[str, Host] = {}
+        self._client_ips: OrderedDict[str, tuple[Host, float]] = OrderedDict()
+        for host_config in config.hosts:
+            self.add_host(host_config)
+
+    # -- membership ---------------------------------------------------------
+    def add_host(self, host_config: HostConfig) -> Host:
+        token = hmac.new(
+            self._secret, f"{self.name}\0{host_config.key}".encode(), hashlib.sha256
+        ).hexdigest()[:20]
+        host = Host(self.name, host_config, token)
+        self.hosts.append(host)
+        self.by_key[host.key] = host
+        self.by_token[token] = host
+        return host
+
+    # -- selection -----------------------------------------------------------
+    def choose(self, exclude: Iterable[Host] = ()) -> Host | None:
+        """Smooth weighted round robin over up, active hosts not in ``exclude``."""
+        now = self.clock.seconds()
+        best: Host | None = None
+        total = 0
+        for host in self.hosts:
+            if host.directive != ACTIVE or now < host.down_until or host in exclude:
+                continue
+            host.current_weight += host.weight
+            total += host.weight
+            if best is None or host.current_weight > best.current_weight:
+                best = host
+        if best is not None:
+            best.current_weight -= total
+        return best
+
+    def bound_host(self, host: Host | None) -> Host | None:
+        """``host`` if a request bound to it by affinity may still go there."""
+        if host is None or host.directive == INACTIVE:
+            return None
+        if self.clock.seconds() < host.down_until:
+            return None
+        return host
+
+    def host_for_token(self, token: str) -> Host | None:
+        return self.bound_host(self.by_token.get(token))
+
+    def host_for_client_ip(self, address: str) -> Host | None:
+        entry = self._client_ips.get(address)
+        if entry is None:
+            return None
+        host, seen = entry
+        if self.clock.seconds() - seen > self.config.client_ip_timeout:
+            del self._client_ips[address]
+            return None
+        return self.bound_host(host)
+
+    def remember_client_ip(self, address: str, host: Host) -> None:
+        entries = self._client_ips
+        entries[address] = (host, self.clock.seconds())
+        entries.move_to_end(address)
+        if len(entries) > MAX_CLIENT_IP_ENTRIES:
+            entries.popitem(last=False)
+
+    # -- passive health ------------------------------------------------------
+    def mark_failed(self, host: Host, reason: str) -> None:
+        host.down_until = self.clock.seconds() + self.config.fail_timeout
+        host.down_reason = reason
+
+    def set_directive(self, host: Host, directive: str, reason: str) -> None:
+        if directive not in DIRECTIVES:
+            raise ValueError(f"unknown directive {directive!r}")
+        host.directive = directive
+        host.directive_reason = reason
+
+
+class Farm:
+    """All pools of a unit, by name."""
+
+    def __init__(self, pools: Iterable[PoolConfig], clock: Clock, secret: bytes | None) -> None:
+        # Without a farm-wide secret the affinity cookie is only honoured by
+        # this process; a random key is still unforgeable.
+        self.secret = secret if secret is not None else os.urandom(32)
+        self.clock = clock
+        self.pools: dict[str, Pool] = {p.name: Pool(p, clock, self.secret) for p in pools}
+
+    def host(self, pool: str, key: str) -> Host:
+        """The host ``key`` of ``pool``; raises KeyError naming what is missing."""
+        try:
+            return self.pools[pool].by_key[key]
+        except KeyError:
+            raise KeyError(f"no host {key} in pool {pool}") from None

@@ -1,0 +1,1 @@
+"""Request routers: protocols that terminate client connections and route each request."""

@@ -1,0 +1,712 @@
+# -*- test-case-name: tests.test_router -*-
+"""The HTTP/1.1 request router (the seed's "HTTP/SSL request router").
+
+A client connection is parsed by an h11 server-role state machine, one
+logical request at a time; every request is routed on its own (listener
+rules pick a pool, the classifier picks a host) and relayed over a pooled
+keep-alive backend connection, so two requests of one client connection may
+go to two pools and hosts.
+
+Flow control.  A request or response body is never held whole: each h11
+``Data`` event is written to the other side at once, and each side's
+:class:`~nlbproxy.flow.Pauser` is registered as the producer of the other
+side's transport, so a full socket buffer on one side stops reading on the
+other.  Pipelined requests wait in h11's bounded buffer: the client is paused
+("pipeline") until the current response is complete, which also keeps the
+responses in order.  While a backend connection is being opened, at most
+``MAX_PENDING_BODY`` bytes of request body are held ("connecting").
+
+Timeouts.  One :class:`~nlbproxy.flow.Deadline` per client connection moves
+through three phases: waiting for the next request (keep-alive timeout),
+reading request headers (header timeout, not extended by a slow drip:
+slowloris), reading a request body or pushing a response to a client that
+does not read (client timeout).  The backend side has its own deadline
+(server timeout) in :mod:`nlbproxy.routers.upstream`.
+
+Failures before the first response byte are retried on another host when
+nothing was lost: always after a failed connect, and for idempotent requests
+without a body after a reset.  The host is then left out for the pool's
+``fail_timeout`` (passive health).  What cannot be retried becomes 502 (bad
+or refused), 503 (no host, queue full) or 504 (timed out).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import h11
+from twisted.internet import error as neterror
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from nlbproxy import limits
+from nlbproxy.classifier import Farm, Host, Pool
+from nlbproxy.config import ListenerConfig
+from nlbproxy.flow import Deadline, Pauser
+from nlbproxy.metrics import ListenerStats
+from nlbproxy.routers import headers as hdrs
+from nlbproxy.routers.upstream import HostConnections, UpstreamConnection, Upstreams
+from nlbproxy.routing import RouteTable, cookies_of
+
+log = Logger()
+
+_NEED_DATA = h11.NEED_DATA
+_PAUSED = h11.PAUSED
+_Request = h11.Request
+_Data = h11.Data
+_EndOfMessage = h11.EndOfMessage
+_Response = h11.Response
+_InformationalResponse = h11.InformationalResponse
+_ConnectionClosed = h11.ConnectionClosed
+_DONE = h11.DONE
+
+#: RFC 9110 section 9.2.2: methods that may be repeated without harm.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+#: Failures that mean the host is unwell (passive health).
+_HOST_FAILURES = frozenset({"connect_refused", "connect_timeout", "reset", "timeout", "bad_response"})
+_STATUS_FOR_FAILURE = {
+    "connect_refused": 502, "reset": 502, "bad_response": 502,
+    "connect_timeout": 504, "timeout": 504, "queue_full": 503, "queue_timeout": 503,
+}
+
+_REASONS = {
+    400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed", 408: b"Request Timeout",
+    413: b"Content Too Large", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+
+AccessLogger = Callable[["Exchange", float], None]
+
+
+class Listener:
+    """What the connections of one ``[[listener]]`` share."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        farm: Farm,
+        upstreams: Upstreams,
+        reactor: Any,
+        unit_name: str,
+        access_log: AccessLogger | None = None,
+        scheme: bytes = b"http",
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.routes = RouteTable(config.routes, config.pool)
+        self.farm = farm
+        self.upstreams = upstreams
+        self.reactor = reactor
+        self.stats = ListenerStats()
+        self.access_log = access_log
+        self.scheme = scheme
+        self.via = b"1.1 " + unit_name.encode("ascii", "replace")
+        self.connections: set[ClientConnection] = set()
+        self.stopping = False
+
+    def close_idle(self) -> None:
+        """Graceful stop: close idle connections, and busy ones after their response."""
+        self.stopping = True
+        for conn in list(self.connections):
+            conn.close_when_idle()
+
+    def abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.transport.abortConnection()
+
+
+class RouterFactory(Factory):
+    """Builds a :class:`ClientConnection` per accepted connection."""
+
+    noisy = False
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+
+    def buildProtocol(self, addr: Any) -> ClientConnection | None:
+        listener = self.listener
+        if len(listener.connections) >= listener.config.max_connections or listener.stopping:
+            listener.stats.reject(503)
+            return None  # Twisted closes the socket at once
+        return ClientConnection(listener)
+
+
+# Client connection phases (what the deadline is counting).
+_IDLE, _HEADERS, _BODY, _WAIT, _RESPONSE, _TUNNEL = range(6)
+
+
+@implementer(IHalfCloseableProtocol)
+class ClientConnection(Protocol):
+    """One client TCP connection: h11 server role plus the current exchange."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.config = listener.config
+        self.exchange: Exchange | None = None
+        self.requests = 0
+        self.phase = _HEADERS
+        self.closing = False
+        self.tunnel: UpstreamConnection | None = None
+        self.client_ip = ""
+
+    # -- Twisted ---------------------------------------------------------------
+    def connectionMade(self) -> None:
+        transport = self.transport
+        transport.setTcpNoDelay(True)
+        self.client_ip = transport.getPeer().host
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
+        self.pauser = Pauser(transport)
+        self.deadline = Deadline(self.listener.reactor, self._timed_out)
+        self.deadline.set(self.config.header_timeout)
+        stats = self.listener.stats
+        stats.connections += 1
+        stats.open_connections += 1
+        self.listener.connections.add(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.deadline.set(limits.TUNNEL_TIMEOUT)
+            self.tunnel.transport.write(data)
+            return
+        phase = self.phase
+        if phase == _IDLE:
+            self.phase = _HEADERS
+            self.deadline.set(self.config.header_timeout)
+        elif phase == _BODY:
+            self.deadline.set(self.config.client_timeout)
+        self.h11.receive_data(data)
+        self._advance()
+
+    def readConnectionLost(self) -> None:
+        # The client half-closed: it may still read our answer.
+        if self.tunnel is not None:
+            self.tunnel.transport.loseWriteConnection()
+            return
+        self.h11.receive_data(b"")
+        self._advance()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = neterror.ConnectionDone()) -> None:
+        self.deadline.cancel()
+        listener = self.listener
+        listener.connections.discard(self)
+        listener.stats.open_connections -= 1
+        if self.tunnel is not None:
+            self.tunnel.transport.loseConnection()
+            self.tunnel = None
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.client_gone()
+
+    # -- parsing -----------------------------------------------------------------
+    def _advance(self) -> None:
+        conn = self.h11
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if event is _NEED_DATA:
+                return
+            if event is _PAUSED:
+                # A pipelined request (or bytes after an upgrade request)
+                # waits its turn in h11's buffer; stop reading more.
+                self.pauser.pause("pipeline")
+                return
+            kind = type(event)
+            if kind is _Data:
+                if self.exchange is not None:
+                    self.exchange.request_data(event.data)  # type: ignore[union-attr]
+            elif kind is _Request:
+                self._request(event)  # type: ignore[arg-type]
+            elif kind is _EndOfMessage:
+                if self.exchange is not None:
+                    self.exchange.request_end()
+            elif kind is _ConnectionClosed:
+                if self.exchange is None:
+                    self.transport.loseConnection()
+                return
+            if self.exchange is None and conn.our_state is not h11.IDLE:
+                return
+
+    def _request(self, request: h11.Request) -> None:
+        self.requests += 1
+        listener = self.listener
+        listener.stats.requests += 1
+        config = self.config
+        method = request.method
+        headers = request.headers
+        if len(request.target) > config.max_request_line:
+            self.local_response(414, b"request target too long\n")
+            return
+        if method == b"CONNECT":
+            self.local_response(405, b"CONNECT is not supported\n")
+            return
+        content_length = -1
+        chunked = False
+        for name, value in headers:
+            if name == b"content-length":
+                content_length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+        if chunked and content_length >= 0:
+            # RFC 9112 section 6.3: a smuggling attempt more often than not.
+            self.local_response(400, b"both Content-Length and Transfer-Encoding\n")
+            return
+        max_body = config.max_body_bytes
+        if max_body and content_length > max_body:
+            self.local_response(413, b"request body too large\n")
+            return
+        pool_name = listener.routes.pool_for(method, request.target, headers)
+        pool = listener.farm.pools[pool_name]
+        has_body = chunked or content_length > 0
+        self.phase = _BODY if has_body else _WAIT
+        if has_body:
+            self.deadline.set(config.client_timeout)
+        else:
+            self.deadline.cancel()
+        self.exchange = Exchange(self, request, pool, has_body)
+        self.exchange.start()
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint
+        self.listener.stats.reject(status)
+        if self.exchange is not None and self.exchange.response_started:
+            self.transport.abortConnection()
+            return
+        if self.exchange is not None:
+            self.exchange.abandon()
+        self.local_response(status, f"{exc}\n".encode("ascii", "replace"), close=True)
+
+    # -- answering ---------------------------------------------------------------
+    def send(self, event: Any) -> None:
+        # h11's parser hands out bytearrays; its writer joins them into the
+        # one bytes object Twisted's transports accept.
+        data = self.h11.send(event)
+        if data:
+            self.transport.write(data)
+
+    def local_response(self, status: int, body: bytes, close: bool = False) -> None:
+        """An answer made by the unit itself (errors), ending the exchange."""
+        listener = self.listener
+        if status >= 400:
+            listener.stats.reject(status)
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.status = status
+        conn = self.h11
+        request_unread = conn.their_state not in (_DONE, h11.MUST_CLOSE, h11.CLOSED)
+        close = close or request_unread or self.closing
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        if close:
+            headers.append((b"connection", b"close"))
+        if conn.our_state is h11.SEND_RESPONSE or conn.our_state is h11.IDLE:
+            try:
+                self.send(_Response(status_code=status, headers=headers, reason=_REASONS.get(status, b"")))
+                self.send(_Data(data=body))
+                self.send(_EndOfMessage())
+            except h11.LocalProtocolError:
+                close = True
+        if exchange is not None:
+            exchange.logged(listener)
+            self.exchange = None
+        if close:
+            self.deadline.cancel()
+            self.transport.loseConnection()
+        else:
+            self._next_request()
+
+    def exchange_done(self) -> None:
+        """The current exchange has sent its whole response and read its whole request."""
+        self.exchange = None
+        self._next_request()
+
+    def _next_request(self) -> None:
+        conn = self.h11
+        if (
+            self.closing
+            or conn.our_state is not _DONE
+            or conn.their_state is not _DONE
+            or self.requests >= self.config.max_requests_per_connection
+        ):
+            self.deadline.cancel()
+            self.transport.loseConnection()
+            return
+        conn.start_next_cycle()
+        self.phase = _IDLE
+        self.deadline.set(self.config.keepalive_timeout)
+        if self.pauser.reasons:
+            self.pauser.resume("pipeline")
+        if conn.trailing_data[0]:
+            self.phase = _HEADERS
+            self.deadline.set(self.config.header_timeout)
+            self._advance()
+
+    def close_when_idle(self) -> None:
+        self.closing = True
+        if self.exchange is None and self.tunnel is None:
+            self.transport.loseConnection()
+
+    def start_tunnel(self, upstream: UpstreamConnection) -> None:
+        self.tunnel = upstream
+        self.phase = _TUNNEL
+        self.deadline.set(limits.TUNNEL_TIMEOUT)
+        self.pauser.resume("pipeline")
+        data, _closed = self.h11.trailing_data
+        if data:
+            upstream.transport.write(data)
+
+    def _timed_out(self) -> None:
+        phase = self.phase
+        if phase == _HEADERS and self.h11.their_state is h11.IDLE and self.h11.trailing_data[0]:
+            self.local_response(408, b"request headers not received in time\n", close=True)
+            return
+        if phase == _BODY and self.exchange is not None and not self.exchange.response_started:
+            self.exchange.abandon()
+            self.local_response(408, b"request body not received in time\n", close=True)
+            return
+        if phase == _RESPONSE or phase == _BODY:
+            # A client that stopped reading our answer or sending its body.
+            self.transport.abortConnection()
+            return
+        # Idle keep-alive, or a client that never sent a byte.
+        self.transport.loseConnection()
+
+    def backpressure(self, paused: bool) -> None:
+        """The client stopped (True) or resumed (False) reading our response."""
+        if paused:
+            self.deadline.set(self.config.client_timeout)
+        elif self.phase == _RESPONSE:
+            self.deadline.cancel()
+
+
+class Exchange:
+    """One request and its response, from routing to the last byte."""
+
+    __slots__ = (
+        "client", "request", "pool", "host", "upstream", "hostconns", "tried", "started",
+        "has_body", "request_complete", "body_bytes", "body_forwarded", "pending", "pending_bytes",
+        "response_started", "response_complete", "status", "bytes_sent", "set_cookie",
+        "cancelled", "queue_timer", "upgrade",
+    )
+
+    def __init__(self, client: ClientConnection, request: h11.Request, pool: Pool, has_body: bool) -> None:
+        self.client = client
+        self.request = request
+        self.pool = pool
+        self.host: Host | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.hostconns: HostConnections | None = None
+        self.tried: list[Host] = []
+        self.started = client.listener.reactor.seconds()
+        self.has_body = has_body
+        self.request_complete = False
+        self.body_bytes = 0
+        self.body_forwarded = False
+        self.pending: list[bytes] | None = None
+        self.pending_bytes = 0
+        self.response_started = False
+        self.response_complete = False
+        self.status = 0
+        self.bytes_sent = 0
+        self.set_cookie: bytes | None = None
+        self.cancelled = False
+        self.queue_timer: Any = None
+        self.upgrade = hdrs.upgrade_protocol(request.headers)
+
+    # -- choosing a host ---------------------------------------------------------
+    def start(self) -> None:
+        host = self._classify()
+        if host is None:
+            self.client.local_response(503, b"no host available\n")
+            return
+        self._dispatch(host)
+
+    def _classify(self) -> Host | None:
+        pool = self.pool
+        affinity = pool.config.affinity
+        if affinity == "none":
+            return pool.choose(self.tried)
+        host = None
+        if not self.tried:
+            if affinity == "cookie":
+                token = cookies_of(self.request.headers).get(pool.config.affinity_cookie.encode())
+                if token:
+                    host = pool.host_for_token(token.decode("ascii", "replace"))
+            else:
+                host = pool.host_for_client_ip(self.client.client_ip)
+        if host is None:
+            host = pool.choose(self.tried)
+            if host is not None and affinity == "cookie":
+                self.set_cookie = self._affinity_cookie(host)
+        return host
+
+    def _affinity_cookie(self, host: Host) -> bytes:
+        cookie = f"{self.pool.config.affinity_cookie}={host.affinity_token}; Path=/; HttpOnly; SameSite=Lax"
+        if self.client.listener.scheme == b"https":
+            cookie += "; Secure"
+        return cookie.encode()
+
+    def _dispatch(self, host: Host) -> None:
+        self.host = host
+        self.tried.append(host)
+        host.active_requests += 1
+        hostconns = self.client.listener.upstreams.for_host(host, self.pool.config)
+        self.hostconns = hostconns
+        hostconns.acquire(self)
+
+    def _undispatch(self) -> None:
+        if self.queue_timer is not None:
+            self.queue_timer.cancel()
+            self.queue_timer = None
+        if self.hostconns is not None:
+            self.hostconns.cancel(self)
+            self.hostconns = None
+        if self.host is not None:
+            self.host.active_requests -= 1
+
+    # -- callbacks from the connection pool --------------------------------------
+    def queued(self, hostconns: HostConnections) -> None:
+        self.queue_timer = self.client.listener.reactor.callLater(
+            self.pool.config.connect_timeout, self._queue_timeout
+        )
+
+    def _queue_timeout(self) -> None:
+        self.queue_timer = None
+        self.upstream_error(None, "queue_timeout", "waited too long for a connection to the host")
+
+    def upstream_ready(self, conn: UpstreamConnection, reused: bool) -> None:
+        if self.queue_timer is not None:
+            self.queue_timer.cancel()
+            self.queue_timer = None
+        if self.cancelled:
+            conn.exchange = None
+            conn.owner.release(conn)
+            return
+        self.upstream = conn
+        conn.exchange = self
+        conn.uses += 1
+        client = self.client
+        request = self.request
+        headers = hdrs.request_headers(
+            request.headers, client.client_ip, client.listener.scheme, client.listener.via,
+            conn.owner.host.key.encode(), self.upgrade,
+        )
+        # The headers came out of h11's parser or from us: skip re-validation.
+        conn.send(_Request(method=request.method, target=request.target, headers=headers, _parsed=True))
+        if self.pending is not None:
+            for chunk in self.pending:
+                conn.send(_Data(data=chunk))
+            self.body_forwarded = True
+            self.pending = None
+            self.pending_bytes = 0
+            client.pauser.resume("connecting")
+        if self.request_complete:
+            conn.send(_EndOfMessage())
+        else:
+            conn.transport.registerProducer(client.pauser, True)
+        conn.arm()
+
+    # -- request body from the client --------------------------------------------
+    def request_data(self, data: bytes) -> None:
+        self.body_bytes += len(data)
+        max_body = self.client.config.max_body_bytes
+        if max_body and self.body_bytes > max_body:
+            if self.response_started:
+                self.client.transport.abortConnection()
+            else:
+                self.abandon()
+                self.client.local_response(413, b"request body too large\n", close=True)
+            return
+        if self.response_complete:
+            return  # the host answered early; the rest of the body is read and dropped
+        upstream = self.upstream
+        if upstream is not None:
+            self.body_forwarded = True
+            upstream.send(_Data(data=data))
+            upstream.arm()
+            return
+        if self.pending is None:
+            self.pending = []
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes > limits.MAX_PENDING_BODY:
+            self.client.pauser.pause("connecting")
+
+    def request_end(self) -> None:
+        self.request_complete = True
+        client = self.client
+        if self.response_complete:
+            client.exchange_done()
+            return
+        client.phase = _RESPONSE if self.response_started else _WAIT
+        if not self.response_started:
+            client.deadline.cancel()
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.transport.unregisterProducer()
+            upstream.send(_EndOfMessage())
+
+    # -- response from the host ----------------------------------------------------
+    def upstream_event(self, conn: UpstreamConnection, event: Any) -> None:
+        kind = type(event)
+        client = self.client
+        if kind is _Data:
+            data = event.data
+            self.bytes_sent += len(data)
+            client.send(event)
+        elif kind is _Response:
+            self.response_started = True
+            self.status = event.status_code
+            headers = hdrs.response_headers(event.headers, client.listener.via, False)
+            if self.set_cookie is not None:
+                headers.append((b"set-cookie", self.set_cookie))
+            if client.closing:
+                headers.append((b"connection", b"close"))
+            client.send(_Response(status_code=event.status_code, headers=headers, reason=event.reason, _parsed=True))
+            conn.pauser.on_backpressure = client.backpressure
+            client.transport.registerProducer(conn.pauser, True)
+            if self.request_complete:
+                client.phase = _RESPONSE
+        elif kind is _EndOfMessage:
+            client.send(event)
+            self._response_done(conn)
+        elif kind is _InformationalResponse:
+            if event.status_code == 101 and self.upgrade is not None:
+                self._switch_protocols(conn, event)
+            else:
+                client.send(event)
+
+    def _response_done(self, conn: UpstreamConnection) -> None:
+        self.response_complete = True
+        client = self.client
+        client.transport.unregisterProducer()
+        self.upstream = None
+        conn.done()
+        self._finish_host()
+        if self.pool.config.affinity == "client_ip" and self.host is not None:
+            self.pool.remember_client_ip(client.client_ip, self.host)
+        self.logged(client.listener)
+        if self.request_complete:
+            client.exchange_done()
+        else:
+            # The host answered before reading the whole body: keep reading
+            # and dropping it so the client sees our answer, not a reset.
+            client.phase = _BODY
+            client.deadline.set(client.config.client_timeout)
+
+    def _finish_host(self) -> None:
+        host = self.host
+        if host is not None:
+            host.active_requests -= 1
+            stats = host.stats
+            stats.responses[self.status // 100] += 1
+            stats.latency.observe(self.client.listener.reactor.seconds() - self.started)
+            stats.bytes_in += self.bytes_sent
+            stats.bytes_out += self.body_bytes
+            self.host = None
+
+    def _switch_protocols(self, conn: UpstreamConnection, event: Any) -> None:
+        client = self.client
+        self.status = 101
+        headers = hdrs.response_headers(event.headers, client.listener.via, True)
+        client.send(_InformationalResponse(status_code=101, headers=headers, reason=event.reason))
+        conn.tunnel = True
+        conn.transport.registerProducer(client.pauser, True)
+        client.transport.registerProducer(conn.pauser, True)
+        client.start_tunnel(conn)
+        data, _closed = conn.h11.trailing_data
+        if data:
+            client.transport.write(data)
+        self._finish_host()
+        self.logged(client.listener)
+
+    def tunnel_from_upstream(self, data: bytes) -> None:
+        self.client.transport.write(data)
+
+    def tunnel_closed(self) -> None:
+        self.client.transport.loseConnection()
+
+    # -- failures ------------------------------------------------------------------
+    def upstream_error(self, conn: UpstreamConnection | None, kind: str, detail: str) -> None:
+        host = self.host
+        pool = self.pool
+        keepalive_race = kind == "reset" and conn is not None and conn.uses > 1 and not conn.received_any
+        if conn is not None:
+            conn.exchange = None
+        self.upstream = None
+        if self.cancelled:
+            return
+        if host is not None:
+            host.stats.errors[kind] = host.stats.errors.get(kind, 0) + 1
+        if self.response_started:
+            # Too late for a clean answer: the client must see the failure.
+            log.info("host {host} failed mid-response: {kind} {detail}", host=host, kind=kind, detail=detail)
+            self._finish_host()
+            self.logged(self.client.listener)
+            self.client.exchange = None
+            self.client.transport.abortConnection()
+            return
+        self._undispatch()
+        self.host = None
+        if kind in _HOST_FAILURES and host is not None and not keepalive_race:
+            pool.mark_failed(host, f"{kind}: {detail}")
+        if keepalive_race and host is not None and self.tried:
+            self.tried.remove(host)  # the host may take the retry on a fresh connection
+        if self._retryable(kind) and len(self.tried) <= pool.config.retries:
+            if host is not None:
+                host.stats.retries += 1
+            retry = self._classify()
+            if retry is not None:
+                self._dispatch(retry)
+                return
+        self.status = _STATUS_FOR_FAILURE.get(kind, 502)
+        log.info(
+            "{pool}: answering {status} after {kind} from {host}: {detail}",
+            pool=pool.name, status=self.status, kind=kind, host=host, detail=detail,
+        )
+        if self.pending is not None:
+            self.client.pauser.resume("connecting")
+        self.client.local_response(self.status, f"{kind}\n".encode())
+
+    def _retryable(self, kind: str) -> bool:
+        if kind in ("connect_refused", "connect_timeout", "queue_full", "queue_timeout"):
+            return True  # nothing reached the host; buffered body bytes are still here
+        if kind in ("reset", "timeout", "bad_response"):
+            return self.request.method in IDEMPOTENT and not self.body_forwarded
+        return False
+
+    def abandon(self) -> None:
+        """The client side failed (protocol error, body limit): drop the backend side."""
+        self.cancelled = True
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.discard()
+        self._undispatch()
+        self.host = None
+
+    def client_gone(self) -> None:
+        if self.response_complete:
+            return
+        if self.status == 0:
+            self.status = 499  # nginx's "client closed request"
+        self.abandon()
+        self.logged(self.client.listener)
+
+    def logged(self, listener: Listener) -> None:
+        if listener.access_log is not None:
+            listener.access_log(self, listener.reactor.seconds() - self.started)

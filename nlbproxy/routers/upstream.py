@@ -1,0 +1,275 @@
+# -*- test-case-name: tests.test_router -*-
+"""Backend connections: one keep-alive pool per host (connection aggregation).
+
+A :class:`HostConnections` owns every connection the unit has to one host:
+idle ones are reused last-in first-out (the warmest first), new ones are
+opened up to ``max_conns_per_host``, and requests beyond that wait in a
+bounded queue.  A connection carries at most one request at a time; it goes
+back to the idle list only when both h11 sides finished the exchange cleanly.
+
+:class:`UpstreamConnection` is a thin protocol: it turns bytes into h11
+events for the exchange that holds it and turns the exchange's events into
+bytes.  What to do with those events is the exchange's business
+(``nlbproxy.routers.http``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import h11
+from twisted.internet import error as neterror
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.python.failure import Failure
+
+from nlbproxy.classifier import Host
+from nlbproxy.config import PoolConfig
+from nlbproxy.flow import Deadline, Pauser
+
+if TYPE_CHECKING:
+    from nlbproxy.routers.http import Exchange
+
+_NEED_DATA = h11.NEED_DATA
+_PAUSED = h11.PAUSED
+
+
+class UpstreamConnection(Protocol):
+    """One keep-alive HTTP/1.1 connection to a host."""
+
+    def __init__(self, owner: HostConnections, connector: _Connector | None = None) -> None:
+        self.owner = owner
+        self.connector = connector
+        self.exchange: Exchange | None = None
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.pauser: Pauser | None = None
+        self.deadline = Deadline(owner.clock, self._timed_out)
+        self.tunnel = False
+        self.received_any = False
+        #: Exchanges carried so far; a reset on a reused connection is the
+        #: keep-alive race, not a sign of a sick host.
+        self.uses = 0
+
+    # -- Twisted --------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        self.pauser = Pauser(self.transport)
+        self.owner.connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # An idle connection must stay silent; anything else means the
+            # host is closing it or is confused: never reuse it.
+            self.transport.abortConnection()
+            return
+        self.received_any = True
+        self.deadline.set(self.owner.config.server_timeout)
+        if self.tunnel:
+            exchange.tunnel_from_upstream(data)
+            return
+        conn = self.h11
+        conn.receive_data(data)
+        while self.exchange is exchange:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                exchange.upstream_error(self, "bad_response", str(exc))
+                return
+            if event is _NEED_DATA or event is _PAUSED:
+                return
+            exchange.upstream_event(self, event)
+
+    def connectionLost(self, reason: Failure = neterror.ConnectionDone()) -> None:
+        self.deadline.cancel()
+        self.owner.lost(self)
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            if self.tunnel:
+                exchange.tunnel_closed()
+                return
+            # h11 may still complete a read-until-close body at EOF.
+            if self.h11.their_state is h11.SEND_BODY:
+                try:
+                    self.h11.receive_data(b"")
+                    event = self.h11.next_event()
+                except h11.RemoteProtocolError:
+                    event = None
+                if type(event) is h11.EndOfMessage:
+                    exchange.upstream_event(self, event)
+                    return
+            exchange.upstream_error(self, "reset", reason.getErrorMessage())
+
+    # -- used by the exchange -------------------------------------------------
+    def send(self, event: Any) -> None:
+        data = self.h11.send(event)
+        if data:
+            self.transport.write(data)
+
+    def arm(self) -> None:
+        """Start counting the host's silence (a request is on its way)."""
+        self.deadline.set(self.owner.config.server_timeout)
+
+    def done(self) -> None:
+        """The exchange finished; keep the connection if h11 says it is clean."""
+        self.exchange = None
+        self.deadline.cancel()
+        conn = self.h11
+        if self.pauser is not None:
+            self.pauser.on_backpressure = None
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not conn.trailing_data[0]:
+            conn.start_next_cycle()
+            self.received_any = False
+            self.owner.release(self)
+        else:
+            self.transport.loseConnection()
+
+    def discard(self) -> None:
+        """Drop the connection now (the exchange gave up on it)."""
+        self.exchange = None
+        self.deadline.cancel()
+        self.transport.abortConnection()
+
+    def _timed_out(self) -> None:
+        exchange = self.exchange
+        if exchange is None:  # idle timeout
+            self.transport.loseConnection()
+            return
+        if self.pauser is not None and self.pauser.reasons:
+            # We stopped reading because the client is slow: not the host's fault.
+            self.arm()
+            return
+        self.exchange = None
+        self.transport.abortConnection()
+        exchange.upstream_error(self, "timeout", "no data from the host")
+
+
+class _Connector(ClientFactory):
+    """Opens one connection and hands it to its first exchange."""
+
+    noisy = False
+
+    def __init__(self, owner: HostConnections, exchange: Exchange) -> None:
+        self.owner = owner
+        self.exchange: Exchange | None = exchange
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return UpstreamConnection(self.owner, self)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.owner.connect_failed(self, reason)
+
+
+class HostConnections:
+    """All connections of the unit to one host of one pool."""
+
+    def __init__(self, host: Host, config: PoolConfig, reactor: Any) -> None:
+        self.host = host
+        self.config = config
+        self.reactor = reactor
+        self.clock = reactor
+        self.idle: list[UpstreamConnection] = []
+        self.open = 0  # connected, busy or idle
+        self.connecting: dict[_Connector, None] = {}
+        self.waiters: deque[Exchange] = deque()
+
+    # -- acquiring -----------------------------------------------------------
+    def acquire(self, exchange: Exchange) -> None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None and conn.transport.connected:
+                conn.deadline.cancel()
+                exchange.upstream_ready(conn, reused=True)
+                return
+        if self.open + len(self.connecting) < self.config.max_conns_per_host:
+            self._connect(exchange)
+        elif len(self.waiters) < self.config.max_queue_per_host:
+            self.waiters.append(exchange)
+            exchange.queued(self)
+        else:
+            exchange.upstream_error(None, "queue_full", "too many requests waiting for the host")
+
+    def cancel(self, exchange: Exchange) -> None:
+        """``exchange`` no longer wants a connection (client gone, queue timeout)."""
+        try:
+            self.waiters.remove(exchange)
+        except ValueError:
+            pass
+        for connector in self.connecting:
+            if connector.exchange is exchange:
+                connector.exchange = None
+
+    def _connect(self, exchange: Exchange) -> None:
+        connector = _Connector(self, exchange)
+        self.connecting[connector] = None
+        self.reactor.connectTCP(
+            self.host.host, self.host.port, connector, timeout=self.config.connect_timeout
+        )
+
+    # -- callbacks from connections -------------------------------------------
+    def connected(self, conn: UpstreamConnection) -> None:
+        self.open += 1
+        connector, conn.connector = conn.connector, None
+        exchange = None
+        if connector is not None:
+            self.connecting.pop(connector, None)
+            exchange = connector.exchange
+        if exchange is None:
+            self.release(conn)
+        else:
+            exchange.upstream_ready(conn, reused=False)
+
+    def connect_failed(self, connector: _Connector, reason: Failure) -> None:
+        self.connecting.pop(connector, None)
+        exchange = connector.exchange
+        kind = "connect_timeout" if reason.check(neterror.TimeoutError) else "connect_refused"
+        if exchange is not None:
+            exchange.upstream_error(None, kind, reason.getErrorMessage())
+        # Queued requests would meet the same fate; let them try other hosts.
+        while self.waiters:
+            self.waiters.popleft().upstream_error(None, kind, reason.getErrorMessage())
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if self.waiters:
+            exchange = self.waiters.popleft()
+            exchange.upstream_ready(conn, reused=True)
+        elif len(self.idle) < self.config.max_idle_per_host:
+            self.idle.append(conn)
+            conn.deadline.set(self.config.upstream_idle_timeout)
+        else:
+            conn.transport.loseConnection()
+
+    def lost(self, conn: UpstreamConnection) -> None:
+        self.open -= 1
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def counts(self) -> tuple[int, int]:
+        return self.open, len(self.idle)
+
+
+class Upstreams:
+    """The connection pools of every host the unit talks to."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._by_host: dict[Host, HostConnections] = {}
+
+    def for_host(self, host: Host, config: PoolConfig) -> HostConnections:
+        pool = self._by_host.get(host)
+        if pool is None:
+            pool = self._by_host[host] = HostConnections(host, config, self.reactor)
+        return pool
+
+    def counts(self, host: Host) -> tuple[int, int]:
+        pool = self._by_host.get(host)
+        return pool.counts() if pool is not None else (0, 0)
+
+    def close_idle(self) -> None:
+        for pool in self._by_host.values():
+            for conn in list(pool.idle):
+                conn.transport.loseConnection()

@@ -1,0 +1,63 @@
+# -*- test-case-name: tests.test_unit -*-
+"""``twistd nlbproxy``: options and service maker of a balancing unit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.python import usage
+
+from nlbproxy.config import ConfigError, demo_config, load_config
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE | --demo"
+    longdesc = "Run a balancing unit (an nlbproxy request router) from a TOML config file."
+    optParameters = [
+        ["config", "c", None, "The unit's TOML config file."],
+        ["demo-port", None, 8080, "With --demo: the port of the demo listener.", int],
+        ["demo-admin-port", None, 9901, "With --demo: the port of the admin API.", int],
+    ]
+    optFlags = [["demo", None, "Run in front of an embedded demo farm of three backends on loopback."]]
+
+    def postOptions(self) -> None:
+        if bool(self["config"]) == bool(self["demo"]):
+            raise usage.UsageError("give exactly one of --config FILE and --demo")
+        if self["config"]:
+            try:
+                self["unit_config"] = load_config(self["config"])
+            except ConfigError as exc:
+                raise usage.UsageError(str(exc)) from None
+
+
+def makeService(options: Options, reactor: Any = None) -> service.IService:
+    if reactor is None:
+        from twisted.internet import reactor  # the process's reactor, chosen by twistd
+    from nlbproxy.unit import Unit
+
+    if options["demo"]:
+        from nlbproxy.demo import start_backends
+
+        ports = start_backends(reactor)
+        config = demo_config(
+            options["demo-port"], [p.getHost().port for p in ports], options["demo-admin-port"]
+        )
+        unit = Unit(config, reactor)
+        unit.demo_ports = ports  # type: ignore[attr-defined]
+        reactor.callWhenRunning(_announce_demo, unit)
+        return unit
+    return Unit(options["unit_config"], reactor)
+
+
+def _announce_demo(unit: Any) -> None:
+    from nlbproxy.unit import url_of
+
+    url = url_of(unit.ports["web"])
+    admin = url_of(unit.admin_port).rstrip("/")
+    print(
+        f"\nnlbproxy demo is up: try  curl {url}  (three backends behind it)\n"
+        f"  state:   nlbctl --admin {admin} state\n"
+        f"  drain:   nlbctl --admin {admin} drain demo 127.0.0.1:{unit.demo_ports[0].getHost().port}\n",
+        flush=True,
+    )

@@ -1,0 +1,116 @@
+# -*- test-case-name: tests.test_unit -*-
+"""A balancing unit: listeners, pools and the admin API as one Twisted service.
+
+Start binds every listener in ``privilegedStartService`` (before twistd drops
+privileges, and so that a port already in use stops the start with one
+clear line).  Stop is graceful: listeners stop accepting, idle keep-alive
+connections close, busy ones close after their response, and whatever is
+still running after ``grace_period`` is aborted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from nlbproxy.accesslog import FileAccessLog, LoggerAccessLog
+from nlbproxy.admin import make_admin_site
+from nlbproxy.classifier import Farm
+from nlbproxy.config import UnitConfig
+from nlbproxy.routers.http import Listener, RouterFactory
+from nlbproxy.routers.upstream import Upstreams
+
+log = Logger()
+
+#: How often a graceful stop checks whether in-flight requests are done.
+DRAIN_POLL_INTERVAL = 0.05
+
+
+class StartError(Exception):
+    """A listener could not be bound."""
+
+
+class Unit(service.Service):
+    """One balancing unit."""
+
+    def __init__(self, config: UnitConfig, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.farm = Farm(config.pools.values(), reactor, config.secret)
+        self.upstreams = Upstreams(reactor)
+        self.access_log: FileAccessLog | LoggerAccessLog | None = None
+        if config.access_log == "-":
+            self.access_log = LoggerAccessLog(config.log_format)
+        elif config.access_log:
+            self.access_log = FileAccessLog(config.access_log, config.log_format, reactor)
+        self.listeners = {
+            lc.name: Listener(lc, self.farm, self.upstreams, reactor, config.name, self.access_log)
+            for lc in config.listeners
+        }
+        self.ports: dict[str, Any] = {}
+        self.admin_port: Any = None
+
+    def _listen(self, description: str, factory: Any) -> Any:
+        result: list[Any] = []
+        serverFromString(self.reactor, description).listen(factory).addBoth(result.append)
+        if not result:  # only an endpoint that binds asynchronously would do this
+            raise StartError(f"cannot listen on {description}: endpoint did not bind at once")
+        port = result[0]
+        if isinstance(port, Failure):
+            raise StartError(f"cannot listen on {description}: {port.getErrorMessage()}")
+        return port
+
+    def privilegedStartService(self) -> None:
+        for name, listener in self.listeners.items():
+            self.ports[name] = self._listen(listener.config.endpoint, RouterFactory(listener))
+        site = make_admin_site(
+            self.farm, {n: li.stats for n, li in self.listeners.items()}, self.upstreams,
+            self.config.name, self.config.admin_token, self.reactor,
+        )
+        self.admin_port = self._listen(self.config.admin, site)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if not self.ports:
+            self.privilegedStartService()
+        super().startService()
+        for name, port in self.ports.items():
+            log.info("listener {name} on {url}", name=name, url=url_of(port))
+        log.info("admin API on {url}", url=url_of(self.admin_port))
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports.values()])
+        for listener in self.listeners.values():
+            listener.close_idle()
+        deadline = self.reactor.seconds() + self.config.grace_period
+        while any(li.connections for li in self.listeners.values()):
+            if self.reactor.seconds() >= deadline:
+                busy = sum(len(li.connections) for li in self.listeners.values())
+                log.warn("grace period over: aborting {n} connections", n=busy)
+                for listener in self.listeners.values():
+                    listener.abort_all()
+                break
+            yield deferLater(self.reactor, DRAIN_POLL_INTERVAL, lambda: None)
+        self.upstreams.close_idle()
+        if self.admin_port is not None:
+            yield defer.maybeDeferred(self.admin_port.stopListening)
+        if self.access_log is not None:
+            self.access_log.close()
+
+
+def url_of(port: Any) -> str:
+    address = port.getHost()
+    host = getattr(address, "host", None)
+    if host is None:
+        return f"unix:{address.name}"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{address.port}/"
