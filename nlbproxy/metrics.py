@@ -90,6 +90,13 @@ class ListenerStats:
         self.rejected[status] = self.rejected.get(status, 0) + 1
 
 
+def _number(value: float) -> str:
+    """Exact integers, shortest round-tripping floats (``:g`` would round counters)."""
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
 def _labels(**labels: str) -> str:
     parts = []
     for name, value in labels.items():
@@ -104,16 +111,16 @@ class PrometheusWriter:
     def __init__(self) -> None:
         self._families: dict[str, tuple[str, str, list[str]]] = {}
 
-    def add(self, name: str, kind: str, help_text: str, value: float, **labels: str) -> None:
+    def add(self, name: str, kind: str, help_text: str, value: float, /, **labels: str) -> None:
         family = self._families.setdefault(name, (kind, help_text, []))
-        family[2].append(f"{name}{_labels(**labels) if labels else ''} {value:g}")
+        family[2].append(f"{name}{_labels(**labels) if labels else ''} {_number(value)}")
 
-    def add_histogram(self, name: str, help_text: str, hist: Histogram, **labels: str) -> None:
+    def add_histogram(self, name: str, help_text: str, hist: Histogram, /, **labels: str) -> None:
         family = self._families.setdefault(name, ("histogram", help_text, []))
         lines = family[2]
         for bound, count in hist.cumulative():
             lines.append(f"{name}_bucket{_labels(**labels, le=bound)} {count}")
-        lines.append(f"{name}_sum{_labels(**labels)} {hist.total:g}")
+        lines.append(f"{name}_sum{_labels(**labels)} {_number(hist.total)}")
         lines.append(f"{name}_count{_labels(**labels)} {hist.count}")
 
     def render(self) -> str:

@@ -1,0 +1,430 @@
+# -*- test-case-name: tests.test_admin -*-
+"""The admin API of a balancing unit: state, directives and Prometheus metrics.
+
+This is a contract that operators' tooling (``nlbctl``, dashboards, outside
+tests) relies on; extend it, do not change it:
+
+``GET /api/v1/state``
+    JSON ``{"unit": NAME, "pools": {POOL: {"affinity": ..., "hosts": {KEY:
+    HOST_STATE}}}, "listeners": {NAME: {...}}}`` where ``KEY`` is the host's
+    ``"ip:port"`` (``"[v6]:port"``) and ``HOST_STATE`` is what
+    :func:`host_state` returns.
+``PUT /api/v1/pools/POOL/hosts/HOST/directive``
+    Body ``draining``, ``active`` or ``inactive`` (surrounding whitespace is
+    ignored; a JSON string such as ``"draining"`` is accepted too).  Answers
+    200 with the host's new ``HOST_STATE`` plus ``pool`` and ``host``.  Path
+    segments may be percent-encoded, which an IPv6 key such as ``[::1]:80``
+    needs in most clients.
+``GET /metrics``
+    Prometheus text format 0.0.4, rendered on demand by :func:`render_metrics`.
+
+Every error is JSON ``{"error": "..."}``: 401 (with ``WWW-Authenticate:
+Bearer``) when a token is configured and the request does not carry it, 404
+for unknown paths, pools and hosts, 405 (with ``Allow``) for a known path and
+the wrong method, 400 for a bad directive, 413 for a body over
+:data:`nlbproxy.limits.MAX_ADMIN_BODY` and 500 (logged with its traceback)
+for a bug of ours.  The token guards every path,
+``/metrics`` included, and is checked before the path so that an
+unauthenticated client learns nothing about the pools.
+
+Everything here runs in the reactor thread, like the router that mutates the
+same :class:`~nlbproxy.classifier.Farm`, so reading and changing it needs no
+locking.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable, Mapping
+from io import BytesIO
+from typing import Any, NamedTuple, Protocol, cast
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from nlbproxy.classifier import DIRECTIVES, Farm, Host, Pool
+from nlbproxy.config import format_host_port, parse_host_port
+from nlbproxy.limits import MAX_ADMIN_BODY
+from nlbproxy.metrics import ListenerStats, PrometheusWriter, status_classes
+
+log = Logger()
+
+JSON_TYPE = b"application/json"
+PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+#: Reported load of a host, until host agents report one (the health and load
+#: handler fills it in); 0 means "no load reported".
+NO_LOAD = 0
+
+
+class ReactorTime(Protocol):
+    """The part of ``IReactorTime`` the admin API uses: the reactor or a ``task.Clock``."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(
+        self, delay: float, callable: Callable[..., object], *args: object, **kw: object
+    ) -> object: ...
+
+
+class UpstreamCounts(Protocol):
+    """What the router's backend connection pool tells the admin API."""
+
+    def counts(self, host: Host) -> tuple[int, int]:
+        """``(open, idle)`` connections to ``host``.
+
+        ``open`` counts every established connection, busy or idle; ``idle``
+        is the part of them waiting in the keep-alive pool, so
+        ``open - idle`` are carrying a request.
+        """
+        ...
+
+
+# -- documents -------------------------------------------------------------------
+def host_state(host: Host, upstreams: UpstreamCounts, now: float) -> dict[str, Any]:
+    """One host as the state document and the directive answer show it.
+
+    ``load`` is the load the host's agent reported; it stays 0 until agents
+    report loads.  ``requests`` counts responses relayed from the host.
+    """
+    open_, idle = upstreams.counts(host)
+    return {
+        "health": host.health(now),
+        "health_reason": host.down_reason if not host.is_up(now) else "",
+        "directive": host.directive,
+        "directive_reason": host.directive_reason,
+        "weight": host.weight,
+        "load": NO_LOAD,
+        "active_requests": host.active_requests,
+        "requests": host.stats.requests,
+        "connections": {"open": open_, "idle": idle},
+    }
+
+
+def listener_state(stats: ListenerStats) -> dict[str, Any]:
+    return {
+        "connections": stats.connections,
+        "open_connections": stats.open_connections,
+        "requests": stats.requests,
+        "rejected": {str(code): n for code, n in sorted(stats.rejected.items())},
+    }
+
+
+def state_document(
+    farm: Farm,
+    listeners: Mapping[str, ListenerStats],
+    upstreams: UpstreamCounts,
+    unit_name: str,
+    now: float,
+) -> dict[str, Any]:
+    """The body of ``GET /api/v1/state``; pools and hosts keep config order."""
+    return {
+        "unit": unit_name,
+        "pools": {
+            pool.name: {
+                "affinity": pool.config.affinity,
+                "hosts": {host.key: host_state(host, upstreams, now) for host in pool.hosts},
+            }
+            for pool in farm.pools.values()
+        },
+        "listeners": {name: listener_state(stats) for name, stats in listeners.items()},
+    }
+
+
+def render_metrics(
+    farm: Farm,
+    listeners: Mapping[str, ListenerStats],
+    upstreams: UpstreamCounts,
+    now: float,
+) -> str:
+    """The body of ``GET /metrics``."""
+    w = PrometheusWriter()
+    for pool in farm.pools.values():
+        for host in pool.hosts:
+            labels = {"pool": pool.name, "host": host.key}
+            stats = host.stats
+            for code, count in status_classes(stats.responses):
+                w.add("nlbproxy_requests_total", "counter",
+                      "Responses relayed from the host, by status class.",
+                      count, **labels, code=code)
+            w.add_histogram("nlbproxy_request_duration_seconds",
+                            "Time from sending a request to the host to the end of its response.",
+                            stats.latency, **labels)
+            for kind, count in stats.errors.items():
+                w.add("nlbproxy_upstream_errors_total", "counter",
+                      "Failed exchanges with the host, by kind.", count, **labels, kind=kind)
+            open_, idle = upstreams.counts(host)
+            for state, count in (("open", open_), ("idle", idle)):
+                w.add("nlbproxy_upstream_connections", "gauge",
+                      "Connections to the host: open (all) and idle (the keep-alive part).",
+                      count, **labels, state=state)
+            w.add("nlbproxy_host_up", "gauge",
+                  "1 if passive health counts the host as up, else 0.",
+                  1 if host.is_up(now) else 0, **labels)
+            for directive in DIRECTIVES:
+                w.add("nlbproxy_host_directive", "gauge",
+                      "1 for the host's current directive, 0 for the others.",
+                      1 if host.directive == directive else 0, **labels, directive=directive)
+            w.add("nlbproxy_host_active_requests", "gauge",
+                  "Requests in flight to the host.", host.active_requests, **labels)
+            for direction, count in (("in", stats.bytes_in), ("out", stats.bytes_out)):
+                w.add("nlbproxy_bytes_total", "counter",
+                      "Bytes received from (in) and sent to (out) the host.",
+                      count, **labels, direction=direction)
+            w.add("nlbproxy_retries_total", "counter",
+                  "Requests retried on another host after this one failed.",
+                  stats.retries, **labels)
+    for name, lstats in listeners.items():
+        w.add("nlbproxy_listener_connections_total", "counter",
+              "Client connections accepted.", lstats.connections, listener=name)
+        w.add("nlbproxy_listener_open_connections", "gauge",
+              "Client connections open now.", lstats.open_connections, listener=name)
+        w.add("nlbproxy_listener_requests_total", "counter",
+              "Client requests received.", lstats.requests, listener=name)
+        for status, count in sorted(lstats.rejected.items()):
+            w.add("nlbproxy_listener_rejected_total", "counter",
+                  "Requests the unit answered itself with an error, by status code.",
+                  count, listener=name, code=str(status))
+    return w.render()
+
+
+def parse_directive(body: bytes) -> str:
+    """The directive named by a PUT body; raises ValueError with the reason."""
+    try:
+        text = body.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError("body is not UTF-8") from None
+    if text.startswith('"'):
+        try:
+            text = json.loads(text)
+        except ValueError:
+            raise ValueError("body is not a valid JSON string") from None
+        if not isinstance(text, str):
+            raise ValueError("body is not a valid JSON string")
+        text = text.strip()
+    if text not in DIRECTIVES:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise ValueError(f"unknown directive {shown!r}; use one of {', '.join(DIRECTIVES)}")
+    return text
+
+
+def find_host(pool: Pool, key: str) -> Host | None:
+    """The host of ``pool`` named ``key``, also when its address is spelt differently.
+
+    ``[0:0::1]:80`` finds the host configured as ``[::1]:80``: the key is put in
+    the canonical form the config gives host keys.
+    """
+    host = pool.by_key.get(key)
+    if host is None:
+        try:
+            host = pool.by_key.get(format_host_port(*parse_host_port(key)))
+        except ValueError:
+            return None
+    return host
+
+
+# -- HTTP --------------------------------------------------------------------------
+class _Answer(NamedTuple):
+    code: int
+    body: bytes
+    content_type: bytes = JSON_TYPE
+
+
+class _Refusal(Exception):
+    """An error the client caused: becomes a JSON error answer."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _json(code: int, document: object) -> _Answer:
+    return _Answer(code, json.dumps(document).encode() + b"\n")
+
+
+#: A route's pattern: literal segments, and None where a parameter goes.
+_Pattern = tuple[str | None, ...]
+_Handler = Callable[[Request, list[str]], _Answer]
+
+
+class AdminResource(Resource):
+    """The whole admin API as one leaf resource dispatching on a route table.
+
+    A leaf keeps the path in ``request.postpath`` (split on ``/`` first, then
+    percent-decoded by Twisted), which is exactly what the parameters need,
+    and gives one place for authentication, 404 and 405.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        farm: Farm,
+        listeners: Mapping[str, ListenerStats],
+        upstreams: UpstreamCounts,
+        unit_name: str,
+        token: str | None,
+        clock: ReactorTime,
+    ) -> None:
+        super().__init__()
+        if token is not None and not token:
+            raise ValueError("the admin token is empty")
+        self.farm = farm
+        self.listeners = listeners
+        self.upstreams = upstreams
+        self.unit_name = unit_name
+        self._token = token.encode() if token is not None else None
+        self.clock = clock
+        self.routes: list[tuple[_Pattern, dict[bytes, _Handler]]] = [
+            (("api", "v1", "state"), {b"GET": self.get_state}),
+            (("api", "v1", "pools", None, "hosts", None, "directive"),
+             {b"PUT": self.put_directive}),
+            (("metrics",), {b"GET": self.get_metrics}),
+        ]
+
+    def render(self, request: Request) -> bytes:  # type: ignore[override]
+        try:
+            answer = self._dispatch(request)
+        except _Refusal as refusal:
+            answer = _json(refusal.code, {"error": refusal.message})
+        request.setResponseCode(answer.code)
+        request.setHeader(b"Content-Type", answer.content_type)
+        request.setHeader(b"Cache-Control", b"no-store")
+        if request.method == b"HEAD":
+            request.setHeader(b"Content-Length", b"%d" % len(answer.body))
+            return b""
+        return answer.body
+
+    def _dispatch(self, request: Request) -> _Answer:
+        if not self._authorized(request):
+            request.setHeader(b"WWW-Authenticate", b"Bearer")
+            raise _Refusal(401, "missing or wrong bearer token")
+        try:
+            segments = [s.decode("utf-8") for s in request.postpath or ()]
+        except UnicodeDecodeError:
+            raise _Refusal(404, "no such path") from None
+        for pattern, handlers in self.routes:
+            params = _match(pattern, segments)
+            if params is None:
+                continue
+            method = request.method
+            handler = handlers.get(b"GET" if method == b"HEAD" else method)
+            if handler is None:
+                allowed = list(handlers)
+                if b"GET" in handlers:
+                    allowed.append(b"HEAD")
+                request.setHeader(b"Allow", b", ".join(allowed))
+                raise _Refusal(405, f"method not allowed; use {b', '.join(allowed).decode()}")
+            return handler(request, params)
+        raise _Refusal(404, "no such path")
+
+    def _authorized(self, request: Request) -> bool:
+        if self._token is None:
+            return True
+        header = request.getHeader(b"Authorization") or b""
+        scheme, _, credentials = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(credentials.strip(), self._token)
+
+    # -- handlers ------------------------------------------------------------------
+    def get_state(self, request: Request, params: list[str]) -> _Answer:
+        return _json(200, state_document(
+            self.farm, self.listeners, self.upstreams, self.unit_name, self.clock.seconds()))
+
+    def get_metrics(self, request: Request, params: list[str]) -> _Answer:
+        text = render_metrics(self.farm, self.listeners, self.upstreams, self.clock.seconds())
+        return _Answer(200, text.encode(), PROMETHEUS_TYPE)
+
+    def put_directive(self, request: Request, params: list[str]) -> _Answer:
+        pool_name, key = params
+        body = request.content.read(MAX_ADMIN_BODY + 1) if request.content else b""
+        if len(body) > MAX_ADMIN_BODY:
+            raise _Refusal(413, f"body over {MAX_ADMIN_BODY} bytes")
+        pool = self.farm.pools.get(pool_name)
+        if pool is None:
+            raise _Refusal(404, f"no pool {pool_name}")
+        host = find_host(pool, key)
+        if host is None:
+            raise _Refusal(404, f"no host {key} in pool {pool_name}")
+        try:
+            directive = parse_directive(body)
+        except ValueError as e:
+            raise _Refusal(400, str(e)) from None
+        previous = host.directive
+        pool.set_directive(host, directive, reason="operator")
+        client = request.getClientAddress()
+        log.info(
+            "directive of {pool}/{host} set to {directive} (was {previous}) by {client}",
+            pool=pool.name, host=host.key, directive=directive, previous=previous,
+            client=getattr(client, "host", client),
+        )
+        document = {"pool": pool.name, "host": host.key}
+        document.update(host_state(host, self.upstreams, self.clock.seconds()))
+        return _json(200, document)
+
+
+def _match(pattern: _Pattern, segments: list[str]) -> list[str] | None:
+    if len(pattern) != len(segments):
+        return None
+    params = []
+    for want, got in zip(pattern, segments):
+        if want is None:
+            params.append(got)
+        elif want != got:
+            return None
+    return params
+
+
+class AdminRequest(Request):
+    """A request that keeps at most ``MAX_ADMIN_BODY + 1`` bytes of its body.
+
+    Twisted reads the whole body before rendering; storing only the first
+    bytes past the limit bounds memory, and the resource still sees that the
+    body was too long and answers 413.
+    """
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()  # type: ignore[assignment]
+
+    def handleContentChunk(self, data: bytes) -> None:
+        content = cast(BytesIO, self.content)
+        room = MAX_ADMIN_BODY + 1 - content.tell()
+        if room > 0:
+            content.write(data[:room])
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        # A bug of ours: logged with its traceback like Twisted does, but
+        # answered in JSON like every other error of the API.
+        log.failure("admin API request {method} {uri} failed", reason,
+                    method=self.method, uri=self.uri)
+        body = b'{"error": "internal error"}\n'
+        self.setResponseCode(500)
+        self.setHeader(b"Content-Type", JSON_TYPE)
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+        return reason
+
+
+def make_admin_site(
+    farm: Farm,
+    listeners: Mapping[str, ListenerStats],
+    upstreams: UpstreamCounts,
+    unit_name: str,
+    token: str | None,
+    clock: ReactorTime,
+) -> Site:
+    """The admin API as a Site, for ``serverFromString(...).listen(site)``.
+
+    ``clock`` is the reactor (or a ``task.Clock`` in tests): health is judged
+    at ``clock.seconds()`` and idle admin connections time out on it.
+    """
+    resource = AdminResource(farm, listeners, upstreams, unit_name, token, clock)
+    site = Site(resource, requestFactory=AdminRequest, reactor=clock)
+    site.displayTracebacks = False
+    return site

@@ -1,0 +1,674 @@
+# -*- test-case-name: tests.test_config -*-
+"""Load and validate a balancing unit's TOML config file.
+
+``load_config`` reads the file, ``parse_config`` validates what ``tomllib``
+made of it into frozen dataclasses.  Every problem -- an unreadable file, a
+TOML syntax error, an unknown key, a wrong type, a number out of range, a
+dangling pool name -- raises one ``ConfigError`` whose one-line message names
+the file and the dotted key, such as
+``unit.toml: listener[0].route[2].path_regex: invalid regular expression: ...``.
+
+Each table's keys are checked against a spec that maps every allowed key to a
+converter; keys left out of the file take the dataclass defaults, which for
+limits and timeouts come from ``nlbproxy.limits``.  Nothing here touches the
+reactor; the only I/O is reading the config file itself and the token and
+secret files it names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from nlbproxy import limits
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used, with where and why."""
+
+    def __init__(self, path: str, key: str, reason: str) -> None:
+        super().__init__(path, key, reason)
+        self.path = path
+        self.key = key
+        self.reason = reason
+
+    def __str__(self) -> str:
+        where = f"{self.path}: {self.key}" if self.key else self.path
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """A header (or cookie) that must be present, with this value if given."""
+
+    name: bytes
+    value: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One ``[[listener.route]]``: requests matching every given key go to ``pool``."""
+
+    pool: str
+    host: str | None = None
+    path_prefix: str | None = None
+    path_regex: str | None = None
+    method: tuple[bytes, ...] = ()
+    header: tuple[HeaderMatch, ...] = ()
+    cookie: tuple[HeaderMatch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One ``[[listener]]``: an endpoint, its routes and its client-side limits."""
+
+    name: str
+    endpoint: str
+    pool: str
+    protocol: str = "http"
+    routes: tuple[RouteConfig, ...] = ()
+    handoff: bool = False
+    max_header_bytes: int = limits.MAX_HEADER_BYTES
+    max_request_line: int = limits.MAX_REQUEST_LINE
+    max_body_bytes: int = limits.MAX_BODY_BYTES
+    header_timeout: float = limits.HEADER_TIMEOUT
+    keepalive_timeout: float = limits.KEEPALIVE_TIMEOUT
+    client_timeout: float = limits.CLIENT_TIMEOUT
+    max_requests_per_connection: int = limits.MAX_REQUESTS_PER_CONNECTION
+    max_connections: int = limits.MAX_CONNECTIONS
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    """A backend host of a pool."""
+
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def key(self) -> str:
+        """The host as ``"ip:port"`` (``"[ip6]:port"``), as the admin API names it."""
+        return format_host_port(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """One ``[pool.NAME]``: the hosts of an application and its backend-side limits."""
+
+    name: str
+    hosts: tuple[HostConfig, ...] = ()
+    affinity: str = "none"
+    affinity_cookie: str = "NLBAFF"
+    client_ip_timeout: float = 600.0
+    connect_timeout: float = limits.CONNECT_TIMEOUT
+    server_timeout: float = limits.SERVER_TIMEOUT
+    max_idle_per_host: int = limits.MAX_IDLE_PER_HOST
+    max_conns_per_host: int = limits.MAX_CONNS_PER_HOST
+    max_queue_per_host: int = limits.MAX_QUEUE_PER_HOST
+    upstream_idle_timeout: float = limits.UPSTREAM_IDLE_TIMEOUT
+    retries: int = limits.RETRIES
+    fail_timeout: float = limits.FAIL_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnitConfig:
+    """A balancing unit: ``[unit]`` settings, listeners and pools."""
+
+    name: str = "nlbproxy"
+    admin: str = "tcp:9901:interface=127.0.0.1"
+    admin_token_file: str | None = None
+    admin_token: str | None = None
+    workers: int = 1
+    access_log: str | None = None
+    log_format: str = "text"
+    grace_period: float = limits.GRACE_PERIOD
+    secret_file: str | None = None
+    secret: bytes | None = None
+    listeners: tuple[ListenerConfig, ...]
+    pools: Mapping[str, PoolConfig]
+    path: str
+
+
+def load_config(path: str) -> UnitConfig:
+    """Read and validate the TOML config file at *path*."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read config file: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, "", f"invalid TOML: {exc}") from exc
+    return parse_config(data, path)
+
+
+def parse_config(data: dict[str, Any], path: str = "<config>") -> UnitConfig:
+    """Validate *data* as ``tomllib`` returns it; *path* names the file in errors
+    and anchors relative file names (the working directory for ``<config>``)."""
+    return _Parser(path).unit(data)
+
+
+def demo_config(
+    listen_port: int, backend_ports: list[int], admin_port: int
+) -> UnitConfig:
+    """The config of the embedded demo farm: backends on 127.0.0.1, ``/static/``
+    routed to a pool of the first backend alone."""
+    hosts = [format_host_port("127.0.0.1", port) for port in backend_ports]
+    listener = {
+        "name": "web",
+        "endpoint": f"tcp:{listen_port}:interface=127.0.0.1",
+        "pool": "demo",
+        "route": [{"path_prefix": "/static/", "pool": "static"}],
+    }
+    return parse_config(
+        {
+            "unit": {
+                "admin": f"tcp:{admin_port}:interface=127.0.0.1",
+                "access_log": "-",
+            },
+            "listener": [listener],
+            "pool": {"demo": {"hosts": hosts}, "static": {"hosts": hosts[:1]}},
+        },
+        "<demo>",
+    )
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``"127.0.0.1:80"``, ``"[::1]:80"`` or ``"localhost:80"``.
+
+    IP literals come back in their canonical form and names in lower case, so
+    equal addresses compare equal.  Raises ``ValueError``.
+    """
+    host, colon, port = text.rpartition(":")
+    if not colon or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise ValueError(f"expected 'host:port' with a port 0-65535, got {text!r}")
+    try:
+        if host.startswith("[") and host.endswith("]"):
+            host = str(ipaddress.IPv6Address(host[1:-1]))
+        elif re.fullmatch(r"[0-9.]+", host):
+            host = str(ipaddress.IPv4Address(host))
+        elif _HOSTNAME.fullmatch(host):
+            host = host.lower()
+        elif ":" in host:
+            raise ValueError(
+                f"IPv6 addresses need brackets, as in '[::1]:80', got {text!r}"
+            )
+        else:
+            raise ValueError(f"expected an IP address or a host name, got {host!r}")
+    except ipaddress.AddressValueError as exc:
+        raise ValueError(f"invalid IP address in {text!r}: {exc}") from None
+    return host, int(port)
+
+
+def format_host_port(host: str, port: int) -> str:
+    """The inverse of ``parse_host_port``: brackets around IPv6 literals."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --- converters: check one value and return what is stored; a wrong type
+# raises TypeError, a wrong value ValueError --------------------------------
+
+_Convert = Callable[[Any], Any]
+
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_TYPES = {
+    str: "string",
+    bool: "boolean",
+    int: "integer",
+    float: "float",
+    list: "array",
+    dict: "table",
+}
+
+# Positional fields of the Twisted server endpoints a unit may listen on.
+_ENDPOINT_ARGS = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "interface", "backlog"),
+    "unix": ("address", "mode", "backlog", "lockfile"),
+}
+
+
+def _expected(what: str, value: object) -> str:
+    return f"expected {what}, got {_TOML_TYPES.get(type(value), type(value).__name__)}"
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(_expected("a string", value))
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(_expected("a boolean", value))
+    return value
+
+
+def _table(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(_expected("a table", value))
+    return value
+
+
+def _array(value: object) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(_expected("an array", value))
+    return value
+
+
+def _tables(value: object) -> dict[str, Any] | list[Any]:
+    if isinstance(value, dict) or (isinstance(value, list) and value):
+        return value
+    raise TypeError(_expected("a table or a non-empty array of tables", value))
+
+
+def _integer(low: int, high: int | None = None) -> _Convert:
+    def convert(value: object) -> int:
+        if type(value) is not int:  # bool is an int subclass, but not a number here
+            raise TypeError(_expected("an integer", value))
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"between {low} and {high}"
+            raise ValueError(f"must be {bounds}, got {value}")
+        return value
+
+    return convert
+
+
+def _seconds(*, zero_ok: bool = False) -> _Convert:
+    def convert(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(_expected("a number of seconds", value))
+        if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+            raise ValueError(
+                f"must be finite and {'>=' if zero_ok else '>'} 0, got {value}"
+            )
+        return float(value)
+
+    return convert
+
+
+def _choice(*options: str) -> _Convert:
+    def convert(value: object) -> str:
+        text = _string(value)
+        if text not in options:
+            raise ValueError(
+                f"expected one of {', '.join(map(repr, options))}, got {text!r}"
+            )
+        return text
+
+    return convert
+
+
+def _not_yet(
+    convert: _Convert, unsupported: Callable[[Any], bool], reason: str
+) -> _Convert:
+    """Accept what *convert* accepts, except values of features of a later release."""
+
+    def check(value: object) -> Any:
+        result = convert(value)
+        if unsupported(result):
+            raise ValueError(reason)
+        return result
+
+    return check
+
+
+def _pattern(regex: re.Pattern[str], what: str) -> _Convert:
+    def convert(value: object) -> str:
+        text = _string(value)
+        if not regex.fullmatch(text):
+            raise ValueError(f"expected {what}, got {text!r}")
+        return text
+
+    return convert
+
+
+_name = _pattern(_NAME, "a name of letters, digits, '_', '.' and '-'")
+_token = _pattern(_TOKEN, "an HTTP token")
+
+
+def _field_value(value: object) -> bytes:
+    text = _string(value)
+    if not _FIELD_VALUE.fullmatch(text):
+        raise ValueError(f"expected printable ASCII, got {text!r}")
+    return text.strip(" \t").encode("ascii")
+
+
+def _host_pattern(value: object) -> str:
+    host = _string(value).lower()
+    if not _HOSTNAME.fullmatch(host.removeprefix("*.")):
+        raise ValueError(
+            f"expected a host like 'example.com' or '*.example.com' (no port), got {value!r}"
+        )
+    return host
+
+
+def _path_prefix(value: object) -> str:
+    text = _string(value)
+    if not text.startswith("/"):
+        raise ValueError(f"must start with '/', got {text!r}")
+    return text
+
+
+def _regex(value: object) -> str:
+    text = _string(value)
+    try:
+        re.compile(text.encode())  # paths are matched as bytes
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression: {exc}") from None
+    return text
+
+
+def _methods(value: object) -> tuple[bytes, ...]:
+    methods = [value] if isinstance(value, str) else value
+    if not (
+        isinstance(methods, list)
+        and methods
+        and all(isinstance(m, str) for m in methods)
+    ):
+        raise TypeError(_expected("a method or a non-empty array of methods", value))
+    for method in methods:
+        if not _TOKEN.fullmatch(method):
+            raise ValueError(f"expected an HTTP method, got {method!r}")
+    return tuple(method.upper().encode("ascii") for method in methods)
+
+
+def _address(value: object) -> tuple[str, int]:
+    host, port = parse_host_port(_string(value))
+    if port == 0:
+        raise ValueError(f"port 0 cannot be connected to, got {value!r}")
+    return host, port
+
+
+def _endpoint_params(text: str) -> tuple[str, dict[str, str]]:
+    """Split a Twisted server endpoint string (``\\`` escapes) into its kind and
+    named fields; check the kind, and the port of TCP endpoints."""
+    fields = [[""]]
+    for token in re.findall(r"\\.|[:=]|[^\\:=]+", text):
+        if token == ":":
+            fields.append([""])
+        elif token == "=":
+            fields[-1].append("")
+        else:
+            fields[-1][-1] += token.removeprefix("\\")
+    kind, *rest = fields
+    names = _ENDPOINT_ARGS.get(kind[0]) if len(kind) == 1 else None
+    if names is None:
+        raise ValueError(
+            f"expected a 'tcp:', 'tcp6:' or 'unix:' endpoint, got {text!r}"
+        )
+    params = dict(zip(names, (f[0] for f in rest if len(f) == 1)))
+    params.update((f[0], f[1]) for f in rest if len(f) > 1)
+    if kind[0] == "unix":
+        if not params.get("address"):
+            raise ValueError(f"unix endpoint needs a socket path, got {text!r}")
+    elif (
+        not re.fullmatch(r"[0-9]{1,5}", params.get("port", ""))
+        or int(params["port"]) > 65535
+    ):
+        raise ValueError(f"port must be an integer 0-65535, got {text!r}")
+    return kind[0], params
+
+
+def _endpoint(value: object) -> str:
+    text = _string(value)
+    _endpoint_params(text)
+    return text
+
+
+def _admin_endpoint(value: object) -> str:
+    text = _string(value)
+    kind, params = _endpoint_params(text)
+    if kind != "unix" and not params.get("interface"):
+        raise ValueError(
+            "admin endpoint must name an interface; use interface=127.0.0.1"
+        )
+    return text
+
+
+# --- the tables and their keys ------------------------------------------------
+
+_TOP: dict[str, _Convert] = {"unit": _table, "listener": _array, "pool": _table}
+
+_UNIT: dict[str, _Convert] = {
+    "name": _name,
+    "admin": _admin_endpoint,
+    "admin_token_file": _string,
+    "workers": _not_yet(
+        _integer(1), lambda n: n > 1, "workers > 1 is not supported yet"
+    ),
+    "access_log": _string,
+    "log_format": _choice("text", "json"),
+    "grace_period": _seconds(zero_ok=True),
+    "secret_file": _string,
+}
+
+_LISTENER: dict[str, _Convert] = {
+    "name": _name,
+    "endpoint": _endpoint,
+    "protocol": _not_yet(
+        _choice("http", "soap"),
+        lambda p: p == "soap",
+        "protocol 'soap' is not supported yet",
+    ),
+    "pool": _string,
+    "route": _array,
+    "handoff": _not_yet(_boolean, bool, "handoff is not supported yet"),
+    "max_header_bytes": _integer(1024),
+    "max_request_line": _integer(256),
+    "max_body_bytes": _integer(0),
+    "header_timeout": _seconds(),
+    "keepalive_timeout": _seconds(),
+    "client_timeout": _seconds(),
+    "max_requests_per_connection": _integer(1),
+    "max_connections": _integer(1),
+}
+
+_ROUTE: dict[str, _Convert] = {
+    "pool": _string,
+    "host": _host_pattern,
+    "path_prefix": _path_prefix,
+    "path_regex": _regex,
+    "method": _methods,
+    "header": _tables,
+    "cookie": _tables,
+}
+
+_MATCH: dict[str, _Convert] = {"name": _token, "value": _field_value}
+
+_POOL: dict[str, _Convert] = {
+    "hosts": _array,
+    "affinity": _not_yet(
+        _choice("none", "cookie", "client_ip", "session"),
+        lambda a: a == "session",
+        "affinity 'session' is not supported yet",
+    ),
+    "affinity_cookie": _token,
+    "client_ip_timeout": _seconds(),
+    "connect_timeout": _seconds(),
+    "server_timeout": _seconds(),
+    "max_idle_per_host": _integer(0),
+    "max_conns_per_host": _integer(1),
+    "max_queue_per_host": _integer(0),
+    "upstream_idle_timeout": _seconds(),
+    "retries": _integer(0, 10),
+    "fail_timeout": _seconds(),
+    "check": _not_yet(_table, lambda check: True, "check is not supported yet"),
+}
+
+_HOST: dict[str, _Convert] = {"address": _address, "weight": _integer(1, 256)}
+
+
+def _join(where: str, key: str) -> str:
+    """The dotted path of *key* in the table at *where*, quoted as TOML would."""
+    segment = key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+    return f"{where}.{segment}" if where else segment
+
+
+class _Parser:
+    """Builds the dataclasses of one config document, naming its file in errors."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.pools: dict[str, PoolConfig] = {}
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.path, key, reason)
+
+    def convert(self, key: str, convert: _Convert, value: object) -> Any:
+        try:
+            return convert(value)
+        except (TypeError, ValueError) as exc:
+            raise self.error(key, str(exc)) from exc
+
+    def table(
+        self,
+        value: object,
+        where: str,
+        spec: Mapping[str, _Convert],
+        required: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """Check the table at *where* against *spec*; return its converted items."""
+        table = self.convert(where, _table, value)
+        for key in table:
+            if key not in spec:
+                raise self.error(_join(where, key), "unknown key")
+        for key in required:
+            if key not in table:
+                raise self.error(_join(where, key), "missing required key")
+        return {
+            key: self.convert(_join(where, key), spec[key], item)
+            for key, item in table.items()
+        }
+
+    def resolve(self, name: str) -> str:
+        return os.path.abspath(os.path.join(os.path.dirname(self.path), name))
+
+    def read(self, key: str, name: str) -> tuple[str, bytes]:
+        """Resolve the file named at *key* and read it; it must not be empty."""
+        file = self.resolve(name)
+        try:
+            content = Path(file).read_bytes()
+        except OSError as exc:
+            raise self.error(key, f"cannot read {file!r}: {exc.strerror}") from exc
+        if not content.strip():
+            raise self.error(key, f"{file!r} is empty")
+        return file, content
+
+    def unit(self, data: dict[str, Any]) -> UnitConfig:
+        top = self.table(data, "", _TOP, required=("listener", "pool"))
+        unit = self.table(top.get("unit", {}), "unit", _UNIT)
+        if "admin_token_file" in unit:
+            unit["admin_token_file"], token = self.read(
+                "unit.admin_token_file", unit["admin_token_file"]
+            )
+            if not token.isascii():
+                raise self.error(
+                    "unit.admin_token_file", "the admin token must be ASCII"
+                )
+            unit["admin_token"] = token.strip().decode("ascii")
+        if "secret_file" in unit:
+            unit["secret_file"], unit["secret"] = self.read(
+                "unit.secret_file", unit["secret_file"]
+            )
+        if unit.get("access_log", "-") != "-":
+            unit["access_log"] = self.resolve(unit["access_log"])
+
+        for name, pool in top["pool"].items():
+            where = _join("pool", name)
+            self.convert(where, _name, name)
+            self.pools[name] = self.pool(name, pool, where)
+        if not self.pools:
+            raise self.error("pool", "at least one [pool.NAME] table is required")
+
+        listeners: dict[str, ListenerConfig] = {}
+        for i, listener in enumerate(top["listener"]):
+            config = self.listener(listener, f"listener[{i}]")
+            if config.name in listeners:
+                raise self.error(
+                    f"listener[{i}].name", f"duplicate listener name {config.name!r}"
+                )
+            listeners[config.name] = config
+        if not listeners:
+            raise self.error("listener", "at least one [[listener]] table is required")
+
+        return UnitConfig(
+            **unit,
+            listeners=tuple(listeners.values()),
+            pools=MappingProxyType(self.pools),
+            path=self.path,
+        )
+
+    def check_pool(self, where: str, name: str) -> None:
+        if name not in self.pools:
+            raise self.error(_join(where, "pool"), f"unknown pool {name!r}")
+
+    def listener(self, value: object, where: str) -> ListenerConfig:
+        listener = self.table(
+            value, where, _LISTENER, required=("name", "endpoint", "pool")
+        )
+        self.check_pool(where, listener["pool"])
+        routes = listener.pop("route", [])
+        listener["routes"] = tuple(
+            self.route(route, f"{where}.route[{i}]") for i, route in enumerate(routes)
+        )
+        return ListenerConfig(**listener)
+
+    def route(self, value: object, where: str) -> RouteConfig:
+        route = self.table(value, where, _ROUTE, required=("pool",))
+        if route.keys() == {"pool"}:
+            raise self.error(where, "route matches everything; use the listener's pool")
+        self.check_pool(where, route["pool"])
+        for kind in ("header", "cookie"):
+            if kind in route:
+                route[kind] = self.matches(
+                    route[kind], _join(where, kind), lower=kind == "header"
+                )
+        return RouteConfig(**route)
+
+    def matches(
+        self, value: dict[str, Any] | list[Any], where: str, *, lower: bool
+    ) -> tuple[HeaderMatch, ...]:
+        """One table or an array of them; header names are case-insensitive, cookie names are not."""
+        if isinstance(value, dict):
+            return (self.match(value, where, lower),)
+        return tuple(
+            self.match(item, f"{where}[{i}]", lower) for i, item in enumerate(value)
+        )
+
+    def match(self, value: object, where: str, lower: bool) -> HeaderMatch:
+        match = self.table(value, where, _MATCH, required=("name",))
+        name = match["name"].encode("ascii")
+        return HeaderMatch(name.lower() if lower else name, match.get("value"))
+
+    def pool(self, name: str, value: object, where: str) -> PoolConfig:
+        pool = self.table(value, where, _POOL)
+        hosts: dict[str, HostConfig] = {}
+        for i, entry in enumerate(pool.pop("hosts", [])):
+            key = f"{where}.hosts[{i}]"
+            host = self.host(entry, key)
+            if host.key in hosts:
+                raise self.error(key, f"duplicate host {host.key!r}")
+            hosts[host.key] = host
+        return PoolConfig(name, tuple(hosts.values()), **pool)
+
+    def host(self, entry: object, key: str) -> HostConfig:
+        """An ``"ip:port"`` string or an ``{ address, weight }`` table."""
+        if isinstance(entry, dict):
+            host = self.table(entry, key, _HOST, required=("address",))
+            return HostConfig(*host.pop("address"), **host)
+        return HostConfig(*self.convert(key, _address, entry))

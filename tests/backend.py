@@ -1,0 +1,160 @@
+"""A real HTTP/1.1 backend for end-to-end tests: ``python -m tests.backend PORT NAME``.
+
+Stdlib only (``http.server`` in threads, keep-alive on), so the router is
+tested against a server it shares no code with.  Paths:
+
+- ``/`` or anything else: ``NAME`` and the path
+- ``/bytes/N``: N bytes of a repeating pattern, content-length, streamed
+- ``/chunked/N``: N bytes, chunked
+- ``/sha256`` (POST/PUT): reads the body (content-length or chunked) and
+  answers ``LENGTH SHA256``
+- ``/headers``: the request headers as JSON
+- ``/slow/MS``: answers after MS milliseconds
+- ``/status/CODE``: an empty answer with that status
+- ``/ws``: ``101 Switching Protocols`` on an Upgrade request, then echoes bytes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+PATTERN = bytes(range(256)) * 256  # 64 KiB
+
+
+def pattern_bytes(n: int) -> bytes:
+    """The first ``n`` bytes the ``/bytes/N`` endpoint sends (for checksums)."""
+    reps, rest = divmod(n, len(PATTERN))
+    return PATTERN * reps + PATTERN[:rest]
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "testbackend"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _answer(self, status: int, body: bytes, ctype: str = "text/plain") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Backend", self.server.name)  # type: ignore[attr-defined]
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _read_body(self):  # type: ignore[no-untyped-def]
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return
+                remaining = size
+                while remaining:
+                    chunk = self.rfile.read(min(remaining, 65536))
+                    remaining -= len(chunk)
+                    yield chunk
+                self.rfile.readline()
+        else:
+            remaining = int(self.headers.get("Content-Length", "0"))
+            while remaining:
+                chunk = self.rfile.read(min(remaining, 65536))
+                if not chunk:
+                    return
+                remaining -= len(chunk)
+                yield chunk
+
+    def do_GET(self) -> None:
+        parts = self.path.split("?")[0].strip("/").split("/")
+        name = self.server.name  # type: ignore[attr-defined]
+        if parts[0] == "bytes":
+            n = int(parts[1])
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.send_header("X-Backend", name)
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            sent = 0
+            while sent < n:
+                piece = PATTERN[: min(len(PATTERN), n - sent)]
+                self.wfile.write(piece)
+                sent += len(piece)
+        elif parts[0] == "chunked":
+            n = int(parts[1])
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("X-Backend", name)
+            self.end_headers()
+            data = pattern_bytes(n)
+            for i in range(0, n, 10000):
+                piece = data[i : i + 10000]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+        elif parts[0] == "headers":
+            self._answer(200, json.dumps(self.headers.items()).encode(), "application/json")
+        elif parts[0] == "slow":
+            time.sleep(int(parts[1]) / 1000)
+            self._answer(200, f"{name} slow\n".encode())
+        elif parts[0] == "status":
+            self.send_response(int(parts[1]))
+            self.send_header("X-Backend", name)
+            if int(parts[1]) not in (204, 304):
+                self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif parts[0] == "ws" and self.headers.get("Upgrade"):
+            self.send_response(101)
+            self.send_header("Upgrade", self.headers["Upgrade"])
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            conn: socket.socket = self.connection
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+            self.close_connection = True
+        else:
+            self._answer(200, f"{name} {self.command} {self.path}\n".encode())
+
+    do_HEAD = do_GET
+    do_DELETE = do_GET
+
+    def do_POST(self) -> None:
+        digest = hashlib.sha256()
+        length = 0
+        for chunk in self._read_body():
+            digest.update(chunk)
+            length += len(chunk)
+        self._answer(200, f"{length} {digest.hexdigest()}\n".encode())
+
+    do_PUT = do_POST
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def __init__(self, address: tuple[str, int], name: str) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, Handler)
+        self.name = name
+
+
+def main() -> None:
+    host, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    server = Server((host, port), name)
+    print(f"ready {server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
