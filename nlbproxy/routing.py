@@ -97,7 +97,12 @@ def path_of(target: bytes) -> bytes:
         scheme_end = target.find(b"://")
         if scheme_end >= 0:
             slash = target.find(b"/", scheme_end + 3)
-            target = target[slash:] if slash >= 0 else b"/"
+            query = target.find(b"?", scheme_end + 3)
+            # The authority ends at the path or, without one, at the query:
+            # "http://h?next=/admin" has the path "/", not "/admin".
+            if slash < 0 or 0 <= query < slash:
+                return b"/"
+            target = target[slash:]
     query = target.find(b"?")
     return target if query < 0 else target[:query]
 

@@ -56,7 +56,10 @@ def request_headers(
     ``upgrade`` is the Upgrade protocol of a request being tunnelled (then
     ``Connection: upgrade`` and ``Upgrade`` are kept), else None.
     """
-    drop = connection_tokens(headers)
+    # Content-Length frames the body the unit forwards as it reads it: a
+    # client listing it in Connection must not make the host see a request
+    # without a body (h11 would refuse to send the body at all).
+    drop = connection_tokens(headers) - {b"content-length"}
     out: list[tuple[bytes, bytes]] = []
     xff = xfp = fwd = viav = None
     chunked = have_host = False

@@ -286,8 +286,8 @@ class ClientConnection(Protocol):
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint
-        self.listener.stats.reject(status)
         if self.exchange is not None and self.exchange.response_started:
+            self.listener.stats.reject(status)  # local_response counts the others
             self.transport.abortConnection()
             return
         if self.exchange is not None:
@@ -565,6 +565,9 @@ class Exchange:
         upstream = self.upstream
         if upstream is not None:
             upstream.transport.unregisterProducer()
+            # A full host socket no longer holds back the client: what it
+            # sends next is the next request, not this body.
+            client.pauser.resume("backpressure")
             upstream.send(_EndOfMessage())
 
     # -- response from the host ----------------------------------------------------
@@ -589,13 +592,22 @@ class Exchange:
             if self.request_complete:
                 client.phase = _RESPONSE
         elif kind is _EndOfMessage:
+            if event.headers and client.h11.their_http_version != b"1.1":
+                # Only a chunked body carries trailers; an HTTP/1.0 client
+                # gets a read-until-close body, and h11 refuses to send them.
+                event = _EndOfMessage()
             client.send(event)
             self._response_done(conn)
         elif kind is _InformationalResponse:
             if event.status_code == 101 and self.upgrade is not None:
                 self._switch_protocols(conn, event)
-            else:
-                client.send(event)
+            elif client.h11.their_http_version == b"1.1":
+                # RFC 9110 section 15.2: never a 1xx to an HTTP/1.0 client.
+                # Its hop-by-hop headers are the host's, like a final response's.
+                headers = hdrs.response_headers(event.headers, client.listener.via, False)
+                client.send(_InformationalResponse(
+                    status_code=event.status_code, headers=headers, reason=event.reason, _parsed=True,
+                ))
 
     def _response_done(self, conn: UpstreamConnection) -> None:
         self.response_complete = True
@@ -603,15 +615,19 @@ class Exchange:
         client.transport.unregisterProducer()
         self.upstream = None
         conn.done()
-        self._finish_host()
+        # Remembered before _finish_host lets go of the host.
         if self.pool.config.affinity == "client_ip" and self.host is not None:
             self.pool.remember_client_ip(client.client_ip, self.host)
+        self._finish_host()
         self.logged(client.listener)
         if self.request_complete:
             client.exchange_done()
         else:
             # The host answered before reading the whole body: keep reading
             # and dropping it so the client sees our answer, not a reset.
+            # The host's socket no longer limits how fast we read.
+            conn.transport.unregisterProducer()
+            client.pauser.resume("backpressure")
             client.phase = _BODY
             client.deadline.set(client.config.client_timeout)
 
@@ -631,7 +647,11 @@ class Exchange:
         self.status = 101
         headers = hdrs.response_headers(event.headers, client.listener.via, True)
         client.send(_InformationalResponse(status_code=101, headers=headers, reason=event.reason))
+        # The exchange is over; the tunnel's inactivity is timed by the
+        # client connection's deadline, in both directions.
+        self.response_complete = True
         conn.tunnel = True
+        conn.deadline.cancel()
         conn.transport.registerProducer(client.pauser, True)
         client.transport.registerProducer(conn.pauser, True)
         client.start_tunnel(conn)
@@ -642,6 +662,7 @@ class Exchange:
         self.logged(client.listener)
 
     def tunnel_from_upstream(self, data: bytes) -> None:
+        self.client.deadline.set(limits.TUNNEL_TIMEOUT)
         self.client.transport.write(data)
 
     def tunnel_closed(self) -> None:

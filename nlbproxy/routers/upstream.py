@@ -64,16 +64,23 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
             return
         self.received_any = True
-        self.deadline.set(self.owner.config.server_timeout)
         if self.tunnel:
+            # A tunnel's inactivity is timed by the client connection, in
+            # both directions; the host's silence alone is no failure.
             exchange.tunnel_from_upstream(data)
             return
+        self.deadline.set(self.owner.config.server_timeout)
         conn = self.h11
         conn.receive_data(data)
         while self.exchange is exchange:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
+                # h11 is in its ERROR state: the connection is useless, and
+                # left open it would count against max_conns_per_host.
+                self.exchange = None
+                self.deadline.cancel()
+                self.transport.abortConnection()
                 exchange.upstream_error(self, "bad_response", str(exc))
                 return
             if event is _NEED_DATA or event is _PAUSED:
@@ -117,8 +124,14 @@ class UpstreamConnection(Protocol):
         self.deadline.cancel()
         conn = self.h11
         if self.pauser is not None:
+            # The client transport that paused us is no longer our consumer:
+            # a "backpressure" reason left behind would stall the next user.
             self.pauser.on_backpressure = None
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not conn.trailing_data[0]:
+            self.pauser.resume("backpressure")
+        data, closed = conn.trailing_data
+        # ``closed``: the host ended a read-until-close body; the connection
+        # is gone even though h11 would start a next cycle.
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not data and not closed:
             conn.start_next_cycle()
             self.received_any = False
             self.owner.release(self)
