@@ -61,9 +61,17 @@ class Pauser:
 
 
 class Deadline:
-    """Calls ``callback`` once ``delay`` seconds after the last :meth:`set`."""
+    """Calls ``callback`` once ``delay`` seconds after the last :meth:`set`.
 
-    __slots__ = ("_clock", "_callback", "_when", "_call")
+    At most one ``DelayedCall`` is pending per deadline.  Moving the deadline
+    later, or disarming it, only stores a number: the pending call fires at
+    its old time, sees what changed, and re-arms for the rest or drops
+    itself.  Moving it sooner cancels and schedules anew, because Twisted's
+    ``DelayedCall.reset`` to an earlier time searches the reactor's whole
+    heap of calls, which is one per connection.
+    """
+
+    __slots__ = ("_call", "_callback", "_clock", "_when")
 
     def __init__(self, clock: IReactorTime, callback: Callable[[], object]) -> None:
         self._clock = clock
@@ -78,9 +86,15 @@ class Deadline:
         if call is None:
             self._call = self._clock.callLater(delay, self._fire)
         elif call.getTime() > when:
-            call.reset(delay)
+            call.cancel()
+            self._call = self._clock.callLater(delay, self._fire)
 
     def cancel(self) -> None:
+        """Disarm; a pending call stays until its time and then does nothing."""
+        self._when = None
+
+    def stop(self) -> None:
+        """Disarm and drop the pending call (the owner is going away)."""
         self._when = None
         if self._call is not None:
             self._call.cancel()

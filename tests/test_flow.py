@@ -107,26 +107,44 @@ class DeadlineTests(SynchronousTestCase):
         self.assertEqual(len(self.fired), 1)
         self.assertAlmostEqual(self.fired[0], 9.0)
 
-    def test_moving_earlier_resets_the_call(self) -> None:
+    def test_moving_earlier_schedules_anew(self) -> None:
         self.deadline.set(30)
-        (call,) = self.clock.getDelayedCalls()
+        (old,) = self.clock.getDelayedCalls()
         self.deadline.set(10)
-        self.assertEqual(self.clock.getDelayedCalls(), [call])
+        (call,) = self.clock.getDelayedCalls()
+        self.assertIsNot(call, old)
+        self.assertTrue(old.cancelled)
         self.assertEqual(call.getTime(), 10.0)
         self.clock.advance(10)
         self.assertEqual(self.fired, [10.0])
 
-    def test_cancel(self) -> None:
+    def test_cancel_is_lazy(self) -> None:
         self.deadline.set(5)
+        (call,) = self.clock.getDelayedCalls()
         self.deadline.cancel()
         self.assertFalse(self.deadline.armed)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # The call stays, so re-arming within its time costs nothing ...
+        self.assertEqual(self.clock.getDelayedCalls(), [call])
+        self.clock.advance(1)
+        self.deadline.set(5)
+        self.assertEqual(self.clock.getDelayedCalls(), [call])
+        self.deadline.cancel()
+        # ... and when it fires disarmed it does nothing and drops itself.
         self.clock.advance(10)
         self.assertEqual(self.fired, [])
-        self.deadline.cancel()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
         self.deadline.set(1)
         self.clock.advance(1)
-        self.assertEqual(self.fired, [11.0])
+        self.assertEqual(self.fired, [12.0])
+
+    def test_stop_drops_the_call(self) -> None:
+        self.deadline.set(5)
+        self.deadline.stop()
+        self.assertFalse(self.deadline.armed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.deadline.stop()
+        self.clock.advance(10)
+        self.assertEqual(self.fired, [])
 
     def test_callback_may_set_again(self) -> None:
         def again() -> None:

@@ -6,14 +6,31 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from nlbproxy.routers.headers import (
-    HOP_BY_HOP,
-    connection_tokens,
-    forwarded_for,
-    request_headers,
-    response_headers,
-    upgrade_protocol,
-)
+from nlbproxy.routers import headers as H
+from nlbproxy.routers.headers import HOP_BY_HOP, forwarded_for
+
+# The functions under test take and return h11's (raw, name, value) triples;
+# most tests here speak in (name, value) pairs, so these adapt both ways.
+
+
+def _triples(pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes, bytes]]:
+    return [(name, name, value) for name, value in pairs]
+
+
+def request_headers(headers: list[tuple[bytes, bytes]], *args: object) -> list[tuple[bytes, bytes]]:
+    return H.pairs(H.request_headers(_triples(headers), *args))  # type: ignore[arg-type]
+
+
+def response_headers(headers: list[tuple[bytes, bytes]], via: bytes, upgrade: bool) -> list[tuple[bytes, bytes]]:
+    return H.pairs(H.response_headers(_triples(headers), via, upgrade))
+
+
+def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    return H.connection_tokens(_triples(headers))
+
+
+def upgrade_protocol(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    return H.upgrade_protocol(_triples(headers))
 
 VIA = b"1.1 unit1"
 
@@ -160,3 +177,15 @@ class UpgradeProtocolTests(SynchronousTestCase):
         self.assertIsNone(upgrade_protocol([(b"upgrade", b"websocket")]))
         self.assertIsNone(upgrade_protocol([(b"connection", b"upgrade")]))
         self.assertIsNone(upgrade_protocol([]))
+
+
+class RawCasingTests(SynchronousTestCase):
+    def test_names_keep_the_casing_the_peer_sent(self) -> None:
+        out = H.request_headers(
+            [(b"Content-Type", b"content-type", b"text/plain"), (b"X-Custom-ID", b"x-custom-id", b"7")],
+            "192.0.2.10", b"http", VIA, b"10.0.0.1:80", None,
+        )
+        self.assertEqual(out[:2], [(b"Content-Type", b"content-type", b"text/plain"),
+                                   (b"X-Custom-ID", b"x-custom-id", b"7")])
+        back = H.response_headers([(b"ETag", b"etag", b'"x"'), (b"Connection", b"connection", b"ETag")], VIA, False)
+        self.assertEqual(back, [(b"via", b"via", VIA)])

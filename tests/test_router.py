@@ -36,7 +36,7 @@ def get(target: bytes = b"/", host: bytes = b"example.com", extra: bytes = b"") 
 
 
 def upstream_get(target: bytes = b"/", host: bytes = b"example.com", extra: bytes = b"", ip: bytes = CLIENT_IP) -> bytes:
-    return b"GET " + target + b" HTTP/1.1\r\nhost: " + host + b"\r\n" + extra + fwd(ip) + b"\r\n"
+    return b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + extra + fwd(ip) + b"\r\n"
 
 
 def ok(body: bytes = b"ok", extra: bytes = b"") -> bytes:
@@ -46,7 +46,7 @@ def ok(body: bytes = b"ok", extra: bytes = b"") -> bytes:
 def relayed_ok(body: bytes = b"ok", after: bytes = b"") -> bytes:
     """``ok(body)`` as the client gets it; ``after`` are headers the unit adds after Via."""
     return (
-        b"HTTP/1.1 200 OK\r\ncontent-length: " + str(len(body)).encode() + b"\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
         b"via: 1.1 unit1\r\n" + after + b"\r\n" + body
     )
 
@@ -217,8 +217,8 @@ class HeaderRewritingTests(SynchronousTestCase):
         self.assertEqual(
             b.received(),
             b"GET /a?b=c HTTP/1.1\r\n"
-            b"host: Example.com:8080\r\n"
-            b"user-agent: script\r\n"
+            b"Host: Example.com:8080\r\n"
+            b"User-Agent: script\r\n"
             b"x-forwarded-for: 198.51.100.7, 192.0.2.10\r\n"
             b"x-forwarded-proto: http\r\n"
             b"forwarded: for=198.51.100.7, for=192.0.2.10;proto=http\r\n"
@@ -233,7 +233,7 @@ class HeaderRewritingTests(SynchronousTestCase):
         b = h.accept()
         self.assertEqual(
             b.received(),
-            b"GET / HTTP/1.1\r\nhost: example.com\r\n"
+            b"GET / HTTP/1.1\r\nHost: example.com\r\n"
             + fwd(b"2001:db8::1", node=b'"[2001:db8::1]"') + b"\r\n",
         )
 
@@ -243,7 +243,7 @@ class HeaderRewritingTests(SynchronousTestCase):
         c.send(get())
         b = h.accept()
         self.assertEqual(
-            b.received(), b"GET / HTTP/1.1\r\nhost: example.com\r\n" + fwd(proto=b"https") + b"\r\n"
+            b.received(), b"GET / HTTP/1.1\r\nHost: example.com\r\n" + fwd(proto=b"https") + b"\r\n"
         )
 
     def test_response_headers(self) -> None:
@@ -266,7 +266,7 @@ class HeaderRewritingTests(SynchronousTestCase):
         )
         self.assertEqual(
             c.received(),
-            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nserver: app\r\nvia: 1.1 app, 1.1 unit1\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nServer: app\r\nvia: 1.1 app, 1.1 unit1\r\n\r\nok",
         )
         # The backend's Connection header was about its own hop: both stay open.
         self.assertFalse(c.closed)
@@ -279,11 +279,11 @@ class HeaderRewritingTests(SynchronousTestCase):
         b = h.accept()
         self.assertEqual(
             b.received(),
-            b"GET /old HTTP/1.1\r\nhost: 10.0.0.1:8080\r\nuser-agent: old\r\n" + fwd() + b"\r\n",
+            b"GET /old HTTP/1.1\r\nhost: 10.0.0.1:8080\r\nUser-Agent: old\r\n" + fwd() + b"\r\n",
         )
         b.send(ok())
         self.assertEqual(
-            c.received(), b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nvia: 1.1 unit1\r\nConnection: close\r\n\r\nok"
+            c.received(), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nvia: 1.1 unit1\r\nConnection: close\r\n\r\nok"
         )
         self.assertTrue(c.closed)
         # The backend connection was HTTP/1.1 and stays pooled.
@@ -297,7 +297,7 @@ class HeaderRewritingTests(SynchronousTestCase):
         c.send(b"POST /f HTTP/1.1\r\nHost: x\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello")
         b = h.accept()
         self.assertEqual(
-            b.received(), b"POST /f HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n" + fwd() + b"\r\nhello"
+            b.received(), b"POST /f HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n" + fwd() + b"\r\nhello"
         )
         b.send(ok())
         self.assertEqual(c.received(), relayed_ok())
@@ -312,7 +312,7 @@ class BodyTests(SynchronousTestCase):
         # The body held while connecting goes out at once, then the rest as it comes.
         self.assertEqual(
             b.received(),
-            b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n" + fwd() + b"\r\n5\r\nhello\r\n",
+            b"POST /up HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\n" + fwd() + b"\r\n5\r\nhello\r\n",
         )
         c.send(b"6\r\n world\r\n")
         self.assertEqual(b.received(), b"6\r\n world\r\n")
@@ -328,7 +328,7 @@ class BodyTests(SynchronousTestCase):
         c.send(b"PUT /f HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
         b = h.accept()
         self.assertEqual(
-            b.received(), b"PUT /f HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n" + fwd() + b"\r\nhello"
+            b.received(), b"PUT /f HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n" + fwd() + b"\r\nhello"
         )
         c.send(b"wor")
         self.assertEqual(b.received(), b"wor")
@@ -360,7 +360,7 @@ class BodyTests(SynchronousTestCase):
         b.send(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello")
         self.assertEqual(
             c.received(),
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nvia: 1.1 unit1\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nvia: 1.1 unit1\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
         )
         b.send(b" world")
@@ -418,9 +418,9 @@ class BodyTests(SynchronousTestCase):
         c = h.client()
         c.send(b"HEAD /big HTTP/1.1\r\nHost: x\r\n\r\n")
         b = h.accept()
-        self.assertEqual(b.received(), b"HEAD /big HTTP/1.1\r\nhost: x\r\n" + fwd() + b"\r\n")
+        self.assertEqual(b.received(), b"HEAD /big HTTP/1.1\r\nHost: x\r\n" + fwd() + b"\r\n")
         b.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
-        self.assertEqual(c.received(), b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\nvia: 1.1 unit1\r\n\r\n")
+        self.assertEqual(c.received(), b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nvia: 1.1 unit1\r\n\r\n")
         # Complete: the next request reuses the backend connection.
         c.send(get())
         self.assertEqual(b.received(), upstream_get(host=b"example.com"))
@@ -435,11 +435,11 @@ class BodyTests(SynchronousTestCase):
         b.send(b"HTTP/1.1 204 No Content\r\n\r\n")
         self.assertEqual(c.received(), b"HTTP/1.1 204 No Content\r\nvia: 1.1 unit1\r\n\r\n")
         c.send(get(extra=b'If-None-Match: "v1"\r\n'))
-        self.assertEqual(b.received(), upstream_get(extra=b'if-none-match: "v1"\r\n'))
+        self.assertEqual(b.received(), upstream_get(extra=b'If-None-Match: "v1"\r\n'))
         b.send(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 1234\r\n\r\n')
         self.assertEqual(
             c.received(),
-            b'HTTP/1.1 304 Not Modified\r\netag: "v1"\r\ncontent-length: 1234\r\nvia: 1.1 unit1\r\n\r\n',
+            b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 1234\r\nvia: 1.1 unit1\r\n\r\n',
         )
         self.assertFalse(c.closed)
         self.assertEqual(h.upstreams.counts(h.host(A)), (1, 1))
@@ -452,7 +452,7 @@ class BodyTests(SynchronousTestCase):
         b = h.accept()
         self.assertEqual(
             b.received(),
-            b"POST /f HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 5\r\n" + fwd() + b"\r\n",
+            b"POST /f HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n" + fwd() + b"\r\n",
         )
         b.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.assertEqual(c.received(), b"HTTP/1.1 100 Continue\r\nvia: 1.1 unit1\r\n\r\n")
@@ -486,7 +486,7 @@ class BodyTests(SynchronousTestCase):
         )
         self.assertEqual(
             c.received(),
-            b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\nvia: 1.1 unit1\r\n\r\n" + relayed_ok(),
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nvia: 1.1 unit1\r\n\r\n" + relayed_ok(),
         )
 
     def test_early_response_drops_rest_of_body(self) -> None:
@@ -496,7 +496,7 @@ class BodyTests(SynchronousTestCase):
         b = h.accept()
         b.received()
         b.send(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
-        self.assertEqual(c.received(), b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\nvia: 1.1 unit1\r\n\r\nno")
+        self.assertEqual(c.received(), b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\nvia: 1.1 unit1\r\n\r\nno")
         # The host stopped reading the body mid-way: its connection cannot be reused.
         self.assertTrue(b.closed)
         c.send(b"world")
@@ -518,8 +518,8 @@ class UpgradeTests(SynchronousTestCase):
         b = h.accept()
         self.assertEqual(
             b.received(),
-            b"GET /chat HTTP/1.1\r\nhost: x\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"sec-websocket-version: 13\r\nconnection: upgrade\r\nupgrade: websocket\r\n" + fwd() + b"\r\n",
+            b"GET /chat HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nconnection: upgrade\r\nupgrade: websocket\r\n" + fwd() + b"\r\n",
         )
         b.send(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -527,8 +527,8 @@ class UpgradeTests(SynchronousTestCase):
         )
         self.assertEqual(
             c.received(),
-            b"HTTP/1.1 101 Switching Protocols\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
-            b"upgrade: websocket\r\nconnection: upgrade\r\nvia: 1.1 unit1\r\n\r\nhello",
+            b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+            b"Upgrade: websocket\r\nconnection: upgrade\r\nvia: 1.1 unit1\r\n\r\nhello",
         )
         self.assertEqual(b.received(), b"early")
         self.assertEqual(c.pauser_reasons, set())
@@ -700,7 +700,7 @@ class LimitTests(SynchronousTestCase):
         b = h.accept()
         self.assertEqual(
             b.received(),
-            b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n" + fwd() + b"\r\n6\r\nhello \r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\n" + fwd() + b"\r\n6\r\nhello \r\n",
         )
         c.send(b"5\r\nworld\r\n")
         self.assertEqual(c.received(), local(413, b"Content Too Large", b"request body too large\n", close=True))
@@ -785,7 +785,7 @@ class FailureTests(SynchronousTestCase):
         b = h.accept()
         self.assertEqual(b.key, B)
         self.assertEqual(
-            b.received(), b"POST /f HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n" + fwd() + b"\r\nhelloworld"
+            b.received(), b"POST /f HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n" + fwd() + b"\r\nhelloworld"
         )
         b.send(ok())
         self.assertEqual(c.received(), relayed_ok())
@@ -877,7 +877,7 @@ class FailureTests(SynchronousTestCase):
         c = h.client()
         c.send(b"POST /order HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
         a = h.accept()
-        self.assertEqual(a.received(), b"POST /order HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n" + fwd() + b"\r\nhello")
+        self.assertEqual(a.received(), b"POST /order HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n" + fwd() + b"\r\nhello")
         a.reset()
         self.assertEqual(h.attempts(), [])
         self.assertEqual(c.received(), local(502, b"Bad Gateway", b"reset\n"))
@@ -928,7 +928,7 @@ class FailureTests(SynchronousTestCase):
         b = h.accept()
         b.received()
         b.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
-        self.assertEqual(c.received(), b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\nvia: 1.1 unit1\r\n\r\nhello")
+        self.assertEqual(c.received(), b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nvia: 1.1 unit1\r\n\r\nhello")
         b.reset()
         self.assertTrue(c.closed)
         self.assertTrue(c.aborted)
@@ -1262,7 +1262,7 @@ class TimeoutTests(SynchronousTestCase):
         self.assertFalse(c.closed)
         b.send(b"_rest")
         b.send(b"!")
-        self.assertEqual(c.received(), b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\nvia: 1.1 unit1\r\n\r\npart_rest!")
+        self.assertEqual(c.received(), b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nvia: 1.1 unit1\r\n\r\npart_rest!")
 
 
 class BackPressureTests(SynchronousTestCase):
@@ -1277,7 +1277,7 @@ class BackPressureTests(SynchronousTestCase):
         self.assertTrue(b.paused)
         self.assertEqual(b.pauser_reasons, {"backpressure"})
         b.send(b"def")  # waits in the backend socket
-        self.assertEqual(c.received(), b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nvia: 1.1 unit1\r\n\r\nabc")
+        self.assertEqual(c.received(), b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nvia: 1.1 unit1\r\n\r\nabc")
         c.start_reading()
         self.assertFalse(b.paused)
         self.assertEqual(c.received(), b"def")
@@ -1310,7 +1310,7 @@ class BackPressureTests(SynchronousTestCase):
         self.assertTrue(b.paused)
         b.send(b"y" * 150)
         self.assertEqual(
-            c.received(), b"HTTP/1.1 200 OK\r\ncontent-length: 300\r\nvia: 1.1 unit1\r\n\r\n" + b"x" * 150
+            c.received(), b"HTTP/1.1 200 OK\r\nContent-Length: 300\r\nvia: 1.1 unit1\r\n\r\n" + b"x" * 150
         )
         self.assertFalse(b.paused)
         self.assertEqual(c.received(), b"y" * 150)
@@ -1359,7 +1359,7 @@ class BackPressureTests(SynchronousTestCase):
         b.stop_reading()
         self.assertEqual(c.pauser_reasons, {"backpressure"})
         b.send(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
-        self.assertEqual(c.received(), b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\nvia: 1.1 unit1\r\n\r\n")
+        self.assertEqual(c.received(), b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nvia: 1.1 unit1\r\n\r\n")
         # The rest of the body is read and dropped, then the connection serves on.
         self.assertEqual(c.pauser_reasons, set())
         c.send(b"a" * 20)
@@ -1428,6 +1428,6 @@ class GracefulTests(SynchronousTestCase):
         h.listener.close_idle()
         self.assertFalse(c.closed)
         b.send(b"cd")
-        self.assertEqual(c.received(), b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nvia: 1.1 unit1\r\n\r\nabcd")
+        self.assertEqual(c.received(), b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nvia: 1.1 unit1\r\n\r\nabcd")
         self.assertTrue(c.closed)
         self.assertFalse(c.aborted)

@@ -1,20 +1,31 @@
 # -*- test-case-name: tests.test_headers -*-
 """Header rewriting between client and host (RFC 9110 section 7.6).
 
-Sans-I/O.  h11 hands us headers as ``(lower-case name, value)`` pairs; these
-functions return new lists for the other side.  Framing headers are not
+Sans-I/O.  Headers travel as h11 stores them, ``(raw name, lower-case
+name, value)`` triples: the functions here read the triples of one side and
+return the triples for the other, which :func:`wrap` turns into an h11
+``Headers`` without a second validation pass (the values came out of h11's
+parser or from us), and the names keep the casing the peer sent.  Framing headers are not
 copied blindly: the unit re-frames every message, so ``Transfer-Encoding`` is
 reduced to ``chunked`` (the only coding h11 accepts) and ``Content-Length`` is
 passed on as the single value h11 validated.  That is what makes request
 smuggling through the unit impossible: the host only ever sees the framing
 the unit itself used to read the request.
+
+Each function walks the headers once: this runs twice per request, and
+h11's ``Headers`` is a Sequence whose iteration costs a call per item, so
+:func:`fields` reads its backing list directly.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Iterable
+from typing import Any
 
-Headers = Sequence[tuple[bytes, bytes]]
+from h11._headers import Headers as _H11Headers
+
+Field = tuple[bytes, bytes, bytes]
+Fields = Iterable[Field]
 
 #: Hop-by-hop headers (RFC 9110 section 7.6.1, plus the legacy ones every proxy drops).
 HOP_BY_HOP = frozenset(
@@ -24,16 +35,41 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-_FORWARDED_NAMES = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded", b"via"})
+#: Headers a ``Connection`` header may not remove: the unit needs them to
+#: frame and address the message it sends on.
+PROTECTED = frozenset({b"content-length", b"host"})
 
 
-def connection_tokens(headers: Headers) -> frozenset[bytes]:
+def fields(headers: Any) -> list[Field]:
+    """The ``(raw name, name, value)`` triples behind an h11 ``Headers``."""
+    return headers._full_items  # type: ignore[no-any-return]
+
+
+def wrap(items: list[Field]) -> Any:
+    """h11 ``Headers`` over ``items``, taken as already valid."""
+    return _H11Headers(items)
+
+
+def pairs(items: Fields) -> list[tuple[bytes, bytes]]:
+    """``(lower-case name, value)`` pairs, as the routing rules read them."""
+    return [(name, value) for _raw, name, value in items]
+
+
+def connection_tokens(headers: Fields) -> frozenset[bytes]:
     """Lower-case tokens of all ``Connection`` headers."""
     tokens: set[bytes] = set()
-    for name, value in headers:
+    for _raw, name, value in headers:
         if name == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
     return frozenset(tokens)
+
+
+def _without(out: list[Field], tokens: set[bytes]) -> list[Field]:
+    """``out`` less the headers a ``Connection`` header named (hop-by-hop by name)."""
+    named = tokens - HOP_BY_HOP - PROTECTED - {b"close"}
+    if not named:
+        return out
+    return [item for item in out if item[1] not in named]
 
 
 def forwarded_for(client_ip: str) -> bytes:
@@ -44,85 +80,95 @@ def forwarded_for(client_ip: str) -> bytes:
 
 
 def request_headers(
-    headers: Headers,
+    headers: Fields,
     client_ip: str,
     proto: bytes,
     via: bytes,
     default_host: bytes,
     upgrade: bytes | None,
-) -> list[tuple[bytes, bytes]]:
+) -> list[Field]:
     """Headers of a request as sent to a host.
 
     ``upgrade`` is the Upgrade protocol of a request being tunnelled (then
     ``Connection: upgrade`` and ``Upgrade`` are kept), else None.
     """
-    # Content-Length frames the body the unit forwards as it reads it: a
-    # client listing it in Connection must not make the host see a request
-    # without a body (h11 would refuse to send the body at all).
-    drop = connection_tokens(headers) - {b"content-length"}
-    out: list[tuple[bytes, bytes]] = []
-    xff = xfp = fwd = viav = None
+    out: list[Field] = []
+    tokens: set[bytes] = set()
+    xff = fwd = viav = None
     chunked = have_host = False
-    for name, value in headers:
-        if name in HOP_BY_HOP or name in drop:
-            if name == b"transfer-encoding":
+    for item in headers:
+        _raw, name, value = item
+        if name in HOP_BY_HOP:
+            if name == b"connection":
+                tokens.update(t.strip().lower() for t in value.split(b","))
+            elif name == b"transfer-encoding":
                 chunked = True
             continue
-        if name in _FORWARDED_NAMES:
-            # Merge repeated headers into one, appending our hop below.
-            if name == b"x-forwarded-for":
-                xff = value if xff is None else xff + b", " + value
-            elif name == b"forwarded":
-                fwd = value if fwd is None else fwd + b", " + value
-            elif name == b"via":
-                viav = value if viav is None else viav + b", " + value
-            continue  # x-forwarded-proto is replaced by ours
-        if name == b"host":
-            have_host = True
-        out.append((name, value))
+        if name == b"x-forwarded-for":
+            xff = value if xff is None else xff + b", " + value
+        elif name == b"forwarded":
+            fwd = value if fwd is None else fwd + b", " + value
+        elif name == b"via":
+            viav = value if viav is None else viav + b", " + value
+        elif name == b"x-forwarded-proto":
+            pass  # replaced by ours
+        else:
+            if name == b"host":
+                have_host = True
+            out.append(item)
+    if tokens:
+        out = _without(out, tokens)
     if not have_host:
         # An HTTP/1.0 client may omit Host; the host gets HTTP/1.1, which needs one.
-        out.append((b"host", default_host))
+        out.append((b"host", b"host", default_host))
     if chunked:
-        out.append((b"transfer-encoding", b"chunked"))
+        out.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
     if upgrade is not None:
-        out.append((b"connection", b"upgrade"))
-        out.append((b"upgrade", upgrade))
+        out.append((b"connection", b"connection", b"upgrade"))
+        out.append((b"upgrade", b"upgrade", upgrade))
     ip = client_ip.encode()
-    out.append((b"x-forwarded-for", ip if xff is None else xff + b", " + ip))
-    out.append((b"x-forwarded-proto", proto))
+    out.append((b"x-forwarded-for", b"x-forwarded-for", ip if xff is None else xff + b", " + ip))
+    out.append((b"x-forwarded-proto", b"x-forwarded-proto", proto))
     hop = b"for=" + forwarded_for(client_ip) + b";proto=" + proto
-    out.append((b"forwarded", hop if fwd is None else fwd + b", " + hop))
-    out.append((b"via", via if viav is None else viav + b", " + via))
+    out.append((b"forwarded", b"forwarded", hop if fwd is None else fwd + b", " + hop))
+    out.append((b"via", b"via", via if viav is None else viav + b", " + via))
     return out
 
 
-def response_headers(headers: Headers, via: bytes, upgrade: bool) -> list[tuple[bytes, bytes]]:
+def response_headers(headers: Fields, via: bytes, upgrade: bool) -> list[Field]:
     """Headers of a host's response as sent to the client."""
-    drop = connection_tokens(headers)
-    out: list[tuple[bytes, bytes]] = []
+    out: list[Field] = []
+    tokens: set[bytes] = set()
+    upgrades: list[Field] = []
     viav = None
-    for name, value in headers:
-        if name in HOP_BY_HOP or name in drop:
-            if name == b"transfer-encoding":
-                out.append((name, b"chunked"))
+    for item in headers:
+        raw, name, value = item
+        if name in HOP_BY_HOP:
+            if name == b"connection":
+                tokens.update(t.strip().lower() for t in value.split(b","))
+            elif name == b"transfer-encoding":
+                out.append((raw, name, b"chunked"))
+            elif name == b"upgrade":
+                upgrades.append(item)
             continue
         if name == b"via":
             viav = value if viav is None else viav + b", " + value
             continue
-        out.append((name, value))
+        out.append(item)
+    if tokens:
+        out = _without(out, tokens)
     if upgrade:
-        out.extend(u for u in headers if u[0] == b"upgrade")
-        out.append((b"connection", b"upgrade"))
-    out.append((b"via", via if viav is None else viav + b", " + via))
+        out.extend(upgrades)
+        out.append((b"connection", b"connection", b"upgrade"))
+    out.append((b"via", b"via", via if viav is None else viav + b", " + via))
     return out
 
 
-def upgrade_protocol(headers: Headers) -> bytes | None:
+def upgrade_protocol(headers: Fields) -> bytes | None:
     """The Upgrade protocol a request asks for, if it asks with ``Connection: upgrade``."""
     if b"upgrade" not in connection_tokens(headers):
         return None
-    for name, value in headers:
+    for _raw, name, value in headers:
         if name == b"upgrade":
             return value
     return None

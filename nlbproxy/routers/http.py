@@ -32,7 +32,8 @@ or refused), 503 (no host, queue full) or 504 (timed out).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import h11
 from twisted.internet import error as neterror
@@ -46,6 +47,7 @@ from nlbproxy import limits
 from nlbproxy.classifier import Farm, Host, Pool
 from nlbproxy.config import ListenerConfig
 from nlbproxy.flow import Deadline, Pauser
+from nlbproxy.transport import write
 from nlbproxy.metrics import ListenerStats
 from nlbproxy.routers import headers as hdrs
 from nlbproxy.routers.upstream import HostConnections, UpstreamConnection, Upstreams
@@ -194,7 +196,7 @@ class ClientConnection(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = neterror.ConnectionDone()) -> None:
-        self.deadline.cancel()
+        self.deadline.stop()
         listener = self.listener
         listener.connections.discard(self)
         listener.stats.open_connections -= 1
@@ -244,7 +246,7 @@ class ClientConnection(Protocol):
         listener.stats.requests += 1
         config = self.config
         method = request.method
-        headers = request.headers
+        fields = hdrs.fields(request.headers)
         if len(request.target) > config.max_request_line:
             self.local_response(414, b"request target too long\n")
             return
@@ -252,16 +254,18 @@ class ClientConnection(Protocol):
             self.local_response(405, b"CONNECT is not supported\n")
             return
         content_length = -1
-        chunked = False
+        chunked = upgrade = False
         # h11 bounds only a request that is still incomplete; one that came
         # whole in a single read is measured here.
         size = len(request.target)
-        for name, value in headers:
+        for _raw, name, value in fields:
             size += len(name) + len(value) + 4
             if name == b"content-length":
                 content_length = int(value)
             elif name == b"transfer-encoding":
                 chunked = True
+            elif name == b"upgrade":
+                upgrade = True
         if size > config.max_header_bytes:
             self.local_response(431, b"request headers too large\n")
             return
@@ -273,7 +277,10 @@ class ClientConnection(Protocol):
         if max_body and content_length > max_body:
             self.local_response(413, b"request body too large\n")
             return
-        pool_name = listener.routes.pool_for(method, request.target, headers)
+        routes = listener.routes
+        pool_name = (
+            routes.pool_for(method, request.target, hdrs.pairs(fields)) if routes.rules else routes.default_pool
+        )
         pool = listener.farm.pools[pool_name]
         has_body = chunked or content_length > 0
         self.phase = _BODY if has_body else _WAIT
@@ -281,7 +288,7 @@ class ClientConnection(Protocol):
             self.deadline.set(config.client_timeout)
         else:
             self.deadline.cancel()
-        self.exchange = Exchange(self, request, pool, has_body)
+        self.exchange = Exchange(self, request, fields, pool, has_body, upgrade)
         self.exchange.start()
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
@@ -300,7 +307,7 @@ class ClientConnection(Protocol):
         # one bytes object Twisted's transports accept.
         data = self.h11.send(event)
         if data:
-            self.transport.write(data)
+            write(self.transport, data)
 
     def local_response(self, status: int, body: bytes, close: bool = False) -> None:
         """An answer made by the unit itself (errors), ending the exchange."""
@@ -404,15 +411,25 @@ class Exchange:
     """One request and its response, from routing to the last byte."""
 
     __slots__ = (
-        "client", "request", "pool", "host", "upstream", "hostconns", "tried", "started",
+        "client", "request", "fields", "pool", "host", "upstream", "hostconns", "tried", "started",
         "has_body", "request_complete", "body_bytes", "body_forwarded", "pending", "pending_bytes",
         "response_started", "response_complete", "status", "bytes_sent", "set_cookie",
         "cancelled", "queue_timer", "upgrade",
     )
 
-    def __init__(self, client: ClientConnection, request: h11.Request, pool: Pool, has_body: bool) -> None:
+    def __init__(
+        self,
+        client: ClientConnection,
+        request: h11.Request,
+        fields: list[hdrs.Field],
+        pool: Pool,
+        has_body: bool,
+        upgrade: bool,
+    ) -> None:
         self.client = client
         self.request = request
+        #: The request's header triples, as h11 parsed them.
+        self.fields = fields
         self.pool = pool
         self.host: Host | None = None
         self.upstream: UpstreamConnection | None = None
@@ -432,7 +449,7 @@ class Exchange:
         self.set_cookie: bytes | None = None
         self.cancelled = False
         self.queue_timer: Any = None
-        self.upgrade = hdrs.upgrade_protocol(request.headers)
+        self.upgrade = hdrs.upgrade_protocol(fields) if upgrade else None
 
     # -- choosing a host ---------------------------------------------------------
     def start(self) -> None:
@@ -450,7 +467,7 @@ class Exchange:
         host = None
         if not self.tried:
             if affinity == "cookie":
-                token = cookies_of(self.request.headers).get(pool.config.affinity_cookie.encode())
+                token = cookies_of(hdrs.pairs(self.fields)).get(pool.config.affinity_cookie.encode())
                 if token:
                     host = pool.host_for_token(token.decode("ascii", "replace"))
             else:
@@ -509,11 +526,11 @@ class Exchange:
         client = self.client
         request = self.request
         headers = hdrs.request_headers(
-            request.headers, client.client_ip, client.listener.scheme, client.listener.via,
+            self.fields, client.client_ip, client.listener.scheme, client.listener.via,
             conn.owner.host.key.encode(), self.upgrade,
         )
         # The headers came out of h11's parser or from us: skip re-validation.
-        conn.send(_Request(method=request.method, target=request.target, headers=headers, _parsed=True))
+        conn.send(_Request(method=request.method, target=request.target, headers=hdrs.wrap(headers), _parsed=True))
         if self.pending is not None:
             for chunk in self.pending:
                 conn.send(_Data(data=chunk))
@@ -581,12 +598,12 @@ class Exchange:
         elif kind is _Response:
             self.response_started = True
             self.status = event.status_code
-            headers = hdrs.response_headers(event.headers, client.listener.via, False)
+            headers = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, False)
             if self.set_cookie is not None:
-                headers.append((b"set-cookie", self.set_cookie))
+                headers.append((b"set-cookie", b"set-cookie", self.set_cookie))
             if client.closing:
-                headers.append((b"connection", b"close"))
-            client.send(_Response(status_code=event.status_code, headers=headers, reason=event.reason, _parsed=True))
+                headers.append((b"connection", b"connection", b"close"))
+            client.send(_Response(status_code=event.status_code, headers=hdrs.wrap(headers), reason=event.reason, _parsed=True))
             conn.pauser.on_backpressure = client.backpressure
             client.transport.registerProducer(conn.pauser, True)
             if self.request_complete:
@@ -604,9 +621,9 @@ class Exchange:
             elif client.h11.their_http_version == b"1.1":
                 # RFC 9110 section 15.2: never a 1xx to an HTTP/1.0 client.
                 # Its hop-by-hop headers are the host's, like a final response's.
-                headers = hdrs.response_headers(event.headers, client.listener.via, False)
+                headers = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, False)
                 client.send(_InformationalResponse(
-                    status_code=event.status_code, headers=headers, reason=event.reason, _parsed=True,
+                    status_code=event.status_code, headers=hdrs.wrap(headers), reason=event.reason, _parsed=True,
                 ))
 
     def _response_done(self, conn: UpstreamConnection) -> None:
@@ -645,8 +662,8 @@ class Exchange:
     def _switch_protocols(self, conn: UpstreamConnection, event: Any) -> None:
         client = self.client
         self.status = 101
-        headers = hdrs.response_headers(event.headers, client.listener.via, True)
-        client.send(_InformationalResponse(status_code=101, headers=headers, reason=event.reason))
+        headers = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, True)
+        client.send(_InformationalResponse(status_code=101, headers=hdrs.wrap(headers), reason=event.reason, _parsed=True))
         # The exchange is over; the tunnel's inactivity is timed by the
         # client connection's deadline, in both directions.
         self.response_complete = True

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from nlbproxy.classifier import Host
 from nlbproxy.config import PoolConfig
 from nlbproxy.flow import Deadline, Pauser
+from nlbproxy.transport import write
 
 if TYPE_CHECKING:
     from nlbproxy.routers.http import Exchange
@@ -88,7 +89,7 @@ class UpstreamConnection(Protocol):
             exchange.upstream_event(self, event)
 
     def connectionLost(self, reason: Failure = neterror.ConnectionDone()) -> None:
-        self.deadline.cancel()
+        self.deadline.stop()
         self.owner.lost(self)
         exchange = self.exchange
         if exchange is not None:
@@ -112,7 +113,7 @@ class UpstreamConnection(Protocol):
     def send(self, event: Any) -> None:
         data = self.h11.send(event)
         if data:
-            self.transport.write(data)
+            write(self.transport, data)
 
     def arm(self) -> None:
         """Start counting the host's silence (a request is on its way)."""
