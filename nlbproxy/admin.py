@@ -286,7 +286,7 @@ class AdminResource(Resource):
             (("metrics",), {b"GET": self.get_metrics}),
         ]
 
-    def render(self, request: Request) -> bytes:  # type: ignore[override]
+    def render(self, request: Request) -> bytes:
         try:
             answer = self._dispatch(request)
         except _Refusal as refusal:
@@ -389,7 +389,7 @@ class AdminRequest(Request):
     """
 
     def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()  # type: ignore[assignment]
+        self.content = BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
         content = cast(BytesIO, self.content)

@@ -26,7 +26,8 @@ import hashlib
 import hmac
 import os
 from collections import OrderedDict
-from typing import Iterable, Protocol
+from typing import Protocol
+from collections.abc import Iterable
 
 from nlbproxy.config import HostConfig, PoolConfig
 from nlbproxy.metrics import HostStats

@@ -14,7 +14,8 @@ The relay pushes it forward on every chunk it moves, so a per-chunk
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -27,6 +28,7 @@ class Pauser:
     __slots__ = ("transport", "reasons", "on_backpressure")
 
     def __init__(self, transport: Any) -> None:
+        #: The transport to pause; may be set later (once connected).
         self.transport = transport
         self.reasons: set[str] = set()
         #: Told True when the consumer we feed is full, False when it drained;

@@ -9,7 +9,7 @@ for metrics nobody reads.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 #: Upper bounds (seconds) of the latency histogram buckets; +Inf is implied.
 LATENCY_BUCKETS: tuple[float, ...] = (

@@ -10,7 +10,7 @@ keys of one rule must hold (logical AND).
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from nlbproxy.config import HeaderMatch, RouteConfig
 

@@ -307,7 +307,7 @@ class MetricsTests(SynchronousTestCase):
         families = parse_exposition(body.decode())
 
         def value(name: str, **labels: str) -> float:
-            matches = [v for n, l, v in families[name]["samples"] if l == labels]
+            matches = [v for _n, lbl, v in families[name]["samples"] if lbl == labels]
             self.assertEqual(len(matches), 1, (name, labels))
             return matches[0]
 

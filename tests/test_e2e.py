@@ -18,7 +18,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -254,3 +254,17 @@ def test_wrk_load_has_no_errors(farm: Farm) -> None:
     assert "Non-2xx" not in result.stdout and "Socket errors" not in result.stdout, result.stdout
     requests = int(re.search(r"(\d+) requests in", result.stdout).group(1))  # type: ignore[union-attr]
     assert requests > 100
+
+
+def test_json_logs_carry_access_fields(farm: Farm) -> None:
+    _, b = farm.backend("b")
+    path = farm.tmp / "unit.toml"
+    path.write_text(unit_config([b], extra_unit='access_log = "-"'))
+    process = farm.start(["twistd", "-n", "--pidfile=", "--logger=nlbproxy.logs.json_observer",
+                          "nlbproxy", "--config", str(path)])
+    started = json.loads(process.wait_for(r"listener \{name\} on \{url\}").string)
+    assert get(started["url"] + "j")[0] == 200
+    line = process.wait_for(r'"access":').string
+    event = json.loads(line)
+    assert event["access"]["target"] == "/j" and event["access"]["status"] == 200
+    assert event["access"]["pool"] == "app" and event["access"]["host"] == b

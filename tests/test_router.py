@@ -122,7 +122,8 @@ class KeepAliveTests(SynchronousTestCase):
         self.assertEqual(c.received(), relayed_ok())
         self.assertFalse(c.closed)
         roundtrip(h, c, get(b"/2"))
-        self.assertEqual(c.received(), relayed_ok())
+        # The last answer says so.
+        self.assertEqual(c.received(), relayed_ok().replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n"))
         self.assertTrue(c.closed)
         self.assertFalse(c.aborted)
 
@@ -812,9 +813,9 @@ class FailureTests(SynchronousTestCase):
         self.assertEqual(
             c.received(),
             local(502, b"Bad Gateway", b"connect_refused\n")
-            + local(503, b"Service Unavailable", b"no host available\n", close=True),
+            + local(503, b"Service Unavailable", b"no host available\n"),
         )
-        self.assertTrue(c.closed)
+        self.assertFalse(c.closed)
         self.assertEqual(h.attempts(), [])
         self.assertEqual(
             h.access_log, [(b"GET", b"/1", 502), (b"GET", b"/2", 503)]
@@ -965,7 +966,9 @@ class FailureTests(SynchronousTestCase):
         web.set_directive(h.host(B), DRAINING, "test")
         c = h.client()
         c.send(get())
-        self.assertEqual(c.received(), local(503, b"Service Unavailable", b"no host available\n", close=True))
+        # A bodiless request answered early keeps its connection.
+        self.assertEqual(c.received(), local(503, b"Service Unavailable", b"no host available\n"))
+        self.assertFalse(c.closed)
         self.assertEqual(h.attempts(), [])
         self.assertEqual(h.access_log, [(b"GET", b"/", 503)])
 
@@ -975,7 +978,8 @@ class FailureTests(SynchronousTestCase):
         first.send(get(b"/1"))
         second.send(get(b"/2"))
         third.send(get(b"/3"))
-        self.assertEqual(third.received(), local(503, b"Service Unavailable", b"queue_full\n", close=True))
+        self.assertEqual(third.received(), local(503, b"Service Unavailable", b"queue_full\n"))
+        self.assertFalse(third.closed)
         self.assertEqual(len(h.attempts()), 1)
         b = h.accept()
         self.assertEqual(b.received(), upstream_get(b"/1"))

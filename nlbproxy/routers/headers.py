@@ -42,7 +42,7 @@ PROTECTED = frozenset({b"content-length", b"host"})
 
 def fields(headers: Any) -> list[Field]:
     """The ``(raw name, name, value)`` triples behind an h11 ``Headers``."""
-    return headers._full_items  # type: ignore[no-any-return]
+    return headers._full_items
 
 
 def wrap(items: list[Field]) -> Any:

@@ -32,13 +32,12 @@ or refused), 503 (no host, queue full) or 504 (timed out).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import h11
-from twisted.internet import error as neterror
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import connectionDone, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -146,6 +145,10 @@ _IDLE, _HEADERS, _BODY, _WAIT, _RESPONSE, _TUNNEL = range(6)
 class ClientConnection(Protocol):
     """One client TCP connection: h11 server role plus the current exchange."""
 
+    #: A connected TCP transport (ITCPTransport plus abortConnection); Twisted
+    #: types it as an optional ITransport, which has neither.
+    transport: Any
+
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.config = listener.config
@@ -195,7 +198,7 @@ class ClientConnection(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = neterror.ConnectionDone()) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.deadline.stop()
         listener = self.listener
         listener.connections.discard(self)
@@ -318,6 +321,13 @@ class ClientConnection(Protocol):
         if exchange is not None:
             exchange.status = status
         conn = self.h11
+        if exchange is not None and not exchange.has_body and conn.their_state is h11.SEND_BODY:
+            # A bodiless request whose end h11 has not handed out yet: take
+            # it, so an early answer (503) keeps the connection alive.
+            try:
+                conn.next_event()
+            except h11.RemoteProtocolError:
+                close = True
         request_unread = conn.their_state not in (_DONE, h11.MUST_CLOSE, h11.CLOSED)
         close = close or request_unread or self.closing
         headers = [
@@ -392,7 +402,7 @@ class ClientConnection(Protocol):
             self.exchange.abandon()
             self.local_response(408, b"request body not received in time\n", close=True)
             return
-        if phase == _RESPONSE or phase == _BODY:
+        if phase in (_RESPONSE, _BODY):
             # A client that stopped reading our answer or sending its body.
             self.transport.abortConnection()
             return
@@ -601,7 +611,8 @@ class Exchange:
             headers = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, False)
             if self.set_cookie is not None:
                 headers.append((b"set-cookie", b"set-cookie", self.set_cookie))
-            if client.closing:
+            if client.closing or client.requests >= client.config.max_requests_per_connection:
+                # Tell the client this is the connection's last answer.
                 headers.append((b"connection", b"connection", b"close"))
             client.send(_Response(status_code=event.status_code, headers=hdrs.wrap(headers), reason=event.reason, _parsed=True))
             conn.pauser.on_backpressure = client.backpressure

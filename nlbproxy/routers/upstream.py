@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import h11
 from twisted.internet import error as neterror
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import connectionDone, ClientFactory, Protocol
 from twisted.python.failure import Failure
 
 from nlbproxy.classifier import Host
@@ -38,12 +38,17 @@ _PAUSED = h11.PAUSED
 class UpstreamConnection(Protocol):
     """One keep-alive HTTP/1.1 connection to a host."""
 
+    #: A connected TCP transport (ITCPTransport plus abortConnection); Twisted
+    #: types it as an optional ITransport, which has neither.
+    transport: Any
+
     def __init__(self, owner: HostConnections, connector: _Connector | None = None) -> None:
         self.owner = owner
         self.connector = connector
         self.exchange: Exchange | None = None
         self.h11 = h11.Connection(h11.CLIENT)
-        self.pauser: Pauser | None = None
+        #: Pauses reading from the host; its transport is set on connect.
+        self.pauser = Pauser(None)
         self.deadline = Deadline(owner.clock, self._timed_out)
         self.tunnel = False
         self.received_any = False
@@ -54,7 +59,7 @@ class UpstreamConnection(Protocol):
     # -- Twisted --------------------------------------------------------------
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
-        self.pauser = Pauser(self.transport)
+        self.pauser.transport = self.transport
         self.owner.connected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -88,7 +93,7 @@ class UpstreamConnection(Protocol):
                 return
             exchange.upstream_event(self, event)
 
-    def connectionLost(self, reason: Failure = neterror.ConnectionDone()) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.deadline.stop()
         self.owner.lost(self)
         exchange = self.exchange
@@ -124,11 +129,10 @@ class UpstreamConnection(Protocol):
         self.exchange = None
         self.deadline.cancel()
         conn = self.h11
-        if self.pauser is not None:
-            # The client transport that paused us is no longer our consumer:
-            # a "backpressure" reason left behind would stall the next user.
-            self.pauser.on_backpressure = None
-            self.pauser.resume("backpressure")
+        # The client transport that paused us is no longer our consumer:
+        # a "backpressure" reason left behind would stall the next user.
+        self.pauser.on_backpressure = None
+        self.pauser.resume("backpressure")
         data, closed = conn.trailing_data
         # ``closed``: the host ended a read-until-close body; the connection
         # is gone even though h11 would start a next cycle.
@@ -150,7 +154,7 @@ class UpstreamConnection(Protocol):
         if exchange is None:  # idle timeout
             self.transport.loseConnection()
             return
-        if self.pauser is not None and self.pauser.reasons:
+        if self.pauser.reasons:
             # We stopped reading because the client is slow: not the host's fault.
             self.arm()
             return
