@@ -55,9 +55,6 @@ log = Logger()
 JSON_TYPE = b"application/json"
 PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
-#: Reported load of a host, until host agents report one (the health and load
-#: handler fills it in); 0 means "no load reported".
-NO_LOAD = 0
 
 
 class ReactorTime(Protocol):
@@ -87,17 +84,20 @@ class UpstreamCounts(Protocol):
 def host_state(host: Host, upstreams: UpstreamCounts, now: float) -> dict[str, Any]:
     """One host as the state document and the directive answer show it.
 
-    ``load`` is the load the host's agent reported; it stays 0 until agents
-    report loads.  ``requests`` counts responses relayed from the host.
+    ``load`` is the load the host's agent reported (0-100; 0 for a host
+    without an agent); ``capacity`` its relative capacity.  ``requests``
+    counts responses relayed from the host.
     """
     open_, idle = upstreams.counts(host)
     return {
         "health": host.health(now),
-        "health_reason": host.down_reason if not host.is_up(now) else "",
+        "health_reason": host.health_reason(now),
         "directive": host.directive,
         "directive_reason": host.directive_reason,
         "weight": host.weight,
-        "load": NO_LOAD,
+        "load": host.load,
+        "capacity": host.capacity,
+        "agent": host.agent is not None,
         "active_requests": host.active_requests,
         "requests": host.stats.requests,
         "connections": {"open": open_, "idle": idle},

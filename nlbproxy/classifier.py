@@ -46,12 +46,23 @@ class Clock(Protocol):
 
 
 class Host:
-    """One backend of one pool, with the state selection needs."""
+    """One backend of one pool, with the state selection needs.
+
+    Health has three sources, all of which must agree that the host is up:
+    passive failures seen by the router (``down_until``), the host agent's
+    row (``agent_up``) and the unit's own probe (``probe_up``).  The
+    directive has three sources too, in this precedence: the operator
+    (``nlbctl`` / admin API), the host agent (its confirmed current
+    directive), the config (active).  ``directive`` and ``directive_reason``
+    hold the result, recomputed by :meth:`refresh_directive` whenever a
+    source changes, so the per-request path reads a plain attribute.
+    """
 
     __slots__ = (
-        "pool", "key", "host", "port", "weight", "directive", "directive_reason",
-        "down_until", "down_reason", "current_weight", "active_requests", "stats",
-        "affinity_token",
+        "active_requests", "affinity_token", "agent", "agent_directive", "agent_reason", "agent_up",
+        "capacity", "current_weight", "directive", "directive_reason", "down_reason", "down_until",
+        "host", "key", "load", "operator_directive", "operator_reason", "pool", "port", "probe_reason", "probe_up",
+        "stats", "weight",
     )
 
     def __init__(self, pool: str, config: HostConfig, affinity_token: str) -> None:
@@ -60,20 +71,52 @@ class Host:
         self.host = config.host
         self.port = config.port
         self.weight = config.weight
-        self.directive = ACTIVE
-        self.directive_reason = "config"
         self.down_until = 0.0
         self.down_reason = ""
+        #: Node id of the agent that reports this endpoint, None without one.
+        self.agent: int | None = None
+        self.agent_up = True
+        self.agent_reason = ""
+        self.agent_directive: str | None = None
+        self.probe_up = True
+        self.probe_reason = ""
+        #: Reported load, 0-100 (0 without an agent).
+        self.load = 0
+        #: Relative capacity: the agent's (0-99) or, without one, the weight.
+        self.capacity = config.weight
+        self.operator_directive: str | None = None
+        self.operator_reason = "operator"
+        self.directive = ACTIVE
+        self.directive_reason = "config"
         self.current_weight = 0
         self.active_requests = 0
         self.stats = HostStats()
         self.affinity_token = affinity_token
 
     def is_up(self, now: float) -> bool:
-        return now >= self.down_until
+        return self.agent_up and self.probe_up and now >= self.down_until
 
     def health(self, now: float) -> str:
-        return "up" if now >= self.down_until else "down"
+        return "up" if self.is_up(now) else "down"
+
+    def health_reason(self, now: float) -> str:
+        """Why the host is down ("" while it is up)."""
+        if not self.agent_up:
+            return f"agent: {self.agent_reason}"
+        if not self.probe_up:
+            return f"probe: {self.probe_reason}"
+        if now < self.down_until:
+            return f"passive: {self.down_reason}"
+        return ""
+
+    def refresh_directive(self) -> None:
+        if self.operator_directive is not None:
+            self.directive, self.directive_reason = self.operator_directive, self.operator_reason
+        elif self.agent_directive is not None:
+            self.directive = self.agent_directive
+            self.directive_reason = f"agent: {self.agent_reason}" if self.agent_reason else "agent"
+        else:
+            self.directive, self.directive_reason = ACTIVE, "config"
 
     def __repr__(self) -> str:
         return f"<Host {self.pool}/{self.key} {self.directive}>"
@@ -112,7 +155,7 @@ class Pool:
         best: Host | None = None
         total = 0
         for host in self.hosts:
-            if host.directive != ACTIVE or now < host.down_until or host in exclude:
+            if host.directive != ACTIVE or not host.is_up(now) or host in exclude:
                 continue
             host.current_weight += host.weight
             total += host.weight
@@ -126,7 +169,7 @@ class Pool:
         """``host`` if a request bound to it by affinity may still go there."""
         if host is None or host.directive == INACTIVE:
             return None
-        if self.clock.seconds() < host.down_until:
+        if not host.is_up(self.clock.seconds()):
             return None
         return host
 
@@ -155,11 +198,13 @@ class Pool:
         host.down_until = self.clock.seconds() + self.config.fail_timeout
         host.down_reason = reason
 
-    def set_directive(self, host: Host, directive: str, reason: str) -> None:
-        if directive not in DIRECTIVES:
+    def set_directive(self, host: Host, directive: str | None, reason: str = "operator") -> None:
+        """The operator's directive for ``host``; None hands it back to the agent/config."""
+        if directive is not None and directive not in DIRECTIVES:
             raise ValueError(f"unknown directive {directive!r}")
-        host.directive = directive
-        host.directive_reason = reason
+        host.operator_directive = directive
+        host.operator_reason = reason
+        host.refresh_directive()
 
 
 class Farm:

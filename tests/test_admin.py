@@ -124,6 +124,8 @@ class StateTests(SynchronousTestCase):
             "directive_reason": "config",
             "weight": 1,
             "load": 0,
+            "capacity": 1,
+            "agent": False,
             "active_requests": 2,
             "requests": 8,
             "connections": {"open": 5, "idle": 2},
@@ -145,7 +147,7 @@ class StateTests(SynchronousTestCase):
                 "10.0.0.2:80"]
 
         self.assertEqual((health()["health"], health()["health_reason"]),
-                         ("down", "connect refused"))
+                         ("down", "passive: connect refused"))
         f.clock.advance(9.5)
         self.assertEqual(health()["health"], "down")
         f.clock.advance(0.5)
