@@ -102,6 +102,25 @@ class HostConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckConfig:
+    """An HTTP probe of a host: ``check = { path, interval, rise, fall, timeout }``."""
+
+    path: str = "/"
+    interval: float = limits.CHECK_INTERVAL
+    rise: int = limits.CHECK_RISE
+    fall: int = limits.CHECK_FALL
+    timeout: float = limits.CHECK_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class AgentCheckConfig:
+    """HAProxy's agent-check: ``agent_check = { port, interval }``."""
+
+    port: int
+    interval: float = limits.CHECK_INTERVAL
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     """One ``[pool.NAME]``: the hosts of an application and its backend-side limits."""
 
@@ -118,6 +137,12 @@ class PoolConfig:
     upstream_idle_timeout: float = limits.UPSTREAM_IDLE_TIMEOUT
     retries: int = limits.RETRIES
     fail_timeout: float = limits.FAIL_TIMEOUT
+    #: How hosts are drawn: "tokens" and "percentage" follow health and
+    #: load reports (nlbproxy.health.allotment); "round_robin" is smooth
+    #: weighted round robin by config weight.
+    balance: str = "tokens"
+    check: CheckConfig | None = None
+    agent_check: AgentCheckConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,6 +159,8 @@ class UnitConfig:
     grace_period: float = limits.GRACE_PERIOD
     secret_file: str | None = None
     secret: bytes | None = None
+    #: UDP address where host agents' health messages arrive; needs secret_file.
+    health: tuple[str, int] | None = None
     listeners: tuple[ListenerConfig, ...]
     pools: Mapping[str, PoolConfig]
     path: str
@@ -455,6 +482,7 @@ _UNIT: dict[str, _Convert] = {
     "log_format": _choice("text", "json"),
     "grace_period": _seconds(zero_ok=True),
     "secret_file": _string,
+    "health": lambda value: parse_host_port(_string(value)),
 }
 
 _LISTENER: dict[str, _Convert] = {
@@ -507,8 +535,20 @@ _POOL: dict[str, _Convert] = {
     "upstream_idle_timeout": _seconds(),
     "retries": _integer(0, 10),
     "fail_timeout": _seconds(),
-    "check": _not_yet(_table, lambda check: True, "check is not supported yet"),
+    "balance": _choice("tokens", "percentage", "round_robin"),
+    "check": _table,
+    "agent_check": _table,
 }
+
+_CHECK: dict[str, _Convert] = {
+    "path": _path_prefix,
+    "interval": _seconds(),
+    "rise": _integer(1, 100),
+    "fall": _integer(1, 100),
+    "timeout": _seconds(),
+}
+
+_AGENT_CHECK: dict[str, _Convert] = {"port": _integer(1, 65535), "interval": _seconds()}
 
 _HOST: dict[str, _Convert] = {"address": _address, "weight": _integer(1, 256)}
 
@@ -587,6 +627,8 @@ class _Parser:
             )
         if unit.get("access_log", "-") != "-":
             unit["access_log"] = self.resolve(unit["access_log"])
+        if "health" in unit and "secret" not in unit:
+            raise self.error("unit.health", "agents' messages are authenticated: set unit.secret_file too")
 
         for name, pool in top["pool"].items():
             where = _join("pool", name)
@@ -664,6 +706,11 @@ class _Parser:
             if host.key in hosts:
                 raise self.error(key, f"duplicate host {host.key!r}")
             hosts[host.key] = host
+        if "check" in pool:
+            pool["check"] = CheckConfig(**self.table(pool["check"], _join(where, "check"), _CHECK))
+        if "agent_check" in pool:
+            agent_check = self.table(pool["agent_check"], _join(where, "agent_check"), _AGENT_CHECK, ("port",))
+            pool["agent_check"] = AgentCheckConfig(**agent_check)
         return PoolConfig(name, tuple(hosts.values()), **pool)
 
     def host(self, entry: object, key: str) -> HostConfig:

@@ -64,6 +64,16 @@ RETRIES = 2
 #: out for this long (nginx ``fail_timeout``).
 FAIL_TIMEOUT = 10.0
 
+# --- health (per pool) -------------------------------------------------------
+#: Seconds between probes of a host without an agent (``check``, ``agent_check``).
+CHECK_INTERVAL = 2.0
+#: Consecutive good probes that bring a host back up.
+CHECK_RISE = 2
+#: Consecutive failed probes that take a host down.
+CHECK_FALL = 2
+#: One probe's time to answer.
+CHECK_TIMEOUT = 1.0
+
 # --- unit ---------------------------------------------------------------------
 #: On SIGTERM: how long in-flight requests may take before their connections
 #: are aborted.

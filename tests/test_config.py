@@ -464,9 +464,33 @@ ERRORS: list[tuple[tuple[str | int, ...], object, str, str]] = [
     ),
     (
         (*WEB, "check"),
-        {"path": "/healthz", "interval": 2.0},
-        "pool.web.check",
-        "check is not supported yet",
+        {"path": "healthz"},
+        "pool.web.check.path",
+        "must start with '/', got 'healthz'",
+    ),
+    (
+        (*WEB, "check"),
+        {"path": "/healthz", "every": 2.0},
+        "pool.web.check.every",
+        "unknown key",
+    ),
+    (
+        (*WEB, "agent_check"),
+        {"interval": 2.0},
+        "pool.web.agent_check.port",
+        "missing required key",
+    ),
+    (
+        (*WEB, "balance"),
+        "leastconn",
+        "pool.web.balance",
+        "expected one of 'tokens', 'percentage', 'round_robin', got 'leastconn'",
+    ),
+    (
+        ("unit",),
+        {"health": "127.0.0.1:9900"},
+        "unit.health",
+        "agents' messages are authenticated: set unit.secret_file too",
     ),
 ]
 

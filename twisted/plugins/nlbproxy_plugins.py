@@ -1,5 +1,6 @@
-"""twistd plugins of nlbproxy: ``twistd nlbproxy``."""
+"""twistd plugins of nlbproxy: ``twistd nlbproxy`` and ``twistd nlbagent``."""
 
 from twisted.application.service import ServiceMaker
 
 nlbproxy = ServiceMaker("nlbproxy", "nlbproxy.tap", "A balancing unit (HTTP request router).", "nlbproxy")
+nlbagent = ServiceMaker("nlbagent", "nlbproxy.agent.tap", "A host agent (health, load and sessions).", "nlbagent")
