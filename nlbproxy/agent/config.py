@@ -1,0 +1,242 @@
+# -*- test-case-name: tests.test_agent_config -*-
+"""Load and validate a host agent's TOML config file (a contract).
+
+::
+
+    [agent]
+    name = "web-7"                      # required: the host's name; its id on the wire
+    units = ["10.0.0.1:9903"]           # required: the units' health addresses (IP literals)
+    api = "tcp:9902:interface=127.0.0.1"  # the local HTTP API; must name an interface
+    secret_file = "health.key"          # required: shared with the units, raw bytes
+
+    [[app]]
+    name = "web"                        # the pool the endpoint serves
+    endpoint = "10.0.0.7:8080"          # "ip:port" as the units know the host
+    capacity = 50                       # 0-99
+    check = { path = "/healthz", interval = 1.0, rise = 2, fall = 2, timeout = 1.0 }
+
+``handoff`` in ``[agent]`` and ``deliver`` / ``bridge_to`` in ``[[app]]`` are
+reserved for connection handoff and refused until it exists.  Errors are
+:class:`nlbproxy.config.ConfigError`, one line naming the file, the dotted key
+and the reason, as for a unit's file; relative file names are relative to the
+config file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from nlbproxy.config import (
+    ConfigError,
+    _Convert,
+    _endpoint_params,
+    _integer,
+    _join,
+    _name,
+    _not_yet,
+    _Parser,
+    _path_prefix,
+    _seconds,
+    _string,
+    _table,
+    format_host_port,
+    parse_host_port,
+)
+from nlbproxy.health.messages import RowKey
+from nlbproxy.health.table import MAX_ROWS
+
+__all__ = [
+    "DEFAULT_API",
+    "DEFAULT_CAPACITY",
+    "AgentConfig",
+    "AppConfig",
+    "CheckConfig",
+    "ConfigError",
+    "load_agent_config",
+    "parse_agent_config",
+]
+
+DEFAULT_API = "tcp:9902:interface=127.0.0.1"
+DEFAULT_CAPACITY = 50
+#: Units one agent reports to; each gets every heartbeat.
+MAX_UNITS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class CheckConfig:
+    """The agent's HTTP check of one endpoint (``check = {...}`` of an ``[[app]]``)."""
+
+    path: str = "/healthz"
+    interval: float = 1.0
+    rise: int = 2  # consecutive passes that bring a failed endpoint up
+    fall: int = 2  # consecutive failures that take a passing endpoint down
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    """One ``[[app]]``: an endpoint of an application on this host."""
+
+    name: str
+    host: str
+    port: int
+    capacity: int = DEFAULT_CAPACITY
+    check: CheckConfig | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``"ip:port"`` (``"[v6]:port"``), canonical, as units key the host."""
+        return format_host_port(self.host, self.port)
+
+    @property
+    def key(self) -> RowKey:
+        return RowKey(self.name, self.endpoint)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    """A host agent: ``[agent]`` and its ``[[app]]`` endpoints."""
+
+    name: str
+    units: tuple[tuple[str, int], ...]
+    api: str = DEFAULT_API
+    secret_file: str
+    secret: bytes
+    apps: tuple[AppConfig, ...]
+    path: str
+
+    @property
+    def udp_interface(self) -> str:
+        """The address to bind the health socket to: any, of the units' family."""
+        return "::" if ":" in self.units[0][0] else "0.0.0.0"
+
+
+def load_agent_config(path: str) -> AgentConfig:
+    """Read and validate the agent's TOML config file at ``path``."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read config file: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, "", f"invalid TOML: {exc}") from exc
+    return parse_agent_config(data, path)
+
+
+def parse_agent_config(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
+    """Validate ``data`` as ``tomllib`` returns it; ``path`` names the file in
+    errors and anchors the secret file's relative name."""
+    return _AgentParser(path).agent(data)
+
+
+# --- converters ------------------------------------------------------------------
+
+
+def _unit_address(value: object) -> tuple[str, int]:
+    host, port = parse_host_port(_string(value))
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"expected an IP address and port such as '10.0.0.1:9903', got {value!r}") from None
+    if port == 0:
+        raise ValueError(f"port 0 cannot be sent to, got {value!r}")
+    return host, port
+
+
+def _endpoint_address(value: object) -> tuple[str, int]:
+    host, port = parse_host_port(_string(value))
+    if port == 0:
+        raise ValueError(f"port 0 cannot be connected to, got {value!r}")
+    return host, port
+
+
+def _api_endpoint(value: object) -> str:
+    text = _string(value)
+    kind, params = _endpoint_params(text)
+    if kind != "unix" and not params.get("interface"):
+        raise ValueError("api endpoint must name an interface; use interface=127.0.0.1")
+    return text
+
+
+def _reserved(feature: str) -> _Convert:
+    return _not_yet(lambda value: value, lambda value: True, f"{feature} is not supported yet")
+
+
+def _apps(value: object) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise TypeError("expected at least one [[app]] table")
+    return value
+
+
+_TOP: dict[str, _Convert] = {"agent": _table, "app": _apps}
+
+_AGENT: dict[str, _Convert] = {
+    "name": _name,
+    "units": lambda value: value,  # checked one by one below
+    "api": _api_endpoint,
+    "secret_file": _string,
+    "handoff": _reserved("handoff"),
+}
+
+_APP: dict[str, _Convert] = {
+    "name": _name,
+    "endpoint": _endpoint_address,
+    "capacity": _integer(0, 99),
+    "check": _table,
+    "deliver": _reserved("deliver"),
+    "bridge_to": _reserved("bridge_to"),
+}
+
+_CHECK: dict[str, _Convert] = {
+    "path": _path_prefix,
+    "interval": _seconds(),
+    "rise": _integer(1, 100),
+    "fall": _integer(1, 100),
+    "timeout": _seconds(),
+}
+
+
+class _AgentParser(_Parser):
+    def agent(self, data: dict[str, Any]) -> AgentConfig:
+        top = self.table(data, "", _TOP, required=("agent", "app"))
+        agent = self.table(top["agent"], "agent", _AGENT, required=("name", "units", "secret_file"))
+        agent["units"] = self.units(agent["units"])
+        agent["secret_file"], agent["secret"] = self.read("agent.secret_file", agent["secret_file"])
+
+        apps: dict[RowKey, AppConfig] = {}
+        for i, value in enumerate(top["app"]):
+            where = f"app[{i}]"
+            app = self.app(value, where)
+            if app.key in apps:
+                raise self.error(f"{where}.endpoint", f"duplicate endpoint {app.endpoint!r} of app {app.name!r}")
+            apps[app.key] = app
+        if len(apps) > MAX_ROWS:
+            raise self.error("app", f"at most {MAX_ROWS} [[app]] tables, got {len(apps)}")
+        return AgentConfig(**agent, apps=tuple(apps.values()), path=self.path)
+
+    def units(self, value: object) -> tuple[tuple[str, int], ...]:
+        if not isinstance(value, list) or not value:
+            raise self.error("agent.units", "expected a non-empty array of 'ip:port' strings")
+        if len(value) > MAX_UNITS:
+            raise self.error("agent.units", f"at most {MAX_UNITS} units, got {len(value)}")
+        units: list[tuple[str, int]] = []
+        for i, item in enumerate(value):
+            address = self.convert(f"agent.units[{i}]", _unit_address, item)
+            if address in units:
+                raise self.error(f"agent.units[{i}]", f"duplicate unit {format_host_port(*address)!r}")
+            units.append(address)
+        if len({":" in host for host, _ in units}) > 1:
+            # One socket sends to every unit, and it has one address family.
+            raise self.error("agent.units", "mixes IPv4 and IPv6 addresses; use one family")
+        return tuple(units)
+
+    def app(self, value: object, where: str) -> AppConfig:
+        app = self.table(value, where, _APP, required=("name", "endpoint"))
+        host, port = app.pop("endpoint")
+        if "check" in app:
+            app["check"] = CheckConfig(**self.table(app["check"], _join(where, "check"), _CHECK))
+        return AppConfig(host=host, port=port, **app)
+
