@@ -134,8 +134,14 @@ class Pool:
         self.by_key: dict[str, Host] = {}
         self.by_token: dict[str, Host] = {}
         self._client_ips: OrderedDict[str, tuple[Host, float]] = OrderedDict()
+        #: Bumped whenever membership, health, load or a directive changes,
+        #: so an allotment knows its draw list is stale.
+        self.version = 0
         for host_config in config.hosts:
             self.add_host(host_config)
+
+    def changed(self) -> None:
+        self.version += 1
 
     # -- membership ---------------------------------------------------------
     def add_host(self, host_config: HostConfig) -> Host:
@@ -146,6 +152,7 @@ class Pool:
         self.hosts.append(host)
         self.by_key[host.key] = host
         self.by_token[token] = host
+        self.changed()
         return host
 
     # -- selection -----------------------------------------------------------
@@ -197,6 +204,7 @@ class Pool:
     def mark_failed(self, host: Host, reason: str) -> None:
         host.down_until = self.clock.seconds() + self.config.fail_timeout
         host.down_reason = reason
+        self.changed()
 
     def set_directive(self, host: Host, directive: str | None, reason: str = "operator") -> None:
         """The operator's directive for ``host``; None hands it back to the agent/config."""
@@ -205,6 +213,7 @@ class Pool:
         host.operator_directive = directive
         host.operator_reason = reason
         host.refresh_directive()
+        self.changed()
 
 
 class Farm:

@@ -43,3 +43,38 @@ def write(transport: Any, data: bytes) -> None:
         return
     if sent < len(data):
         transport.write(data[sent:])
+
+
+class Output:
+    """Writes to one transport, batched while corked.
+
+    An exchange often produces several writes in one go -- a response head,
+    its body and h11's end-of-message bytes out of one backend read -- and
+    with write-through each would be its own ``send()``.  The relay corks
+    the output while it handles one read and uncorks at the end, so each
+    read from one side costs at most one ``send()`` to the other.
+    """
+
+    __slots__ = ("_pending", "transport")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self._pending: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._pending is not None:
+            self._pending.append(data)
+        else:
+            write(self.transport, data)
+
+    def cork(self) -> bool:
+        """Start batching; True if this call corked (and so must uncork)."""
+        if self._pending is not None:
+            return False
+        self._pending = []
+        return True
+
+    def uncork(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending:
+            write(self.transport, pending[0] if len(pending) == 1 else b"".join(pending))

@@ -46,7 +46,7 @@ from nlbproxy import limits
 from nlbproxy.classifier import Farm, Host, Pool
 from nlbproxy.config import ListenerConfig
 from nlbproxy.flow import Deadline, Pauser
-from nlbproxy.transport import write
+from nlbproxy.transport import Output
 from nlbproxy.metrics import ListenerStats
 from nlbproxy.routers import headers as hdrs
 from nlbproxy.routers.upstream import HostConnections, UpstreamConnection, Upstreams
@@ -166,6 +166,7 @@ class ClientConnection(Protocol):
         self.client_ip = transport.getPeer().host
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
         self.pauser = Pauser(transport)
+        self.output = Output(transport)
         self.deadline = Deadline(self.listener.reactor, self._timed_out)
         self.deadline.set(self.config.header_timeout)
         stats = self.listener.stats
@@ -185,7 +186,11 @@ class ClientConnection(Protocol):
         elif phase == _BODY:
             self.deadline.set(self.config.client_timeout)
         self.h11.receive_data(data)
+        output = self.output
+        corked = output.cork()
         self._advance()
+        if corked:
+            output.uncork()
 
     def readConnectionLost(self) -> None:
         # The client half-closed: it may still read our answer.
@@ -310,7 +315,7 @@ class ClientConnection(Protocol):
         # one bytes object Twisted's transports accept.
         data = self.h11.send(event)
         if data:
-            write(self.transport, data)
+            self.output.write(data)
 
     def local_response(self, status: int, body: bytes, close: bool = False) -> None:
         """An answer made by the unit itself (errors), ending the exchange."""
@@ -685,13 +690,13 @@ class Exchange:
         client.start_tunnel(conn)
         data, _closed = conn.h11.trailing_data
         if data:
-            client.transport.write(data)
+            client.output.write(data)
         self._finish_host()
         self.logged(client.listener)
 
     def tunnel_from_upstream(self, data: bytes) -> None:
         self.client.deadline.set(limits.TUNNEL_TIMEOUT)
-        self.client.transport.write(data)
+        self.client.output.write(data)
 
     def tunnel_closed(self) -> None:
         self.client.transport.loseConnection()

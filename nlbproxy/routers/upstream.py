@@ -78,20 +78,27 @@ class UpstreamConnection(Protocol):
         self.deadline.set(self.owner.config.server_timeout)
         conn = self.h11
         conn.receive_data(data)
-        while self.exchange is exchange:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                # h11 is in its ERROR state: the connection is useless, and
-                # left open it would count against max_conns_per_host.
-                self.exchange = None
-                self.deadline.cancel()
-                self.transport.abortConnection()
-                exchange.upstream_error(self, "bad_response", str(exc))
-                return
-            if event is _NEED_DATA or event is _PAUSED:
-                return
-            exchange.upstream_event(self, event)
+        # One read from the host, at most one send to the client.
+        output = exchange.client.output
+        corked = output.cork()
+        try:
+            while self.exchange is exchange:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    # h11 is in its ERROR state: the connection is useless, and
+                    # left open it would count against max_conns_per_host.
+                    self.exchange = None
+                    self.deadline.cancel()
+                    self.transport.abortConnection()
+                    exchange.upstream_error(self, "bad_response", str(exc))
+                    return
+                if event is _NEED_DATA or event is _PAUSED:
+                    return
+                exchange.upstream_event(self, event)
+        finally:
+            if corked:
+                output.uncork()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.deadline.stop()
