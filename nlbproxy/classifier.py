@@ -2,9 +2,10 @@
 """The classifier: picks the host of a pool for each request.
 
 Sans-I/O: hosts, directives and passive health are plain objects driven by an
-injected clock (anything with ``seconds()``).  Selection is nginx's smooth
-weighted round robin over the hosts that may take new clients; affinity comes
-first and may also reach a draining host.
+injected clock (anything with ``seconds()``).  Selection draws from the
+pool's allotment (:mod:`nlbproxy.health.allotment`: tokens or percentages
+by spare capacity, or smooth weighted round robin) over the hosts that may
+take new clients; affinity comes first and may also reach a draining host.
 
 Directive semantics follow HAProxy:
 
@@ -25,11 +26,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import random
 from collections import OrderedDict
+from collections.abc import Container, Iterable
 from typing import Protocol
-from collections.abc import Iterable
 
 from nlbproxy.config import HostConfig, PoolConfig
+from nlbproxy.health.allotment import make_allotment
 from nlbproxy.metrics import HostStats
 
 ACTIVE = "active"
@@ -125,8 +128,9 @@ class Host:
 class Pool:
     """The hosts of one application, and how to choose among them."""
 
-    def __init__(self, config: PoolConfig, clock: Clock, secret: bytes) -> None:
+    def __init__(self, config: PoolConfig, clock: Clock, secret: bytes, rng: random.Random) -> None:
         self.config = config
+        self.allotment = make_allotment(config.balance, rng, clock)
         self.name = config.name
         self.clock = clock
         self._secret = secret
@@ -156,21 +160,9 @@ class Pool:
         return host
 
     # -- selection -----------------------------------------------------------
-    def choose(self, exclude: Iterable[Host] = ()) -> Host | None:
-        """Smooth weighted round robin over up, active hosts not in ``exclude``."""
-        now = self.clock.seconds()
-        best: Host | None = None
-        total = 0
-        for host in self.hosts:
-            if host.directive != ACTIVE or not host.is_up(now) or host in exclude:
-                continue
-            host.current_weight += host.weight
-            total += host.weight
-            if best is None or host.current_weight > best.current_weight:
-                best = host
-        if best is not None:
-            best.current_weight -= total
-        return best
+    def choose(self, exclude: Container[Host] = ()) -> Host | None:
+        """A host for a new client, from the pool's allotment (``balance``)."""
+        return self.allotment.draw(self.hosts, exclude, self.version)
 
     def bound_host(self, host: Host | None) -> Host | None:
         """``host`` if a request bound to it by affinity may still go there."""
@@ -219,12 +211,21 @@ class Pool:
 class Farm:
     """All pools of a unit, by name."""
 
-    def __init__(self, pools: Iterable[PoolConfig], clock: Clock, secret: bytes | None) -> None:
+    def __init__(
+        self,
+        pools: Iterable[PoolConfig],
+        clock: Clock,
+        secret: bytes | None,
+        rng: random.Random | None = None,
+    ) -> None:
         # Without a farm-wide secret the affinity cookie is only honoured by
         # this process; a random key is still unforgeable.
         self.secret = secret if secret is not None else os.urandom(32)
         self.clock = clock
-        self.pools: dict[str, Pool] = {p.name: Pool(p, clock, self.secret) for p in pools}
+        # Each unit draws in its own random order, so that many units do not
+        # herd onto the same host.
+        self.rng = rng if rng is not None else random.Random(os.urandom(16))
+        self.pools: dict[str, Pool] = {p.name: Pool(p, clock, self.secret, self.rng) for p in pools}
 
     def host(self, pool: str, key: str) -> Host:
         """The host ``key`` of ``pool``; raises KeyError naming what is missing."""

@@ -315,7 +315,12 @@ class Attempt:
 
 
 def pool(name: str, *hosts: str | tuple[str, int], **options: Any) -> PoolConfig:
-    """A pool config; a host is ``"ip:port"`` or ``("ip:port", weight)``."""
+    """A pool config; a host is ``"ip:port"`` or ``("ip:port", weight)``.
+
+    Pools here balance by round robin unless told otherwise, so that scripts
+    know which host comes next.
+    """
+    options.setdefault("balance", "round_robin")
     configs = []
     for entry in hosts:
         address, weight = (entry, 1) if isinstance(entry, str) else entry

@@ -66,7 +66,7 @@ def test_bad_config_fails_with_one_line(farm: Farm) -> None:
 
 
 def test_curl_keepalive_spreads_over_hosts(farm: Farm) -> None:
-    unit = farm.unit(unit_config(three_backends(farm)))
+    unit = farm.unit(unit_config(three_backends(farm), pools='balance = "round_robin"'))
     url = unit.url()
     result = curl("-v", *[url + f"n{i}" for i in range(6)])
     assert result.returncode == 0, result.stderr
@@ -164,8 +164,8 @@ def test_dead_host_is_retried_then_marked_down(farm: Farm) -> None:
     procs = [farm.backend(f"b{i}") for i in range(3)]
     unit = farm.unit(unit_config([b for _, b in procs]))
     procs[0][0].stop()
-    statuses = [get(unit.url() + f"r{i}")[0] for i in range(9)]
-    assert statuses == [200] * 9
+    statuses = [get(unit.url() + f"r{i}")[0] for i in range(30)]
+    assert statuses == [200] * 30
     state = json.loads(urllib.request.urlopen(unit.admin + "/api/v1/state", timeout=10).read())
     assert state["pools"]["app"]["hosts"][procs[0][1]]["health"] == "down"
     for proc, _ in procs[1:]:
@@ -199,12 +199,12 @@ def test_nlbctl_drain_and_activate(farm: Farm) -> None:
     ctl = [sys.executable, "-m", "nlbproxy.ctl", "--admin", unit.admin]
     drained = subprocess.run([*ctl, "drain", "app", backends[0]], capture_output=True, text=True, timeout=30)
     assert drained.returncode == 0, drained.stderr
-    names = {get(unit.url() + f"d{i}")[1].split()[0] for i in range(9)}
+    names = {get(unit.url() + f"d{i}")[1].split()[0] for i in range(30)}
     assert names == {"b1", "b2"}
     state = subprocess.run([*ctl, "state", "--json"], capture_output=True, text=True, timeout=30)
     assert json.loads(state.stdout)["pools"]["app"]["hosts"][backends[0]]["directive"] == "draining"
     subprocess.run([*ctl, "activate", "app", backends[0]], check=True, capture_output=True, timeout=30)
-    names = {get(unit.url() + f"a{i}")[1].split()[0] for i in range(9)}
+    names = {get(unit.url() + f"a{i}")[1].split()[0] for i in range(30)}
     assert names == {"b0", "b1", "b2"}
 
 
