@@ -47,6 +47,8 @@ from twisted.web.server import Request, Site
 
 from nlbproxy.classifier import DIRECTIVES, Farm, Host, Pool
 from nlbproxy.config import format_host_port, parse_host_port
+from nlbproxy.health.cache import ConsolidatedCache
+from nlbproxy.health.udp import HealthSocket
 from nlbproxy.limits import MAX_ADMIN_BODY
 from nlbproxy.metrics import ListenerStats, PrometheusWriter, status_classes
 
@@ -65,6 +67,16 @@ class ReactorTime(Protocol):
     def callLater(
         self, delay: float, callable: Callable[..., object], *args: object, **kw: object
     ) -> object: ...
+
+
+class HealthView(Protocol):
+    """What the admin API reads of the unit's health service."""
+
+    @property
+    def cache(self) -> ConsolidatedCache | None: ...
+
+    @property
+    def socket(self) -> HealthSocket | None: ...
 
 
 class UpstreamCounts(Protocol):
@@ -134,14 +146,57 @@ def state_document(
     }
 
 
+def health_document(health: HealthView | None) -> dict[str, Any]:
+    """The body of ``GET /api/v1/health``: the agents the unit hears from."""
+    if health is None or health.cache is None or health.socket is None:
+        return {"enabled": False, "agents": {}}
+    agents = {}
+    for view in health.cache.hosts().values():
+        agents[view.name or str(view.host_id)] = {
+            "id": view.host_id,
+            "address": f"{view.address}:{view.port}",
+            "handoff": view.handoff,
+            "epoch": view.epoch,
+            "generation": view.generation,
+            "in_sync": view.in_sync,
+            "last_seen": round(view.last_seen, 3),
+            "rows": [
+                {
+                    "app": row.key.app, "endpoint": row.key.endpoint, "health": row.health.name.lower(),
+                    "load": row.load, "capacity": row.capacity, "target": row.target.word,
+                    "current": row.current.word, "reason": row.reason,
+                }
+                for row in view.rows
+            ],
+        }
+    socket = health.socket
+    return {
+        "enabled": True,
+        "agents": agents,
+        "datagrams": {"received": socket.received, "sent": socket.sent},
+        "dropped": dict(socket.drops),
+        "cache": dict(health.cache.stats),
+    }
+
+
 def render_metrics(
     farm: Farm,
     listeners: Mapping[str, ListenerStats],
     upstreams: UpstreamCounts,
     now: float,
+    health: HealthView | None = None,
 ) -> str:
     """The body of ``GET /metrics``."""
     w = PrometheusWriter()
+    if health is not None and health.cache is not None and health.socket is not None:
+        w.add("nlbproxy_health_agents", "gauge", "Host agents the unit hears from.", len(health.cache.hosts()))
+        w.add("nlbproxy_health_datagrams_total", "counter", "Health datagrams received and accepted.",
+              health.socket.received, direction="in")
+        w.add("nlbproxy_health_datagrams_total", "counter", "Health datagrams received and accepted.",
+              health.socket.sent, direction="out")
+        for reason, count in sorted(health.socket.drops.items()):
+            w.add("nlbproxy_health_dropped_total", "counter",
+                  "Health datagrams dropped: malformed, unauthenticated, stale or replayed.", count, reason=reason)
     for pool in farm.pools.values():
         for host in pool.hosts:
             labels = {"pool": pool.name, "host": host.key}
@@ -168,6 +223,8 @@ def render_metrics(
                 w.add("nlbproxy_host_directive", "gauge",
                       "1 for the host's current directive, 0 for the others.",
                       1 if host.directive == directive else 0, **labels, directive=directive)
+            w.add("nlbproxy_host_load", "gauge",
+                  "Load the host's agent reports, 0-100 (0 without an agent).", host.load, **labels)
             w.add("nlbproxy_host_active_requests", "gauge",
                   "Requests in flight to the host.", host.active_requests, **labels)
             for direction, count in (("in", stats.bytes_in), ("out", stats.bytes_out)):
@@ -269,8 +326,10 @@ class AdminResource(Resource):
         unit_name: str,
         token: str | None,
         clock: ReactorTime,
+        health: HealthView | None = None,
     ) -> None:
         super().__init__()
+        self.health = health
         if token is not None and not token:
             raise ValueError("the admin token is empty")
         self.farm = farm
@@ -283,6 +342,7 @@ class AdminResource(Resource):
             (("api", "v1", "state"), {b"GET": self.get_state}),
             (("api", "v1", "pools", None, "hosts", None, "directive"),
              {b"PUT": self.put_directive}),
+            (("api", "v1", "health"), {b"GET": self.get_health}),
             (("metrics",), {b"GET": self.get_metrics}),
         ]
 
@@ -336,8 +396,11 @@ class AdminResource(Resource):
         return _json(200, state_document(
             self.farm, self.listeners, self.upstreams, self.unit_name, self.clock.seconds()))
 
+    def get_health(self, request: Request, params: list[str]) -> _Answer:
+        return _json(200, health_document(self.health))
+
     def get_metrics(self, request: Request, params: list[str]) -> _Answer:
-        text = render_metrics(self.farm, self.listeners, self.upstreams, self.clock.seconds())
+        text = render_metrics(self.farm, self.listeners, self.upstreams, self.clock.seconds(), self.health)
         return _Answer(200, text.encode(), PROMETHEUS_TYPE)
 
     def put_directive(self, request: Request, params: list[str]) -> _Answer:
@@ -418,13 +481,14 @@ def make_admin_site(
     unit_name: str,
     token: str | None,
     clock: ReactorTime,
+    health: HealthView | None = None,
 ) -> Site:
     """The admin API as a Site, for ``serverFromString(...).listen(site)``.
 
     ``clock`` is the reactor (or a ``task.Clock`` in tests): health is judged
     at ``clock.seconds()`` and idle admin connections time out on it.
     """
-    resource = AdminResource(farm, listeners, upstreams, unit_name, token, clock)
+    resource = AdminResource(farm, listeners, upstreams, unit_name, token, clock, health)
     site = Site(resource, requestFactory=AdminRequest, reactor=clock)
     site.displayTracebacks = False
     return site

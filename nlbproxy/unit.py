@@ -23,6 +23,7 @@ from nlbproxy.accesslog import FileAccessLog, LoggerAccessLog
 from nlbproxy.admin import make_admin_site
 from nlbproxy.classifier import Farm
 from nlbproxy.config import UnitConfig
+from nlbproxy.health.unitside import UnitHealth
 from nlbproxy.routers.http import Listener, RouterFactory
 from nlbproxy.routers.upstream import Upstreams
 
@@ -53,6 +54,7 @@ class Unit(service.Service):
             lc.name: Listener(lc, self.farm, self.upstreams, reactor, config.name, self.access_log)
             for lc in config.listeners
         }
+        self.health = UnitHealth(config, self.farm, reactor)
         self.ports: dict[str, Any] = {}
         self.admin_port: Any = None
 
@@ -71,18 +73,26 @@ class Unit(service.Service):
             self.ports[name] = self._listen(listener.config.endpoint, RouterFactory(listener))
         site = make_admin_site(
             self.farm, {n: li.stats for n, li in self.listeners.items()}, self.upstreams,
-            self.config.name, self.config.admin_token, self.reactor,
+            self.config.name, self.config.admin_token, self.reactor, health=self.health,
         )
         self.admin_port = self._listen(self.config.admin, site)
+        try:
+            self.health.listen()
+        except Exception as exc:  # CannotListenError and friends
+            raise StartError(f"cannot listen for health messages on {self.config.health}: {exc}") from exc
         super().privilegedStartService()
 
     def startService(self) -> None:
         if not self.ports:
             self.privilegedStartService()
         super().startService()
+        self.health.start()
         for name, port in self.ports.items():
             log.info("listener {name} on {url}", name=name, url=url_of(port))
         log.info("admin API on {url}", url=url_of(self.admin_port))
+        if self.health.address is not None:
+            ip, port = self.health.address
+            log.info("health messages on udp {ip}:{port}", ip=ip, port=port)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -100,6 +110,7 @@ class Unit(service.Service):
                 break
             yield deferLater(self.reactor, DRAIN_POLL_INTERVAL, lambda: None)
         self.upstreams.close_idle()
+        yield self.health.stop()
         if self.admin_port is not None:
             yield defer.maybeDeferred(self.admin_port.stopListening)
         if self.access_log is not None:

@@ -140,3 +140,25 @@ def unit_config(backends: list[str], *, extra_unit: str = "", extra_listener: st
         f"{routes}\n"
         f"[pool.app]\nhosts = [{hosts}]\n{pools}\n"
     )
+
+
+def agent_config(name: str, units: list[str], apps: list[tuple[str, str]], secret_file: str,
+                 check: str = "") -> str:
+    """An agent config: ``apps`` are (pool, "ip:port") pairs; ``check`` an inline table or ""."""
+    unit_list = ", ".join(f'"{u}"' for u in units)
+    text = (f'[agent]\nname = "{name}"\nunits = [{unit_list}]\napi = "tcp:0:interface=127.0.0.1"\n'
+            f'secret_file = "{secret_file}"\n')
+    for app, endpoint in apps:
+        text += f'\n[[app]]\nname = "{app}"\nendpoint = "{endpoint}"\ncapacity = 50\n'
+        if check:
+            text += f"check = {check}\n"
+    return text
+
+
+def start_agent(farm: Farm, config: str, name: str) -> tuple[Process, str]:
+    """A running ``twistd nlbagent``; returns it and its API URL."""
+    path = farm.tmp / f"{name}.toml"
+    path.write_text(config)
+    process = farm.start(["twistd", "-n", "--pidfile=", "nlbagent", "--config", str(path)])
+    api = process.wait_for(rf"agent {name} api on (\S+)").group(1).rstrip("/")
+    return process, api

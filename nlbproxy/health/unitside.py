@@ -1,0 +1,136 @@
+# -*- test-case-name: tests.test_health_e2e -*-
+"""A balancing unit's health service: agents' messages and the unit's probes.
+
+Wires the sans-I/O pieces to the reactor: the authenticated UDP socket where
+host agents' messages arrive (:class:`~nlbproxy.health.udp.HealthSocket`),
+the consolidated cache that ages hosts out (:class:`~nlbproxy.health.cache.
+ConsolidatedCache`, ticked by a LoopingCall) and the translation of its rows
+onto the farm (:class:`~nlbproxy.health.link.FarmHealth`); and, for pools
+that ask for them, HTTP probes and HAProxy agent-checks of their hosts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from nlbproxy.classifier import Farm, Host, Pool
+from nlbproxy.config import UnitConfig
+from nlbproxy.health.cache import TICK, ConsolidatedCache
+from nlbproxy.health.codec import SENDER_AGENT_KINDS, Codec, ReplayGuard
+from nlbproxy.health.link import FarmHealth
+from nlbproxy.health.messages import node_id
+from nlbproxy.health.probe import AgentCheck, HttpProbe
+from nlbproxy.health.udp import HealthSocket
+
+log = Logger()
+
+
+class _HostProbes:
+    """Folds a host's HTTP probe and agent-check into its ``probe_*`` state."""
+
+    def __init__(self, pool: Pool, host: Host) -> None:
+        self.pool = pool
+        self.host = host
+        self.base_weight = host.weight
+        self.check: tuple[bool, str] = (True, "")
+        self.agent: tuple[bool, str] = (True, "")
+
+    def _apply(self) -> None:
+        (check_up, check_why), (agent_up, agent_why) = self.check, self.agent
+        self.host.probe_up = check_up and agent_up
+        self.host.probe_reason = "; ".join(r for up, r in (self.check, self.agent) if not up and r)
+        self.pool.changed()
+
+    def check_changed(self, up: bool, reason: str) -> None:
+        if (up, reason) != self.check:
+            log.info("{pool}/{host} check: {state} ({reason})", pool=self.pool.name, host=self.host.key,
+                     state="up" if up else "down", reason=reason)
+        self.check = (up, f"check: {reason}")
+        self._apply()
+
+    def agent_check_changed(self, health: bool | None, directive: str | None, weight_pct: int | None,
+                            reason: str) -> None:
+        self.agent = (health is not False, f"agent-check: {reason}")
+        host = self.host
+        if host.agent is None:  # our own agent's rows take precedence
+            host.agent_directive = directive
+            host.agent_reason = f"agent-check: {reason}"
+            host.refresh_directive()
+        if weight_pct is not None:
+            host.weight = max(1, self.base_weight * weight_pct // 100)
+            host.capacity = host.weight
+        self._apply()
+
+
+class UnitHealth:
+    """Starts and stops everything that keeps a unit's view of host health."""
+
+    def __init__(self, config: UnitConfig, farm: Farm, reactor: Any) -> None:
+        self.config = config
+        self.farm = farm
+        self.reactor = reactor
+        self.link = FarmHealth(farm)
+        self.cache: ConsolidatedCache | None = None
+        self.socket: HealthSocket | None = None
+        self._port: Any = None
+        self._ticker: LoopingCall | None = None
+        self._probes: list[HttpProbe | AgentCheck] = []
+
+    def listen(self) -> None:
+        """Binds the health socket (in privilegedStartService)."""
+        if self.config.health is None:
+            return
+        assert self.config.secret is not None  # the config requires it
+        codec = Codec(self.config.secret, self.reactor)
+        self.cache = ConsolidatedCache(self.reactor, self._send, self.link)
+        self.socket = HealthSocket(codec, ReplayGuard(), node_id(self.config.name), SENDER_AGENT_KINDS,
+                                   self.reactor, self.cache.receive)
+        ip, port = self.config.health
+        self._port = self.reactor.listenUDP(port, self.socket, interface=ip)
+
+    def _send(self, address: tuple[str, int], message: Any) -> None:
+        assert self.socket is not None
+        self.socket.send(address, message)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self._port is None:
+            return None
+        where = self._port.getHost()
+        return where.host, where.port
+
+    def start(self) -> None:
+        if self.cache is not None:
+            self._ticker = LoopingCall(self.cache.tick)
+            self._ticker.clock = self.reactor
+            self._ticker.start(TICK, now=False)
+        for pool in self.farm.pools.values():
+            check, agent_check = pool.config.check, pool.config.agent_check
+            for host in list(pool.hosts):
+                probes = _HostProbes(pool, host)
+                if check is not None:
+                    self._probes.append(HttpProbe(
+                        self.reactor, host.host, host.port, check.path, check.interval,
+                        probes.check_changed, rise=check.rise, fall=check.fall, timeout=check.timeout,
+                    ))
+                if agent_check is not None:
+                    self._probes.append(AgentCheck(
+                        self.reactor, host.host, agent_check.port, agent_check.interval,
+                        probes.agent_check_changed,
+                    ))
+        for probe in self._probes:
+            probe.start()
+
+    def stop(self) -> defer.Deferred[Any]:
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        stops = [probe.stop() for probe in self._probes]
+        self._probes = []
+        if self._port is not None:
+            stops.append(defer.maybeDeferred(self._port.stopListening))
+            self._port = None
+        return defer.gatherResults(stops)
