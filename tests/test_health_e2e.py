@@ -13,7 +13,8 @@ import socket
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 

@@ -40,8 +40,7 @@ class _HostProbes:
         self.agent: tuple[bool, str] = (True, "")
 
     def _apply(self) -> None:
-        (check_up, check_why), (agent_up, agent_why) = self.check, self.agent
-        self.host.probe_up = check_up and agent_up
+        self.host.probe_up = self.check[0] and self.agent[0]
         self.host.probe_reason = "; ".join(r for up, r in (self.check, self.agent) if not up and r)
         self.pool.changed()
 
