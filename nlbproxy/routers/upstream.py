@@ -92,9 +92,9 @@ class UpstreamConnection(Protocol):
                     self.deadline.cancel()
                     self.transport.abortConnection()
                     exchange.upstream_error(self, "bad_response", str(exc))
-                    return
+                    break
                 if event is _NEED_DATA or event is _PAUSED:
-                    return
+                    break
                 exchange.upstream_event(self, event)
         finally:
             if corked:
