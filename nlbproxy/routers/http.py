@@ -429,7 +429,7 @@ class Exchange:
         "client", "request", "fields", "pool", "host", "upstream", "hostconns", "tried", "started",
         "has_body", "request_complete", "body_bytes", "body_forwarded", "pending", "pending_bytes",
         "response_started", "response_complete", "status", "bytes_sent", "set_cookie",
-        "cancelled", "queue_timer", "upgrade",
+        "cancelled", "queue_timer", "sent_end", "upgrade",
     )
 
     def __init__(
@@ -463,6 +463,7 @@ class Exchange:
         self.bytes_sent = 0
         self.set_cookie: bytes | None = None
         self.cancelled = False
+        self.sent_end = False
         self.queue_timer: Any = None
         self.upgrade = hdrs.upgrade_protocol(fields) if upgrade else None
 
@@ -553,7 +554,10 @@ class Exchange:
             self.pending = None
             self.pending_bytes = 0
             client.pauser.resume("connecting")
-        if self.request_complete:
+        # A bodiless request is complete on the host's side at once, even
+        # before h11 hands us the client's end of message.
+        self.sent_end = self.request_complete or not self.has_body
+        if self.sent_end:
             conn.send(_EndOfMessage())
         else:
             conn.transport.registerProducer(client.pauser, True)
@@ -595,7 +599,8 @@ class Exchange:
         if not self.response_started:
             client.deadline.cancel()
         upstream = self.upstream
-        if upstream is not None:
+        if upstream is not None and not self.sent_end:
+            self.sent_end = True
             upstream.transport.unregisterProducer()
             # A full host socket no longer holds back the client: what it
             # sends next is the next request, not this body.
