@@ -25,6 +25,6 @@ pytest:
 
 # The protocol cores' tests need no real reactor and also run under trial.
 trial:
-	$(PYTHON) -m twisted.trial --temp-directory=/tmp/_trial_temp tests.test_config tests.test_metrics tests.test_router tests.test_headers tests.test_routing tests.test_classifier tests.test_flow tests.test_admin tests.test_transport tests.test_health_codec tests.test_health_table tests.test_health_agent tests.test_agent_config
+	$(PYTHON) -m twisted.trial --temp-directory=/tmp/_trial_temp tests.test_config tests.test_metrics tests.test_router tests.test_headers tests.test_routing tests.test_classifier tests.test_flow tests.test_admin tests.test_health_codec tests.test_health_table tests.test_health_agent tests.test_agent_config
 
 test: deps install lint trial pytest

@@ -46,7 +46,6 @@ from nlbproxy import limits
 from nlbproxy.classifier import Farm, Host, Pool
 from nlbproxy.config import ListenerConfig
 from nlbproxy.flow import Deadline, Pauser
-from nlbproxy.transport import Output
 from nlbproxy.metrics import ListenerStats
 from nlbproxy.routers import headers as hdrs
 from nlbproxy.routers.upstream import HostConnections, UpstreamConnection, Upstreams
@@ -166,7 +165,6 @@ class ClientConnection(Protocol):
         self.client_ip = transport.getPeer().host
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
         self.pauser = Pauser(transport)
-        self.output = Output(transport)
         self.deadline = Deadline(self.listener.reactor, self._timed_out)
         self.deadline.set(self.config.header_timeout)
         stats = self.listener.stats
@@ -186,11 +184,7 @@ class ClientConnection(Protocol):
         elif phase == _BODY:
             self.deadline.set(self.config.client_timeout)
         self.h11.receive_data(data)
-        output = self.output
-        corked = output.cork()
         self._advance()
-        if corked:
-            output.uncork()
 
     def readConnectionLost(self) -> None:
         # The client half-closed: it may still read our answer.
@@ -312,10 +306,12 @@ class ClientConnection(Protocol):
     # -- answering ---------------------------------------------------------------
     def send(self, event: Any) -> None:
         # h11's parser hands out bytearrays; its writer joins them into the
-        # one bytes object Twisted's transports accept.
+        # one bytes object Twisted's transports accept.  Twisted sends what
+        # one reactor turn wrote in one go (measured: faster under
+        # concurrency than sending each write at once).
         data = self.h11.send(event)
         if data:
-            self.output.write(data)
+            self.transport.write(data)
 
     def local_response(self, status: int, body: bytes, close: bool = False) -> None:
         """An answer made by the unit itself (errors), ending the exchange."""
@@ -695,13 +691,13 @@ class Exchange:
         client.start_tunnel(conn)
         data, _closed = conn.h11.trailing_data
         if data:
-            client.output.write(data)
+            client.transport.write(data)
         self._finish_host()
         self.logged(client.listener)
 
     def tunnel_from_upstream(self, data: bytes) -> None:
         self.client.deadline.set(limits.TUNNEL_TIMEOUT)
-        self.client.output.write(data)
+        self.client.transport.write(data)
 
     def tunnel_closed(self) -> None:
         self.client.transport.loseConnection()

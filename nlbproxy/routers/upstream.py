@@ -26,7 +26,6 @@ from twisted.python.failure import Failure
 from nlbproxy.classifier import Host
 from nlbproxy.config import PoolConfig
 from nlbproxy.flow import Deadline, Pauser
-from nlbproxy.transport import write
 
 if TYPE_CHECKING:
     from nlbproxy.routers.http import Exchange
@@ -78,27 +77,20 @@ class UpstreamConnection(Protocol):
         self.deadline.set(self.owner.config.server_timeout)
         conn = self.h11
         conn.receive_data(data)
-        # One read from the host, at most one send to the client.
-        output = exchange.client.output
-        corked = output.cork()
-        try:
-            while self.exchange is exchange:
-                try:
-                    event = conn.next_event()
-                except h11.RemoteProtocolError as exc:
-                    # h11 is in its ERROR state: the connection is useless, and
-                    # left open it would count against max_conns_per_host.
-                    self.exchange = None
-                    self.deadline.cancel()
-                    self.transport.abortConnection()
-                    exchange.upstream_error(self, "bad_response", str(exc))
-                    break
-                if event is _NEED_DATA or event is _PAUSED:
-                    break
-                exchange.upstream_event(self, event)
-        finally:
-            if corked:
-                output.uncork()
+        while self.exchange is exchange:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                # h11 is in its ERROR state: the connection is useless, and
+                # left open it would count against max_conns_per_host.
+                self.exchange = None
+                self.deadline.cancel()
+                self.transport.abortConnection()
+                exchange.upstream_error(self, "bad_response", str(exc))
+                return
+            if event is _NEED_DATA or event is _PAUSED:
+                return
+            exchange.upstream_event(self, event)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.deadline.stop()
@@ -125,7 +117,7 @@ class UpstreamConnection(Protocol):
     def send(self, event: Any) -> None:
         data = self.h11.send(event)
         if data:
-            write(self.transport, data)
+            self.transport.write(data)
 
     def arm(self) -> None:
         """Start counting the host's silence (a request is on its way)."""
