@@ -189,3 +189,25 @@ class RawCasingTests(SynchronousTestCase):
                                    (b"X-Custom-ID", b"x-custom-id", b"7")])
         back = H.response_headers([(b"ETag", b"etag", b'"x"'), (b"Connection", b"connection", b"ETag")], VIA, False)
         self.assertEqual(back, [(b"via", b"via", VIA)])
+
+
+class SetCookieTests(SynchronousTestCase):
+    def sc(self, *values: bytes) -> tuple[bytes, bool] | None:
+        return H.set_cookie([(b"Set-Cookie", b"set-cookie", v) for v in values], b"JSESSIONID")
+
+    def test_value_and_deletion(self) -> None:
+        self.assertEqual(self.sc(b"JSESSIONID=abc; Path=/; HttpOnly"), (b"abc", False))
+        self.assertEqual(self.sc(b'JSESSIONID="q"'), (b"q", False))
+        self.assertEqual(self.sc(b"JSESSIONID=abc; Max-Age=0"), (b"abc", True))
+        self.assertEqual(self.sc(b"JSESSIONID=; Path=/"), (b"", True))
+        self.assertEqual(self.sc(b"JSESSIONID=x; Expires=Thu, 01 Jan 1970 00:00:00 GMT"), (b"x", True))
+        self.assertEqual(self.sc(b"JSESSIONID=x; Max-Age=bogus"), (b"x", False))
+
+    def test_other_cookies_and_last_wins(self) -> None:
+        self.assertIsNone(self.sc(b"OTHER=1", b"JSESSIONIDX=2"))
+        self.assertEqual(self.sc(b"JSESSIONID=a", b"OTHER=1", b"JSESSIONID=b"), (b"b", False))
+
+    @given(st.binary(max_size=200))
+    @settings(max_examples=200, deadline=None)
+    def test_never_raises(self, value: bytes) -> None:
+        self.sc(value)
