@@ -22,9 +22,11 @@ from nlbproxy.health.codec import (
     OVERHEAD,
     SENDER_AGENT_KINDS,
     SENDER_UNIT_KINDS,
+    SESSION_BATCH_ROOM,
     Codec,
     ReplayGuard,
     row_change_batches,
+    session_entry_size,
     snapshot_parts,
     table_checksum,
 )
@@ -48,6 +50,12 @@ from nlbproxy.health.messages import (
     RowKey,
     RowOp,
     SendSnapshot,
+    Session,
+    SessionAck,
+    SessionDown,
+    SessionKind,
+    SessionRef,
+    SessionUp,
 )
 
 SECRET = b"shared secret of the test fleet"
@@ -148,6 +156,15 @@ messages = st.one_of(
     snapshots(),
     st.builds(Postulate, st.builds(RowKey, names, names), st.sampled_from(Directive)),
     st.builds(PostulateWrong, st.builds(RowKey, names, names), st.sampled_from(Directive), st.sampled_from(Directive)),
+    st.builds(
+        SessionUp,
+        u32s,
+        st.lists(st.builds(Session, short_names, names, st.sampled_from(SessionKind), short_names), max_size=4).map(
+            tuple
+        ),
+    ),
+    st.builds(SessionDown, u32s, st.lists(st.builds(SessionRef, short_names, names), max_size=4).map(tuple)),
+    st.builds(SessionAck, u32s),
 )
 envelopes = st.builds(
     Envelope,
@@ -248,6 +265,40 @@ class RoundTripTests(SynchronousTestCase):
         self.assertRoundTrip(PostulateWrong(KEY, Directive.DRAINING, Directive.ACTIVE))
         self.assertRoundTrip(PostulateWrong(RowKey("", LONGEST), Directive.INACTIVE, Directive.INACTIVE))
 
+    def test_session_up(self) -> None:
+        self.assertRoundTrip(SessionUp(0, ()))
+        self.assertRoundTrip(SessionUp(U32, (Session("web", LONGEST, SessionKind.USER, "[2001:db8::7]:443"),)))
+        self.assertRoundTrip(
+            SessionUp(7, tuple(Session("web", f"k{i}", kind, "10.0.0.7:8080") for i, kind in enumerate(SessionKind)))
+        )
+
+    def test_session_down(self) -> None:
+        self.assertRoundTrip(SessionDown(0, ()))
+        self.assertRoundTrip(SessionDown(U32, (SessionRef("web", LONGEST), SessionRef("", "x"))))
+
+    def test_session_ack(self) -> None:
+        self.assertRoundTrip(SessionAck(0))
+        self.assertRoundTrip(SessionAck(U32))
+
+    def test_session_layout_matches_docstring(self) -> None:
+        body = struct.pack("!IH", 9, 1) + text("web") + text("c00kie") + bytes([2]) + text("10.0.0.7:80")
+        got = self.codec.decode(forge(Kind.SESSION_UP, body))
+        assert got is not None
+        self.assertEqual(got.message, SessionUp(9, (Session("web", "c00kie", SessionKind.TLS_SESSION, "10.0.0.7:80"),)))
+        body = struct.pack("!IH", 10, 2) + text("web") + text("a") + text("api") + text("b")
+        got = self.codec.decode(forge(Kind.SESSION_DOWN, body))
+        assert got is not None
+        self.assertEqual(got.message, SessionDown(10, (SessionRef("web", "a"), SessionRef("api", "b"))))
+        got = self.codec.decode(forge(Kind.SESSION_ACK, struct.pack("!I", 11)))
+        assert got is not None
+        self.assertEqual(got.message, SessionAck(11))
+
+    def test_session_kinds_and_words(self) -> None:
+        self.assertEqual([k.word for k in SessionKind], ["http-cookie", "tls-session", "client-ip", "user"])
+        for kind in SessionKind:
+            self.assertIs(SessionKind.from_word(kind.word), kind)
+        self.assertRaises(ValueError, SessionKind.from_word, "HTTP_COOKIE")
+
     def test_reason_is_cut_at_a_character_boundary(self) -> None:
         exact = "r" * 64
         self.assertRoundTrip(RowChange(1, (RowOp(Op.UPDATE, KEY, row(reason=exact)),)))
@@ -320,6 +371,16 @@ class EncodeErrorTests(SynchronousTestCase):
         self.assertRefused(SendSnapshot(0, 0, 0, 0, 0, ()))
         self.assertRefused(SendSnapshot(0, 0, 0, 1, 1, ()))
         self.assertRefused(SendSnapshot(0, 0, 0, 0, 2**16, ()))
+
+    def test_sessions(self) -> None:
+        self.assertRefused(SessionUp(U32 + 1, ()))
+        self.assertRefused(SessionDown(-1, ()))
+        self.assertRefused(SessionAck(U32 + 1))
+        self.assertRefused(SessionUp(1, (Session("web", "k" * 256, SessionKind.HTTP_COOKIE, "h:1"),)))
+        self.assertRefused(SessionUp(1, (Session("web", "k", 0, "h:1"),)))  # type: ignore[arg-type]
+        self.assertRefused(SessionUp(1, (Session("web", "k", 5, "h:1"),)))  # type: ignore[arg-type]
+        self.assertRefused(SessionDown(1, (SessionRef("web", "\ud800"),)))
+        self.assertRaises(ValueError, session_entry_size, SessionRef("", "k" * 256))
 
     def test_directives(self) -> None:
         self.assertRefused(Postulate(KEY, 3))  # type: ignore[arg-type]
@@ -404,9 +465,17 @@ class DropTests(SynchronousTestCase):
     def test_direction(self) -> None:
         self.assertEqual(
             SENDER_AGENT_KINDS,
-            {Kind.HEARTBEAT, Kind.GOODBYE, Kind.ROW_CHANGE, Kind.SEND_SNAPSHOT, Kind.POSTULATE},
+            {
+                Kind.HEARTBEAT,
+                Kind.GOODBYE,
+                Kind.ROW_CHANGE,
+                Kind.SEND_SNAPSHOT,
+                Kind.POSTULATE,
+                Kind.SESSION_UP,
+                Kind.SESSION_DOWN,
+            },
         )
-        self.assertEqual(SENDER_UNIT_KINDS, {Kind.GET_SNAPSHOT, Kind.POSTULATE_WRONG})
+        self.assertEqual(SENDER_UNIT_KINDS, {Kind.GET_SNAPSHOT, Kind.POSTULATE_WRONG, Kind.SESSION_ACK})
         self.assertEqual(SENDER_AGENT_KINDS | SENDER_UNIT_KINDS, set(Kind))
         # An agent does not take heartbeats; a unit does not take snapshot requests.
         self.assertDropped(self.good, "direction", accept=SENDER_UNIT_KINDS)
@@ -440,6 +509,12 @@ class DropTests(SynchronousTestCase):
             "no parts": (Kind.SEND_SNAPSHOT, struct.pack("!IIIHHH", 1, 1, 1, 0, 0, 0)),
             "unknown directive": (Kind.POSTULATE, text("a") + text("b") + b"\x03"),
             "missing actual": (Kind.POSTULATE_WRONG, text("a") + text("b") + b"\x01"),
+            "session kind 0": (Kind.SESSION_UP, struct.pack("!IH", 1, 1) + text("a") + text("k") + b"\x00" + text("e")),
+            "session kind 5": (Kind.SESSION_UP, struct.pack("!IH", 1, 1) + text("a") + text("k") + b"\x05" + text("e")),
+            "session count past the end": (Kind.SESSION_DOWN, struct.pack("!IH", 1, 2) + text("a") + text("k")),
+            "session without endpoint": (Kind.SESSION_UP, struct.pack("!IH", 1, 1) + text("a") + text("k") + b"\x01"),
+            "short ack": (Kind.SESSION_ACK, b"\x00\x00\x01"),
+            "long ack": (Kind.SESSION_ACK, b"\x00\x00\x00\x01\x00"),
         }
         for name, (kind, body) in cases.items():
             with self.subTest(name):
@@ -687,6 +762,25 @@ class SplitTests(SynchronousTestCase):
         batches = row_change_batches(ops, first_generation=U32)
         self.assertEqual([b.generation for b in batches[:2]], [U32, 0])
         self.assertRaises(ValueError, row_change_batches, ops, U32 + 1)
+
+    def test_session_entries_fill_a_batch(self) -> None:
+        """session_entry_size against SESSION_BATCH_ROOM is exactly what fits one datagram."""
+        sessions: list[Session] = []
+        used = 0
+        while True:
+            s = Session("web", f"{len(sessions):04d}" + "c" * 60, SessionKind.HTTP_COOKIE, "10.0.0.7:8080")
+            if used + session_entry_size(s) > SESSION_BATCH_ROOM:
+                break
+            sessions.append(s)
+            used += session_entry_size(s)
+        full = SessionUp(U32, tuple(sessions))
+        self.assertLessEqual(len(self.codec.encode(envelope(full))), MAX_DATAGRAM)
+        fuller = SessionUp(U32, (*sessions, sessions[0]))
+        self.assertGreater(self.codec.encoded_size(envelope(fuller)), MAX_DATAGRAM)
+        self.assertEqual(self.codec.encoded_size(envelope(full)), OVERHEAD + 6 + used)
+        refs = tuple(SessionRef("web", "k" * 255) for _ in range(SESSION_BATCH_ROOM // 260))
+        self.assertEqual(sum(map(session_entry_size, refs)), 260 * len(refs))
+        self.assertLessEqual(len(self.codec.encode(envelope(SessionDown(1, refs)))), MAX_DATAGRAM)
 
     def test_bad_ops_are_our_bug(self) -> None:
         self.assertRaises(ValueError, row_change_batches, [RowOp(Op.ADD, KEY, None)], 1)

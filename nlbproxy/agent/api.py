@@ -18,6 +18,39 @@
     "rows": [ROW, ...]}``; ``GET /v1/apps/NAME`` gives ``{"app": NAME, "rows":
     [ROW, ...]}`` for one application, as the PUTs answer.
 
+Sessions (the seed's session API; present when the agent tracks sessions):
+
+``POST /v1/sessions``
+    An application announces that a session was established: a JSON object
+    ``{"app": NAME, "key": KEY}`` (the key is the value of the session
+    cookie, at most 255 bytes of UTF-8) with optional ``"kind"`` (one of
+    :data:`SESSION_KINDS`, default ``"http-cookie"``) and ``"endpoint"``
+    (which endpoint of the app holds it; required only when the agent
+    serves several endpoints of the app).  Answers 201 and the session when
+    it is new, 200 when it was known.  A bulk announcer posts a JSON list of
+    such objects instead (at most :data:`MAX_SESSIONS_PER_REQUEST`, body at
+    most :data:`MAX_SESSIONS_BODY`), validated all or nothing, and gets 200
+    ``{"accepted": N, "created": N}``.
+``DELETE /v1/sessions/KEY?app=NAME``
+    The session is terminated: 200 and the session, or 404 if the agent has
+    no such session.  ``app`` may be left out when only one app holds KEY.
+``POST /v1/sessions/end``
+    Bulk termination: a JSON object ``{"key": KEY, "app": NAME}`` (app
+    optional as above) or a list of them; 200 ``{"ended": N, "missing": N}``.
+``GET /v1/sessions?app=NAME&limit=N&after=CURSOR``
+    A page of the table in (app, key) order: ``{"agent": NAME, "total": N,
+    "sessions": [SESSION, ...], "next": CURSOR or null, "tracking": {...}}``
+    where ``tracking`` tells which unit the sessions go to and how far behind
+    it is.  ``limit`` defaults to 100, at most :data:`MAX_PAGE`; pass
+    ``next`` back as ``after`` for the next page.  ``GET /v1/sessions/KEY``
+    (``?app=`` as for DELETE) gives one session.
+
+A ``SESSION`` is ``{"app", "key", "kind", "endpoint", "since"}`` (since: Unix
+seconds).  Session requests naming an app the agent does not serve, an
+endpoint it does not have or a bad kind or key get 400; a full table
+(:data:`nlbproxy.session.agentside.MAX_SESSIONS`) gets 503 and nothing of the
+request is applied.
+
 A ``ROW`` holds what the units see (``app``, ``endpoint``, ``health``,
 ``load``, ``capacity``, ``target``, ``current``, ``reason``) and what is
 behind it (``health_reason``, ``directive_source``, ``directive_reason``,
@@ -45,15 +78,47 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from nlbproxy.health.messages import Directive, Health, RowChange, RowKey
+from nlbproxy.config import format_host_port, parse_host_port
+from nlbproxy.health.messages import Directive, Health, RowChange, RowKey, SessionKind
 from nlbproxy.health.table import HealthTable, RowDetail, Source
+from nlbproxy.session.agentside import SessionEntry, SessionSender, SessionTableFull, check_session
 
-__all__ = ["MAX_API_BODY", "AgentApi", "ApiRequest", "make_api_site", "parse_directive", "parse_report", "row_document"]
+__all__ = [
+    "MAX_API_BODY",
+    "MAX_PAGE",
+    "MAX_REQUEST_BODY",
+    "MAX_SESSIONS_BODY",
+    "MAX_SESSIONS_PER_REQUEST",
+    "SESSION_KINDS",
+    "AgentApi",
+    "ApiRequest",
+    "SessionRequest",
+    "make_api_site",
+    "parse_directive",
+    "parse_report",
+    "parse_session_ends",
+    "parse_sessions",
+    "row_document",
+    "session_document",
+]
 
 log = Logger()
 
 #: Request bodies of the API; more gets 413.
 MAX_API_BODY = 64 * 1024
+#: Bodies of the session routes, where bulk announcers post lists: 10,000
+#: sessions with cookie-sized keys take about 1 MB; more gets 413.
+MAX_SESSIONS_BODY = 4 * 1024 * 1024
+#: Sessions in one request's list; more gets 400.
+MAX_SESSIONS_PER_REQUEST = 10_000
+#: Most sessions one page of ``GET /v1/sessions`` lists.
+MAX_PAGE = 1000
+#: What :class:`ApiRequest` keeps of any body: the largest route limit, plus
+#: one byte to tell that it was exceeded.
+MAX_REQUEST_BODY = max(MAX_API_BODY, MAX_SESSIONS_BODY)
+#: Session kinds by their API spelling.
+SESSION_KINDS = {kind.word: kind for kind in SessionKind}
+DEFAULT_SESSION_KIND = SessionKind.HTTP_COOKIE
 #: Longest reason kept from a request, in characters (the units see at most
 #: 64 bytes of the composed reason).
 MAX_REASON_CHARS = 256
@@ -153,6 +218,76 @@ def parse_directive(body: bytes) -> tuple[Directive | None, str]:
     return _directive(document["directive"]), _reason(document.get("reason", ""))
 
 
+class SessionRequest(NamedTuple):
+    """One session named by a request; ``app`` None when left out (ends only)."""
+
+    app: str | None
+    key: str
+    kind: SessionKind
+    endpoint: str | None
+
+
+def _items(body: bytes, allowed: frozenset[str], required: tuple[str, ...]) -> tuple[list[dict[str, Any]], bool]:
+    document = _body_json(body)
+    many = isinstance(document, list)
+    items = document if many else [document]
+    if len(items) > MAX_SESSIONS_PER_REQUEST:
+        raise BadRequest(f"at most {MAX_SESSIONS_PER_REQUEST} sessions per request, got {len(items)}")
+    for i, item in enumerate(items):
+        where = f"item {i}: " if many else ""
+        if not isinstance(item, dict):
+            raise BadRequest(f"{where}a session must be a JSON object" + ("" if many else " or a list of them"))
+        unknown = sorted(set(item) - allowed)
+        if unknown:
+            raise BadRequest(f"{where}unknown key {unknown[0]!r}; use {', '.join(sorted(allowed))}")
+        for name in required:
+            if name not in item:
+                raise BadRequest(f"{where}missing key {name!r}")
+        for name, value in item.items():
+            if not isinstance(value, str) and not (value is None and name in ("app", "endpoint", "kind")):
+                raise BadRequest(f"{where}{name} must be a string")
+    return items, many
+
+
+def _checked(item: dict[str, Any], where: str) -> SessionRequest:
+    word = item.get("kind") or DEFAULT_SESSION_KIND.word
+    if word not in SESSION_KINDS:
+        raise BadRequest(f"{where}unknown kind {word[:40]!r}; use one of {', '.join(SESSION_KINDS)}")
+    app, key, endpoint = item.get("app"), item["key"], item.get("endpoint")
+    try:
+        check_session(app or "", key, endpoint or "")
+    except ValueError as e:
+        raise BadRequest(f"{where}{e}") from None
+    return SessionRequest(app, key, SESSION_KINDS[word], endpoint)
+
+
+def parse_sessions(body: bytes) -> tuple[list[SessionRequest], bool]:
+    """The sessions a ``POST /v1/sessions`` body announces, and whether it was a list."""
+    items, many = _items(body, frozenset({"app", "key", "kind", "endpoint"}), ("app", "key"))
+    requests = [_checked(item, f"item {i}: " if many else "") for i, item in enumerate(items)]
+    for i, request in enumerate(requests):
+        if not request.app:
+            raise BadRequest(f"{f'item {i}: ' if many else ''}app must be a non-empty string")
+    return requests, many
+
+
+def parse_session_ends(body: bytes) -> list[SessionRequest]:
+    """The sessions a ``POST /v1/sessions/end`` body terminates."""
+    items, many = _items(body, frozenset({"app", "key"}), ("key",))
+    return [_checked(item, f"item {i}: " if many else "") for i, item in enumerate(items)]
+
+
+def session_document(entry: SessionEntry) -> dict[str, Any]:
+    """One session as the API shows it."""
+    return {
+        "app": entry.app,
+        "key": entry.key,
+        "kind": entry.kind.word,
+        "endpoint": entry.endpoint,
+        "since": round(entry.since, 3),
+    }
+
+
 def row_document(detail: RowDetail) -> dict[str, Any]:
     """One row as the API shows it."""
     row = detail.row
@@ -213,16 +348,27 @@ class AgentApi(Resource):
 
     isLeaf = True
 
-    def __init__(self, table: HealthTable, publish: Publish, agent_name: str) -> None:
+    def __init__(
+        self, table: HealthTable, publish: Publish, agent_name: str, sessions: SessionSender | None = None
+    ) -> None:
         super().__init__()
         self.table = table
         self.publish = publish
         self.agent_name = agent_name
+        self.sessions = sessions
         self.routes: list[tuple[_Pattern, dict[bytes, _Handler]]] = [
             (("v1", "table"), {b"GET": self.get_table}),
             (("v1", "apps", None), {b"GET": self.get_app, b"PUT": self.put_app}),
             (("v1", "apps", None, "directive"), {b"PUT": self.put_directive, b"DELETE": self.delete_directive}),
         ]
+        if sessions is not None:
+            # ("v1", "sessions", "end") only takes POST; other methods on it
+            # fall through to the session named "end".
+            self.routes += [
+                (("v1", "sessions"), {b"GET": self.get_sessions, b"POST": self.post_sessions}),
+                (("v1", "sessions", "end"), {b"POST": self.post_session_ends}),
+                (("v1", "sessions", None), {b"GET": self.get_session, b"DELETE": self.delete_session}),
+            ]
 
     def render(self, request: Request) -> bytes:
         try:
@@ -243,16 +389,20 @@ class AgentApi(Resource):
             segments = [s.decode("utf-8") for s in request.postpath or ()]
         except UnicodeDecodeError:
             raise _Refusal(404, "no such path") from None
+        method = b"GET" if request.method == b"HEAD" else request.method
+        allowed: list[bytes] = []
         for pattern, handlers in self.routes:
             params = _match(pattern, segments)
             if params is None:
                 continue
-            handler = handlers.get(b"GET" if request.method == b"HEAD" else request.method)
-            if handler is None:
-                allowed = list(handlers) + ([b"HEAD"] if b"GET" in handlers else [])
-                request.setHeader(b"Allow", b", ".join(allowed))
-                raise _Refusal(405, f"method not allowed; use {b', '.join(allowed).decode()}")
-            return handler(request, params)
+            handler = handlers.get(method)
+            if handler is not None:
+                return handler(request, params)
+            allowed += [m for m in handlers if m not in allowed]
+        if allowed:
+            allowed += [b"HEAD"] if b"GET" in allowed else []
+            request.setHeader(b"Allow", b", ".join(allowed))
+            raise _Refusal(405, f"method not allowed; use {b', '.join(allowed).decode()}")
         raise _Refusal(404, "no such path")
 
     # -- helpers -----------------------------------------------------------------
@@ -267,10 +417,10 @@ class AgentApi(Resource):
         return _Answer(200, {"app": app, "rows": rows})
 
     @staticmethod
-    def _body(request: Request) -> bytes:
-        body = request.content.read(MAX_API_BODY + 1) if request.content else b""
-        if len(body) > MAX_API_BODY:
-            raise _Refusal(413, f"body over {MAX_API_BODY} bytes")
+    def _body(request: Request, limit: int = MAX_API_BODY) -> bytes:
+        body = request.content.read(limit + 1) if request.content else b""
+        if len(body) > limit:
+            raise _Refusal(413, f"body over {limit} bytes")
         return body
 
     # -- handlers ------------------------------------------------------------------
@@ -327,6 +477,143 @@ class AgentApi(Resource):
         return self._app_answer(app)
 
 
+    # -- sessions ------------------------------------------------------------------------
+    @property
+    def _sender(self) -> SessionSender:
+        assert self.sessions is not None  # the routes exist only with it
+        return self.sessions
+
+    def _apps(self) -> list[str]:
+        return list(dict.fromkeys(row.key.app for row in self.table.rows()))
+
+    def _endpoint(self, app: str, endpoint: str | None) -> str:
+        """The endpoint of ``app`` a session lives at."""
+        try:
+            keys = self.table.keys_of(app)
+        except KeyError:
+            raise BadRequest(f"app {app[:60]!r} is not served by this agent") from None
+        endpoints = [key.endpoint for key in keys]
+        if endpoint is None:
+            if len(endpoints) > 1:
+                raise BadRequest(f"app {app!r} has {len(endpoints)} endpoints here; name one with \"endpoint\"")
+            return endpoints[0]
+        try:
+            endpoint = format_host_port(*parse_host_port(endpoint))
+        except ValueError:
+            pass
+        if endpoint not in endpoints:
+            raise BadRequest(f"app {app!r} has no endpoint {endpoint[:60]!r} here; it has {', '.join(endpoints)}")
+        return endpoint
+
+    def _app_of(self, key: str, app: str | None, apps: list[str]) -> str | None:
+        """The app of ``apps`` whose session ``key`` is meant, or None if no app holds it."""
+        if app is not None:
+            if app not in apps:
+                raise BadRequest(f"app {app[:60]!r} is not served by this agent")
+            return app
+        holders = self._sender.table.apps_with(key, apps)
+        if len(holders) > 1:
+            raise BadRequest(f"apps {', '.join(holders)} all hold session {key[:60]!r}; name one with app")
+        return holders[0] if holders else None
+
+    @staticmethod
+    def _query(request: Request, name: str) -> str | None:
+        values = (request.args or {}).get(name.encode())
+        if not values:
+            return None
+        try:
+            return values[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"{name} is not UTF-8") from None
+
+    def post_sessions(self, request: Request, params: list[str]) -> _Answer:
+        body = self._body(request, MAX_SESSIONS_BODY)
+        try:
+            announced, many = parse_sessions(body)
+            resolved = [(s.app or "", s.key, s.kind, self._endpoint(s.app or "", s.endpoint)) for s in announced]
+        except BadRequest as e:
+            raise _Refusal(400, str(e)) from None
+        sender = self._sender
+        new = {(app, key) for app, key, _, _ in resolved if (app, key) not in sender.table}
+        if len(new) > sender.table.room():
+            raise _Refusal(503, f"the session table is full ({sender.table.max_sessions} sessions); nothing applied")
+        created = 0
+        try:
+            for app, key, kind, endpoint in resolved:
+                entry, fresh = sender.up(app, key, kind, endpoint)
+                created += fresh
+        except SessionTableFull as e:  # pragma: no cover - room() was checked
+            raise _Refusal(503, str(e)) from None
+        if many:
+            return _Answer(200, {"accepted": len(resolved), "created": created})
+        return _Answer(201 if created else 200, session_document(entry))
+
+    def post_session_ends(self, request: Request, params: list[str]) -> _Answer:
+        body = self._body(request, MAX_SESSIONS_BODY)
+        try:
+            apps = self._apps()
+            ends = [(self._app_of(s.key, s.app, apps), s.key) for s in parse_session_ends(body)]
+        except BadRequest as e:
+            raise _Refusal(400, str(e)) from None
+        ended = 0
+        for app, key in ends:
+            if app is not None and self._sender.down(app, key) is not None:
+                ended += 1
+        return _Answer(200, {"ended": ended, "missing": len(ends) - ended})
+
+    def _one_session(self, request: Request, key: str) -> tuple[str, SessionEntry]:
+        try:
+            app = self._app_of(key, self._query(request, "app"), self._apps())
+        except BadRequest as e:
+            raise _Refusal(400, str(e)) from None
+        entry = None if app is None else self._sender.table.get((app, key))
+        if app is None or entry is None:
+            raise _Refusal(404, f"no session {key[:60]!r}" + ("" if app is None else f" of app {app}"))
+        return app, entry
+
+    def get_session(self, request: Request, params: list[str]) -> _Answer:
+        return _Answer(200, session_document(self._one_session(request, params[0])[1]))
+
+    def delete_session(self, request: Request, params: list[str]) -> _Answer:
+        app, entry = self._one_session(request, params[0])
+        self._sender.down(app, entry.key)
+        return _Answer(200, session_document(entry))
+
+    def get_sessions(self, request: Request, params: list[str]) -> _Answer:
+        sender = self._sender
+        try:
+            app = self._query(request, "app")
+            if app is not None and app not in self._apps():
+                raise BadRequest(f"app {app[:60]!r} is not served by this agent")
+            limit_text = self._query(request, "limit")
+            limit = 100 if limit_text is None else int(limit_text) if _whole(limit_text) else -1
+            if not 1 <= limit <= MAX_PAGE:
+                raise BadRequest(f"limit must be a whole number 1-{MAX_PAGE}")
+            cursor = self._query(request, "after")
+            after = None
+            if cursor is not None:
+                cursor_app, slash, cursor_key = cursor.partition("/")
+                if not slash:
+                    raise BadRequest("after must be a cursor as given in next")
+                after = (cursor_app, cursor_key)
+        except BadRequest as e:
+            raise _Refusal(400, str(e)) from None
+        entries = sender.table.page(app, after, limit + 1)
+        more = len(entries) > limit
+        entries = entries[:limit]
+        return _Answer(200, {
+            "agent": self.agent_name,
+            "total": sender.table.count(app),
+            "sessions": [session_document(entry) for entry in entries],
+            "next": f"{entries[-1].app}/{entries[-1].key}" if more else None,
+            "tracking": sender.status(),
+        })
+
+
+def _whole(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 9
+
+
 def _match(pattern: _Pattern, segments: list[str]) -> list[str] | None:
     if len(pattern) != len(segments):
         return None
@@ -340,11 +627,13 @@ def _match(pattern: _Pattern, segments: list[str]) -> list[str] | None:
 
 
 class ApiRequest(Request):
-    """A request that keeps at most ``MAX_API_BODY + 1`` bytes of its body.
+    """A request that keeps at most ``MAX_REQUEST_BODY + 1`` bytes of its body.
 
     Twisted reads the whole body before rendering; storing only the first
     bytes past the limit bounds memory, and the resource still sees that the
-    body was too long and answers 413.
+    body was too long for its route (:data:`MAX_API_BODY`, or
+    :data:`MAX_SESSIONS_BODY` for the session routes) and answers 413.  The
+    path is not known yet when the body arrives, hence one limit for all.
     """
 
     def gotLength(self, length: int | None) -> None:
@@ -352,7 +641,7 @@ class ApiRequest(Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         content = cast(BytesIO, self.content)
-        room = MAX_API_BODY + 1 - content.tell()
+        room = MAX_REQUEST_BODY + 1 - content.tell()
         if room > 0:
             content.write(data[:room])
 
@@ -369,8 +658,10 @@ class ApiRequest(Request):
         return reason
 
 
-def make_api_site(table: HealthTable, publish: Publish, agent_name: str, reactor: Any = None) -> Site:
+def make_api_site(
+    table: HealthTable, publish: Publish, agent_name: str, reactor: Any = None, sessions: SessionSender | None = None
+) -> Site:
     """The API as a Site, for ``serverFromString(...).listen(site)``."""
-    site = Site(AgentApi(table, publish, agent_name), requestFactory=ApiRequest, reactor=reactor)
+    site = Site(AgentApi(table, publish, agent_name, sessions), requestFactory=ApiRequest, reactor=reactor)
     site.displayTracebacks = False
     return site

@@ -10,6 +10,14 @@ past the hysteresis -- goes through :meth:`AgentCore.publish
 <nlbproxy.health.agent.AgentCore.publish>`, which sends it to the units at
 once.  Stop sends GOODBYE first, so units clear the host at once instead of
 aging it out, then stops everything.
+
+Session tracking shares the health socket: the API's session routes feed the
+:class:`~nlbproxy.session.agentside.SessionSender`, which sends SESSION_UP /
+SESSION_DOWN to the bound unit; the socket's receive path hands it every
+SESSION_ACK and lets it see the epoch of every other message from a unit (a
+restarted unit gets the whole table again); a LoopingCall every
+:data:`~nlbproxy.session.agentside.TICK` drives its retries, failover and
+keepalive.
 """
 
 from __future__ import annotations
@@ -30,9 +38,11 @@ from nlbproxy.config import format_host_port
 from nlbproxy.agent.load import CpuLoad
 from nlbproxy.health.agent import HEARTBEAT_INTERVAL, AgentCore
 from nlbproxy.health.codec import SENDER_UNIT_KINDS, Codec, ReplayGuard
-from nlbproxy.health.messages import Envelope, RowKey, node_id
+from nlbproxy.health.messages import Envelope, RowKey, SessionAck, node_id
 from nlbproxy.health.table import LOAD_SAMPLE_INTERVAL, AppSpec, HealthTable
 from nlbproxy.health.udp import HealthSocket
+from nlbproxy.session.agentside import TICK as SESSION_TICK
+from nlbproxy.session.agentside import SessionSender
 
 __all__ = ["AgentService", "StartError"]
 
@@ -57,6 +67,7 @@ class AgentService(service.Service):
             self._received,
         )
         self.core = AgentCore(config.name, config.units, self.table, reactor, self.socket.send)
+        self.sessions = SessionSender(config.units, reactor, self.socket.send)
         self.checks = [
             EndpointCheck(reactor, app.key, app.host, app.port, app.check, self._check_changed)
             for app in config.apps
@@ -67,11 +78,17 @@ class AgentService(service.Service):
         self._heartbeat.clock = reactor
         self._sampling = LoopingCall(self._sample_load)
         self._sampling.clock = reactor
+        self._session_ticks = LoopingCall(self.sessions.tick)
+        self._session_ticks.clock = reactor
         self.api_port: Any = None
         self.udp_port: Any = None
 
     # -- wiring --------------------------------------------------------------------
     def _received(self, address: tuple[str, int], envelope: Envelope) -> None:
+        if isinstance(envelope.message, SessionAck):
+            self.sessions.receive(address, envelope)
+            return
+        self.sessions.observe(address, envelope)
         self.core.receive(address, envelope)
 
     def _check_changed(self, key: RowKey, up: bool, reason: str) -> None:
@@ -82,7 +99,7 @@ class AgentService(service.Service):
 
     # -- start and stop ----------------------------------------------------------------
     def privilegedStartService(self) -> None:
-        site = make_api_site(self.table, self.core.publish, self.config.name, self.reactor)
+        site = make_api_site(self.table, self.core.publish, self.config.name, self.reactor, self.sessions)
         result: list[Any] = []
         serverFromString(self.reactor, self.config.api).listen(site).addBoth(result.append)
         if not result or isinstance(result[0], Failure):
@@ -102,6 +119,7 @@ class AgentService(service.Service):
         super().startService()
         self._heartbeat.start(HEARTBEAT_INTERVAL, now=True)
         self._sampling.start(LOAD_SAMPLE_INTERVAL, now=True)
+        self._session_ticks.start(SESSION_TICK, now=True)
         for check in self.checks:
             check.start()
         host = self.api_port.getHost()
@@ -121,7 +139,8 @@ class AgentService(service.Service):
         super().stopService()
         self.core.goodbye()
         log.info("agent {name} said goodbye to the units", name=self.config.name)
-        for loop in (self._heartbeat, self._sampling):
+        self.sessions.stop()
+        for loop in (self._heartbeat, self._sampling, self._session_ticks):
             if loop.running:
                 loop.stop()
         for check in self.checks:

@@ -1,10 +1,12 @@
 # -*- test-case-name: tests.test_health_codec -*-
-"""Wire format, authentication and replay defence of the health messages.
+"""Wire format, authentication and replay defence of the health and session messages.
 
 Sans-I/O: :class:`Codec` turns an :class:`~nlbproxy.health.messages.Envelope`
 into one UDP datagram and back, :class:`ReplayGuard` refuses datagrams seen
 before, and :func:`snapshot_parts` / :func:`row_change_batches` split what is
-too big for one datagram.  Everything is in network byte order.
+too big for one datagram (session batches are filled entry by entry with
+:func:`session_entry_size` against :data:`SESSION_BATCH_ROOM`).  Everything is
+in network byte order.
 
 Datagram (every field fixed-size except the body)::
 
@@ -29,6 +31,9 @@ Bodies::
                      part u16, parts u16, count u16, count x row
     POSTULATE        key, directive u8
     POSTULATE_WRONG  key, postulated u8, actual u8
+    SESSION_UP       batch u32, count u16, count x session
+    SESSION_DOWN     batch u32, count u16, count x (app str, key str)
+    SESSION_ACK      batch u32
 
     str    = length u8, UTF-8 bytes (at most 255)
     key    = app str, endpoint str
@@ -36,6 +41,8 @@ Bodies::
              target u8, current u8, reason str (at most 64 bytes)
     row    = key, state
     rowop  = op u8, key, state only for ADD and UPDATE (its key is the op's)
+    session = app str, key str, kind u8 (messages.SessionKind, not 0),
+              endpoint str
 
 Blame is split the usual way: encoding a value out of range is our bug and
 raises :class:`ValueError`; a datagram that is short, foreign, forged, stale,
@@ -73,6 +80,12 @@ from nlbproxy.health.messages import (
     RowKey,
     RowOp,
     SendSnapshot,
+    Session,
+    SessionAck,
+    SessionDown,
+    SessionKind,
+    SessionRef,
+    SessionUp,
 )
 
 __all__ = [
@@ -87,9 +100,11 @@ __all__ = [
     "REPLAY_WINDOW",
     "SENDER_AGENT_KINDS",
     "SENDER_UNIT_KINDS",
+    "SESSION_BATCH_ROOM",
     "Codec",
     "ReplayGuard",
     "row_change_batches",
+    "session_entry_size",
     "snapshot_parts",
     "table_checksum",
 ]
@@ -121,10 +136,18 @@ DROP_REASONS = ("short", "magic", "version", "kind", "direction", "mac", "stale"
 
 #: What a host agent may send; a unit decodes with ``accept=SENDER_AGENT_KINDS``.
 SENDER_AGENT_KINDS: frozenset[Kind] = frozenset(
-    {Kind.HEARTBEAT, Kind.GOODBYE, Kind.ROW_CHANGE, Kind.SEND_SNAPSHOT, Kind.POSTULATE}
+    {
+        Kind.HEARTBEAT,
+        Kind.GOODBYE,
+        Kind.ROW_CHANGE,
+        Kind.SEND_SNAPSHOT,
+        Kind.POSTULATE,
+        Kind.SESSION_UP,
+        Kind.SESSION_DOWN,
+    }
 )
 #: What a balancing unit may send; an agent decodes with ``accept=SENDER_UNIT_KINDS``.
-SENDER_UNIT_KINDS: frozenset[Kind] = frozenset({Kind.GET_SNAPSHOT, Kind.POSTULATE_WRONG})
+SENDER_UNIT_KINDS: frozenset[Kind] = frozenset({Kind.GET_SNAPSHOT, Kind.POSTULATE_WRONG, Kind.SESSION_ACK})
 
 _U8 = struct.Struct("!B")
 _U16 = struct.Struct("!H")
@@ -134,6 +157,11 @@ _HEARTBEAT = struct.Struct("!II")  # generation, checksum
 _ROW_CHANGE = struct.Struct("!IH")  # generation, count
 _SEND_SNAPSHOT = struct.Struct("!IIIHHH")  # nonce, generation, checksum, part, parts, count
 _DIRECTIVES = struct.Struct("!BB")  # postulated, actual
+_SESSION_BATCH = struct.Struct("!IH")  # batch, count
+#: Body bytes a session batch has for its entries once the envelope, the MAC
+#: and the batch header are counted: what :func:`session_entry_size` of the
+#: entries of one SESSION_UP or SESSION_DOWN may add up to.
+SESSION_BATCH_ROOM = MAX_DATAGRAM - OVERHEAD - _SESSION_BATCH.size
 
 
 class SecondsClock(Protocol):
@@ -204,6 +232,25 @@ def _row_op(op: RowOp) -> bytes:
     return head + _state(op.row)
 
 
+def _session(session: Session) -> bytes:
+    return (
+        _str(session.app, "app")
+        + _str(session.key, "session key")
+        + _U8.pack(SessionKind(session.kind))
+        + _str(session.endpoint, "endpoint")
+    )
+
+
+def _session_ref(ref: SessionRef) -> bytes:
+    return _str(ref.app, "app") + _str(ref.key, "session key")
+
+
+def session_entry_size(entry: Session | SessionRef) -> int:
+    """Bytes ``entry`` takes in a SESSION_UP (a Session) or SESSION_DOWN (a
+    SessionRef) body; ValueError if it cannot be encoded at all."""
+    return len(_session(entry) if isinstance(entry, Session) else _session_ref(entry))
+
+
 def _count(items: Sequence[object], name: str) -> int:
     return _uint(len(items), 16, f"number of {name}")
 
@@ -246,6 +293,20 @@ def _encode_postulate(m: Postulate) -> bytes:
 
 def _encode_postulate_wrong(m: PostulateWrong) -> bytes:
     return _key(m.key) + _DIRECTIVES.pack(Directive(m.postulated), Directive(m.actual))
+
+
+def _encode_session_up(m: SessionUp) -> bytes:
+    head = _SESSION_BATCH.pack(_uint(m.batch, 32, "batch"), _count(m.sessions, "sessions"))
+    return head + b"".join(_session(s) for s in m.sessions)
+
+
+def _encode_session_down(m: SessionDown) -> bytes:
+    head = _SESSION_BATCH.pack(_uint(m.batch, 32, "batch"), _count(m.sessions, "sessions"))
+    return head + b"".join(_session_ref(s) for s in m.sessions)
+
+
+def _encode_session_ack(m: SessionAck) -> bytes:
+    return _U32.pack(_uint(m.batch, 32, "batch"))
 
 
 def _body(message: Message) -> tuple[Kind, bytes]:
@@ -303,6 +364,14 @@ class _Reader:
         key = self.key()
         return RowOp(op, key, None if op == Op.DELETE else self.state(key))
 
+    def session(self) -> Session:
+        app, key = self.text(), self.text()
+        # Unknown kinds, 0 included, raise ValueError: malformed.
+        return Session(app, key, SessionKind(self.u8()), self.text())
+
+    def session_ref(self) -> SessionRef:
+        return SessionRef(self.text(), self.text())
+
     def end(self) -> None:
         if self._at != len(self._data):
             raise _Malformed("trailing bytes")
@@ -344,6 +413,21 @@ def _decode_postulate_wrong(r: _Reader) -> PostulateWrong:
     return PostulateWrong(key, Directive(postulated), Directive(actual))
 
 
+def _decode_session_up(r: _Reader) -> SessionUp:
+    batch, count = r.unpack(_SESSION_BATCH)
+    return SessionUp(batch, tuple(r.session() for _ in range(count)))
+
+
+def _decode_session_down(r: _Reader) -> SessionDown:
+    batch, count = r.unpack(_SESSION_BATCH)
+    return SessionDown(batch, tuple(r.session_ref() for _ in range(count)))
+
+
+def _decode_session_ack(r: _Reader) -> SessionAck:
+    (batch,) = r.unpack(_U32)
+    return SessionAck(batch)
+
+
 #: The body layouts, one (encoder, decoder) pair per kind.
 _BODIES: dict[Kind, tuple[Callable[..., bytes], Callable[[_Reader], Message]]] = {
     Kind.HEARTBEAT: (_encode_heartbeat, _decode_heartbeat),
@@ -353,6 +437,9 @@ _BODIES: dict[Kind, tuple[Callable[..., bytes], Callable[[_Reader], Message]]] =
     Kind.SEND_SNAPSHOT: (_encode_send_snapshot, _decode_send_snapshot),
     Kind.POSTULATE: (_encode_postulate, _decode_postulate),
     Kind.POSTULATE_WRONG: (_encode_postulate_wrong, _decode_postulate_wrong),
+    Kind.SESSION_UP: (_encode_session_up, _decode_session_up),
+    Kind.SESSION_DOWN: (_encode_session_down, _decode_session_down),
+    Kind.SESSION_ACK: (_encode_session_ack, _decode_session_ack),
 }
 _KIND_CODES = frozenset(int(k) for k in Kind)
 

@@ -1,12 +1,17 @@
 # -*- test-case-name: tests.test_health_messages -*-
-"""The seven messages between host agents and balancing units (the seed's
-"message protocol"), as frozen values.  Their wire format, authentication and
-replay defence live in :mod:`nlbproxy.health.codec`.
+"""The messages between host agents and balancing units, as frozen values:
+the seven of the seed's health "message protocol" and the three of its
+session tracking (session up, session down, and the unit's acknowledgement).
+Their wire format, authentication and replay defence live in
+:mod:`nlbproxy.health.codec`.
 
-Agents send HEARTBEAT, GOODBYE, ROW_CHANGE, SEND_SNAPSHOT and POSTULATE;
-units send GET_SNAPSHOT and POSTULATE_WRONG.  Every message travels in an
-:class:`Envelope` naming its sender (a host id or a unit id), the sender's
-boot epoch and a per-epoch sequence number.
+Agents send HEARTBEAT, GOODBYE, ROW_CHANGE, SEND_SNAPSHOT, POSTULATE,
+SESSION_UP and SESSION_DOWN; units send GET_SNAPSHOT, POSTULATE_WRONG and
+SESSION_ACK.  Every message travels in an :class:`Envelope` naming its sender
+(a host id or a unit id), the sender's boot epoch and a per-epoch sequence
+number.  The session messages ride the same authenticated, replay-guarded
+channel; their reliability (retry until acknowledged, failover to another
+unit) is :mod:`nlbproxy.session.agentside`'s.
 """
 
 from __future__ import annotations
@@ -139,7 +144,87 @@ class PostulateWrong:
     actual: Directive
 
 
-Message = Heartbeat | Goodbye | RowChange | GetSnapshot | SendSnapshot | Postulate | PostulateWrong
+# --- session tracking (the seed's session up / session down) -------------------------
+
+
+class SessionKind(IntEnum):
+    """What a session key identifies (the seed's session "type").  0 is not a kind."""
+
+    HTTP_COOKIE = 1  # the value of the application's session cookie
+    TLS_SESSION = 2  # a TLS session id (hex) or ticket digest
+    CLIENT_IP = 3  # the client's IP address
+    USER = 4  # an application-defined user or tenant name
+
+    @property
+    def word(self) -> str:
+        """``"http-cookie"``, ``"tls-session"``, ``"client-ip"``, ``"user"``: the API's spelling."""
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def from_word(cls, word: str) -> SessionKind:
+        """The kind spelled ``word``; ValueError for anything else."""
+        for kind in cls:
+            if kind.word == word:
+                return kind
+        raise ValueError(f"unknown session kind {word!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One session a host holds: ``key`` of application ``app``, served at ``endpoint``."""
+
+    app: str
+    key: str  # e.g. the session cookie's value; at most 255 bytes of UTF-8
+    kind: SessionKind
+    endpoint: str  # "ip:port" as the units know the host (the app's RowKey.endpoint)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    """A session named for its end: the application and the key."""
+
+    app: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionUp:
+    """Batch ``batch`` of sessions the host now holds.
+
+    An empty batch is a keepalive: the unit acknowledges it like any other.
+    """
+
+    batch: int  # u32, per agent epoch; the unit acknowledges it and dedupes by it
+    sessions: tuple[Session, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDown:
+    """Batch ``batch`` of sessions the host no longer holds."""
+
+    batch: int
+    sessions: tuple[SessionRef, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionAck:
+    """A unit has applied (or had already applied) the agent's batch ``batch``."""
+
+    batch: int
+
+
+Message = (
+    Heartbeat
+    | Goodbye
+    | RowChange
+    | GetSnapshot
+    | SendSnapshot
+    | Postulate
+    | PostulateWrong
+    | SessionUp
+    | SessionDown
+    | SessionAck
+)
 
 
 class Kind(IntEnum):
@@ -152,6 +237,9 @@ class Kind(IntEnum):
     SEND_SNAPSHOT = 5
     POSTULATE = 6
     POSTULATE_WRONG = 7
+    SESSION_UP = 8
+    SESSION_DOWN = 9
+    SESSION_ACK = 10
 
 
 KIND_OF: dict[type, Kind] = {
@@ -162,6 +250,9 @@ KIND_OF: dict[type, Kind] = {
     SendSnapshot: Kind.SEND_SNAPSHOT,
     Postulate: Kind.POSTULATE,
     PostulateWrong: Kind.POSTULATE_WRONG,
+    SessionUp: Kind.SESSION_UP,
+    SessionDown: Kind.SESSION_DOWN,
+    SessionAck: Kind.SESSION_ACK,
 }
 
 
