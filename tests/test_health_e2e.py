@@ -115,9 +115,10 @@ def test_killed_agent_ages_out(farm: Farm) -> None:
 
 def test_load_aware_spread(farm: Farm) -> None:
     unit, members = farm_with_agents(farm)
-    for (_, api, _), load in zip(members, (90, 10, 10), strict=True):
-        put(api + "/v1/apps/app", json.dumps({"load": load}).encode())
-    wait_until(lambda: [h["load"] for h in hosts(unit).values()] == [90, 10, 10], what="loads reported")
+    loads = dict(zip((endpoint for _, _, endpoint in members), (90, 10, 10), strict=True))
+    for (_, api, endpoint) in members:
+        put(api + "/v1/apps/app", json.dumps({"load": loads[endpoint]}).encode())
+    wait_until(lambda: {k: h["load"] for k, h in hosts(unit).items()} == loads, what="loads reported")
     counts = served_by(unit, 300)
     assert counts["b0"] < 0.15 * 300, counts
 

@@ -10,9 +10,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from nlbproxy.health.codec import Codec, table_checksum
 from nlbproxy.health.messages import Directive, Envelope, Health, Op, Row, RowChange, RowKey
 from nlbproxy.health.table import (
-    LOAD_ALPHA,
+    APP_LOAD_HYSTERESIS,
     LOAD_HYSTERESIS,
     LOAD_REPORT_TTL,
+    SPIKE_WINDOW,
     AppSpec,
     HealthTable,
     Source,
@@ -167,8 +168,8 @@ class LoadTests(SynchronousTestCase):
         self.clock.advance(1.0)
         return self.table.sample_load(measured)
 
-    def test_alpha_and_hysteresis_keep_single_spikes_quiet(self) -> None:
-        self.assertLess(LOAD_ALPHA * 100, LOAD_HYSTERESIS)
+    def test_spike_window_rejects_single_samples(self) -> None:
+        self.assertGreaterEqual(SPIKE_WINDOW, 3)
 
     def test_first_sample_publishes_then_spikes_do_not_flap(self) -> None:
         (change,) = self.sample(20)
@@ -216,12 +217,20 @@ class LoadTests(SynchronousTestCase):
 
     def test_unknown_measured_load_leaves_unreported_rows(self) -> None:
         self.assertEqual(self.sample(None), [])
-        self.table.report("api", load=30)
-        (change,) = self.sample(None)
+        (change,) = self.table.report("api", load=30)
         self.assertEqual([op.key for op in change.ops], [API])
+        self.assertEqual(self.sample(None), [])
 
-    def test_load_report_alone_publishes_nothing_yet(self) -> None:
-        self.assertEqual(self.table.report("web", load=50), [])
+    def test_load_report_publishes_at_once_past_its_hysteresis(self) -> None:
+        (change,) = self.table.report("web", load=50)
+        self.assertEqual({op.row.load for op in change.ops if op.row}, {50})
+        self.assertEqual(self.table.report("web", load=50 + APP_LOAD_HYSTERESIS - 1), [])
+        (change,) = self.table.report("web", load=10)
+        self.assertEqual({op.row.load for op in change.ops if op.row}, {10})
+        # A fresh report is not averaged with the host's measured load.
+        changed = [op.key for change in self.sample(90) for op in change.ops]
+        self.assertEqual(changed, [API])  # only the row without a report follows the host
+        self.assertEqual(self.table.row(WEB1).load, 10)
 
     def test_out_of_range_load_is_our_bug(self) -> None:
         self.assertRaises(ValueError, self.table.report, "web", load=101)

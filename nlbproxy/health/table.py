@@ -44,6 +44,8 @@ exactly, as the next heartbeat will claim.  A change that publishes nothing
 
 from __future__ import annotations
 
+from collections import deque
+
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -55,6 +57,7 @@ from nlbproxy.health.messages import Directive, Health, Op, Row, RowChange, RowK
 __all__ = [
     "CHECK_DOWN_DIRECTIVE",
     "LOAD_ALPHA",
+    "APP_LOAD_HYSTERESIS",
     "LOAD_HYSTERESIS",
     "LOAD_REPORT_TTL",
     "LOAD_SAMPLE_INTERVAL",
@@ -69,13 +72,20 @@ __all__ = [
 #: How often the agent feeds the load EWMA (seconds); the EWMA's alpha is per
 #: sample, so this cadence is what gives it a time constant.
 LOAD_SAMPLE_INTERVAL = 1.0
-#: Weight of a new sample in the load EWMA: a time constant of about
-#: ``LOAD_SAMPLE_INTERVAL / LOAD_ALPHA`` = 12.5 s, in line with the seed's
-#: "one to four times a minute" for load.
-LOAD_ALPHA = 0.08
-#: Points (of 0-100) the average must move from the published load before a
-#: new load is published.  Keep it above ``LOAD_ALPHA * 100``.
+#: Weight of a new sample in the measured-load EWMA: a time constant of
+#: about ``LOAD_SAMPLE_INTERVAL / LOAD_ALPHA`` = 3 s, so a CPU spike of a
+#: second or two does not move the published load, while a lasting change
+#: does within a few seconds.
+LOAD_ALPHA = 0.3
+#: Points (of 0-100) the measured average must move from the published load
+#: before a new load is published.
 LOAD_HYSTERESIS = 10
+#: Measured samples whose median feeds the average (spike rejection).
+SPIKE_WINDOW = 3
+#: Points an application's own load report must move before it is published.
+#: Reports are the application's considered figure and are published at
+#: once, not averaged; this only keeps report jitter off the wire.
+APP_LOAD_HYSTERESIS = 3
 #: How long an application's load report is used; after it the measured host
 #: load takes over until the application reports again.
 LOAD_REPORT_TTL = 30.0
@@ -186,6 +196,9 @@ class HealthTable:
         self._alpha = alpha
         self._hysteresis = hysteresis
         self._report_ttl = report_ttl
+        #: The last few measured samples; their median feeds the average, so
+        #: a spike of one sample never reaches it.
+        self._recent: deque[int] = deque(maxlen=SPIKE_WINDOW)
         self._states: dict[RowKey, _State] = {}
         self._checksum: int | None = None
         #: The generation of the last RowChange published; u32, wraps.
@@ -246,9 +259,11 @@ class HealthTable:
     ) -> list[RowChange]:
         """What the application says about itself, for all its endpoints.
 
-        ``health`` is published at once; ``load`` only feeds the next sample
-        (see :meth:`sample_load`).  ``reason`` explains the health (kept
-        until the next health report).
+        ``health`` is published at once, and so is ``load`` when it moved by
+        :data:`APP_LOAD_HYSTERESIS` or more (or reached 0 or 100); until the
+        report is older than :data:`LOAD_REPORT_TTL` it overrides the
+        measured load.  ``reason`` explains the health (kept until the next
+        health report).
         """
         keys = self.keys_of(app)
         if load is not None:
@@ -261,6 +276,11 @@ class HealthTable:
                 state.app_reason = reason or ""
             if load is not None:
                 state.app_load, state.app_load_at = load, now
+                state.load_source = "app"
+                state.smoothed = float(load)
+                extreme = load in (0, 100) and load != state.load
+                if abs(load - state.load) >= APP_LOAD_HYSTERESIS or extreme:
+                    state.load = load
         return self._publish(keys)
 
     def check_result(self, key: RowKey, up: bool, reason: str = "") -> list[RowChange]:
@@ -305,11 +325,13 @@ class HealthTable:
         """
         if measured is not None:
             _load(measured)
+            self._recent.append(measured)
+            measured = sorted(self._recent)[(len(self._recent) - 1) // 2]
         now = self._clock.seconds()
         for state in self._states.values():
             if state.app_load is not None and now - state.app_load_at <= self._report_ttl:
-                value, state.load_source = state.app_load, "app"
-            elif measured is not None:
+                continue  # the application's report stands (see report())
+            if measured is not None:
                 value, state.load_source = measured, "measured"
             else:
                 continue
