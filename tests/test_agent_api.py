@@ -68,12 +68,13 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual({op.key for op in change.ops}, {WEB1, WEB2})
         self.assertEqual(self.f.table.row(WEB1).health, Health.DOWN)
 
-    def test_load_is_recorded_for_the_next_sample(self) -> None:
+    def test_load_is_published_at_once(self) -> None:
         code, doc = self.f.call(b"PUT", "/v1/apps/web", b'{"load": 42.4}')
         self.assertEqual(code, 200)
-        self.assertEqual(self.f.published, [])
+        self.assertEqual(len(self.f.published), 1)
         self.assertEqual(doc["rows"][0]["sources"]["app"]["load"], 42)
-        self.f.published.extend(self.f.table.sample_load(None))
+        self.assertEqual(self.f.table.row(WEB1).load, 42)
+        self.assertEqual(self.f.table.sample_load(None), [])
         self.assertEqual(self.f.table.row(WEB1).load, 42)
 
     def test_app_directive_and_its_withdrawal(self) -> None:
