@@ -49,12 +49,15 @@ from nlbproxy.classifier import DIRECTIVES, Farm, Host, Pool
 from nlbproxy.config import format_host_port, parse_host_port
 from nlbproxy.health.cache import ConsolidatedCache
 from nlbproxy.health.udp import HealthSocket
+from nlbproxy.session.tracker import SessionTracker
 from nlbproxy.limits import MAX_ADMIN_BODY
 from nlbproxy.metrics import ListenerStats, PrometheusWriter, status_classes
 
 log = Logger()
 
 JSON_TYPE = b"application/json"
+#: Most sessions one ``GET .../sessions`` page lists.
+MAX_SESSIONS_PAGE = 1000
 PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -93,7 +96,7 @@ class UpstreamCounts(Protocol):
 
 
 # -- documents -------------------------------------------------------------------
-def host_state(host: Host, upstreams: UpstreamCounts, now: float) -> dict[str, Any]:
+def host_state(host: Host, upstreams: UpstreamCounts, now: float, sessions: int = 0) -> dict[str, Any]:
     """One host as the state document and the directive answer show it.
 
     ``load`` is the load the host's agent reported (0-100; 0 for a host
@@ -113,6 +116,7 @@ def host_state(host: Host, upstreams: UpstreamCounts, now: float) -> dict[str, A
         "active_requests": host.active_requests,
         "requests": host.stats.requests,
         "connections": {"open": open_, "idle": idle},
+        "sessions": sessions,
     }
 
 
@@ -131,14 +135,19 @@ def state_document(
     upstreams: UpstreamCounts,
     unit_name: str,
     now: float,
+    sessions: SessionTracker | None = None,
 ) -> dict[str, Any]:
     """The body of ``GET /api/v1/state``; pools and hosts keep config order."""
+    counts = sessions.counts() if sessions is not None else {}
     return {
         "unit": unit_name,
         "pools": {
             pool.name: {
                 "affinity": pool.config.affinity,
-                "hosts": {host.key: host_state(host, upstreams, now) for host in pool.hosts},
+                "hosts": {
+                    host.key: host_state(host, upstreams, now, counts.get((pool.name, host.key), 0))
+                    for host in pool.hosts
+                },
             }
             for pool in farm.pools.values()
         },
@@ -327,9 +336,11 @@ class AdminResource(Resource):
         token: str | None,
         clock: ReactorTime,
         health: HealthView | None = None,
+        sessions: SessionTracker | None = None,
     ) -> None:
         super().__init__()
         self.health = health
+        self.sessions = sessions
         if token is not None and not token:
             raise ValueError("the admin token is empty")
         self.farm = farm
@@ -343,6 +354,8 @@ class AdminResource(Resource):
             (("api", "v1", "pools", None, "hosts", None, "directive"),
              {b"PUT": self.put_directive}),
             (("api", "v1", "health"), {b"GET": self.get_health}),
+            (("api", "v1", "pools", None, "sessions"), {b"GET": self.get_sessions}),
+            (("api", "v1", "pools", None, "sessions", None), {b"DELETE": self.delete_session}),
             (("metrics",), {b"GET": self.get_metrics}),
         ]
 
@@ -394,7 +407,43 @@ class AdminResource(Resource):
     # -- handlers ------------------------------------------------------------------
     def get_state(self, request: Request, params: list[str]) -> _Answer:
         return _json(200, state_document(
-            self.farm, self.listeners, self.upstreams, self.unit_name, self.clock.seconds()))
+            self.farm, self.listeners, self.upstreams, self.unit_name, self.clock.seconds(), self.sessions))
+
+    def _tracked_pool(self, name: str) -> tuple[Pool, SessionTracker]:
+        pool = self.farm.pools.get(name)
+        if pool is None:
+            raise _Refusal(404, f"no pool {name}")
+        if self.sessions is None:
+            raise _Refusal(404, "this unit tracks no sessions")
+        return pool, self.sessions
+
+    def get_sessions(self, request: Request, params: list[str]) -> _Answer:
+        """``?after=KEY&limit=N``: one page of a pool's sessions, in key order."""
+        pool, sessions = self._tracked_pool(params[0])
+        args = request.args or {}
+        after = (args.get(b"after") or [b""])[0].decode("utf-8", "replace")
+        try:
+            limit = int((args.get(b"limit") or [b"100"])[0])
+        except ValueError:
+            raise _Refusal(400, "limit must be an integer") from None
+        if not 1 <= limit <= MAX_SESSIONS_PAGE:
+            raise _Refusal(400, f"limit must be between 1 and {MAX_SESSIONS_PAGE}")
+        atoms = sessions.listing(pool.name, after, limit + 1)
+        prefix = len(pool.name) + 1
+        page = [
+            {"key": atom.key[prefix:], "host": atom.data, "kind": atom.kind, "origin": atom.origin,
+             "added": round(atom.added, 3)}
+            for atom in atoms[:limit]
+        ]
+        return _json(200, {"pool": pool.name, "sessions": page,
+                           "next": page[-1]["key"] if len(atoms) > limit else None})
+
+    def delete_session(self, request: Request, params: list[str]) -> _Answer:
+        pool, sessions = self._tracked_pool(params[0])
+        if not sessions.forget(pool.name, params[1]):
+            raise _Refusal(404, f"no session {params[1]} in pool {pool.name}")
+        log.info("session {key} of {pool} dropped by the operator", key=params[1], pool=pool.name)
+        return _json(200, {"pool": pool.name, "key": params[1], "dropped": True})
 
     def get_health(self, request: Request, params: list[str]) -> _Answer:
         return _json(200, health_document(self.health))
@@ -482,13 +531,14 @@ def make_admin_site(
     token: str | None,
     clock: ReactorTime,
     health: HealthView | None = None,
+    sessions: SessionTracker | None = None,
 ) -> Site:
     """The admin API as a Site, for ``serverFromString(...).listen(site)``.
 
     ``clock`` is the reactor (or a ``task.Clock`` in tests): health is judged
     at ``clock.seconds()`` and idle admin connections time out on it.
     """
-    resource = AdminResource(farm, listeners, upstreams, unit_name, token, clock, health)
+    resource = AdminResource(farm, listeners, upstreams, unit_name, token, clock, health, sessions)
     site = Site(resource, requestFactory=AdminRequest, reactor=clock)
     site.displayTracebacks = False
     return site

@@ -128,6 +128,8 @@ class PoolConfig:
     hosts: tuple[HostConfig, ...] = ()
     affinity: str = "none"
     affinity_cookie: str = "NLBAFF"
+    #: The application's own session cookie, for ``affinity = "session"``.
+    session_cookie: str = "SESSIONID"
     client_ip_timeout: float = 600.0
     connect_timeout: float = limits.CONNECT_TIMEOUT
     server_timeout: float = limits.SERVER_TIMEOUT
@@ -161,6 +163,12 @@ class UnitConfig:
     secret: bytes | None = None
     #: UDP address where host agents' health messages arrive; needs secret_file.
     health: tuple[str, int] | None = None
+    #: Twisted endpoint where other units' DAM connections arrive; needs secret_file.
+    dam: str | None = None
+    #: The other units of the farm, as their ``dam`` addresses ("ip:port").
+    peers: tuple[tuple[str, int], ...] = ()
+    #: Extra copies of each session atom on other units; None = every unit.
+    replication: int | None = 1
     listeners: tuple[ListenerConfig, ...]
     pools: Mapping[str, PoolConfig]
     path: str
@@ -483,6 +491,9 @@ _UNIT: dict[str, _Convert] = {
     "grace_period": _seconds(zero_ok=True),
     "secret_file": _string,
     "health": lambda value: parse_host_port(_string(value)),
+    "dam": _not_yet(_endpoint, lambda _: True, "dam (sessions shared between units) is not supported yet"),
+    "peers": _not_yet(_array, lambda _: True, "peers (sessions shared between units) is not supported yet"),
+    "replication": _not_yet(_string, lambda _: True, "replication is not supported yet"),
 }
 
 _LISTENER: dict[str, _Convert] = {
@@ -520,11 +531,8 @@ _MATCH: dict[str, _Convert] = {"name": _token, "value": _field_value}
 
 _POOL: dict[str, _Convert] = {
     "hosts": _array,
-    "affinity": _not_yet(
-        _choice("none", "cookie", "client_ip", "session"),
-        lambda a: a == "session",
-        "affinity 'session' is not supported yet",
-    ),
+    "affinity": _choice("none", "cookie", "client_ip", "session"),
+    "session_cookie": _token,
     "affinity_cookie": _token,
     "client_ip_timeout": _seconds(),
     "connect_timeout": _seconds(),
@@ -629,6 +637,10 @@ class _Parser:
             unit["access_log"] = self.resolve(unit["access_log"])
         if "health" in unit and "secret" not in unit:
             raise self.error("unit.health", "agents' messages are authenticated: set unit.secret_file too")
+        if "dam" in unit and "secret" not in unit:
+            raise self.error("unit.dam", "units authenticate each other: set unit.secret_file too")
+        if unit.get("peers") and "dam" not in unit:
+            raise self.error("unit.peers", "peers need unit.dam, the endpoint they connect to")
 
         for name, pool in top["pool"].items():
             where = _join("pool", name)

@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TextIO
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 #: Seconds to wait for the admin API to connect and answer.
@@ -73,6 +73,13 @@ class AdminClient:
         # Percent-encode everything, ":" "[" "]" of an IPv6 key included.
         path = f"/api/v1/pools/{quote(pool, safe='')}/hosts/{quote(host, safe='')}/directive"
         return self._call("PUT", path, directive.encode())
+
+    def sessions(self, pool: str, after: str = "", limit: int = 100) -> dict[str, Any]:
+        query = urlencode({"after": after, "limit": limit})
+        return self._call("GET", f"/api/v1/pools/{quote(pool, safe='')}/sessions?{query}")
+
+    def drop_session(self, pool: str, key: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/api/v1/pools/{quote(pool, safe='')}/sessions/{quote(key, safe='')}")
 
     def _call(self, method: str, path: str, body: bytes | None = None) -> dict[str, Any]:
         url = self.base + path
@@ -126,8 +133,8 @@ def _reason(reason: object, timeout: float) -> str:
 
 # -- output ------------------------------------------------------------------------
 HOST_COLUMNS = ("POOL", "HOST", "HEALTH", "DIRECTIVE", "WEIGHT", "LOAD", "ACTIVE",
-                "REQUESTS", "CONNS(OPEN/IDLE)", "NOTE")
-_HOST_NUMERIC = {"WEIGHT", "LOAD", "ACTIVE", "REQUESTS", "CONNS(OPEN/IDLE)"}
+                "REQUESTS", "SESSIONS", "CONNS(OPEN/IDLE)", "NOTE")
+_HOST_NUMERIC = {"WEIGHT", "LOAD", "ACTIVE", "REQUESTS", "SESSIONS", "CONNS(OPEN/IDLE)"}
 LISTENER_COLUMNS = ("LISTENER", "CONNECTIONS", "OPEN", "REQUESTS")
 
 
@@ -146,7 +153,8 @@ def host_row(pool: str, key: str, host: dict[str, Any]) -> list[str]:
     return [
         pool, key, _field(host, "health"), _field(host, "directive"), _field(host, "weight"),
         _field(host, "load"), _field(host, "active_requests"), _field(host, "requests"),
-        f"{_field(connections, 'open')}/{_field(connections, 'idle')}", "; ".join(notes),
+        _field(host, "sessions"), f"{_field(connections, 'open')}/{_field(connections, 'idle')}",
+        "; ".join(notes),
     ]
 
 
@@ -211,6 +219,15 @@ def _parser() -> argparse.ArgumentParser:
                                   help=f"set the directive of HOST in POOL to {directive}")
         sub.add_argument("pool", metavar="POOL")
         sub.add_argument("host", metavar="HOST", help='"ip:port", e.g. 10.0.0.5:80 or [::1]:80')
+    sessions = commands.add_parser("sessions", parents=[common, as_json],
+                                   help="list the sessions of POOL and their hosts, a page at a time")
+    sessions.add_argument("pool", metavar="POOL")
+    sessions.add_argument("--after", default="", metavar="KEY", help="start after this session key")
+    sessions.add_argument("--limit", type=int, default=100, metavar="N", help="sessions per page (default 100)")
+    drop = commands.add_parser("drop-session", parents=[common, as_json],
+                               help="forget session KEY of POOL: its next request is balanced anew")
+    drop.add_argument("pool", metavar="POOL")
+    drop.add_argument("key", metavar="KEY")
     return parser
 
 
@@ -280,8 +297,28 @@ def _directive(client: AdminClient, args: argparse.Namespace, out: TextIO) -> in
     return 0
 
 
+def _sessions(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    page = client.sessions(args.pool, args.after, args.limit)
+    if args.json:
+        print(json.dumps(page, indent=2), file=out)
+        return 0
+    rows = [[s.get("key", ""), s.get("host", ""), s.get("kind", ""), s.get("origin", "")]
+            for s in page.get("sessions", [])]
+    print("\n".join(format_table(("SESSION", "HOST", "KIND", "ADDED BY"), rows)), file=out)
+    if page.get("next"):
+        print(f"more: nlbctl sessions {args.pool} --after {page['next']}", file=out)
+    return 0
+
+
+def _drop_session(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    answer = client.drop_session(args.pool, args.key)
+    print(json.dumps(answer, indent=2) if args.json else f"dropped session {args.key} of {args.pool}", file=out)
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace, TextIO], int]] = {
     "state": _state, **dict.fromkeys(DIRECTIVE_COMMANDS, _directive),
+    "sessions": _sessions, "drop-session": _drop_session,
 }
 
 

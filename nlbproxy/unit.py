@@ -24,6 +24,8 @@ from nlbproxy.admin import make_admin_site
 from nlbproxy.classifier import Farm
 from nlbproxy.config import UnitConfig
 from nlbproxy.health.unitside import UnitHealth
+from nlbproxy.session.dam import DAM
+from nlbproxy.session.tracker import SessionTracker
 from nlbproxy.routers.http import Listener, RouterFactory
 from nlbproxy.routers.upstream import Upstreams
 
@@ -45,16 +47,20 @@ class Unit(service.Service):
         self.reactor = reactor
         self.farm = Farm(config.pools.values(), reactor, config.secret)
         self.upstreams = Upstreams(reactor)
+        self.sessions = SessionTracker(
+            DAM(config.name, reactor, _no_peers, config.replication), reactor,
+        )
         self.access_log: FileAccessLog | LoggerAccessLog | None = None
         if config.access_log == "-":
             self.access_log = LoggerAccessLog(config.log_format)
         elif config.access_log:
             self.access_log = FileAccessLog(config.access_log, config.log_format, reactor)
         self.listeners = {
-            lc.name: Listener(lc, self.farm, self.upstreams, reactor, config.name, self.access_log)
+            lc.name: Listener(lc, self.farm, self.upstreams, reactor, config.name, self.access_log,
+                              sessions=self.sessions)
             for lc in config.listeners
         }
-        self.health = UnitHealth(config, self.farm, reactor)
+        self.health = UnitHealth(config, self.farm, reactor, self.sessions)
         self.ports: dict[str, Any] = {}
         self.admin_port: Any = None
 
@@ -74,6 +80,7 @@ class Unit(service.Service):
         site = make_admin_site(
             self.farm, {n: li.stats for n, li in self.listeners.items()}, self.upstreams,
             self.config.name, self.config.admin_token, self.reactor, health=self.health,
+            sessions=self.sessions,
         )
         self.admin_port = self._listen(self.config.admin, site)
         try:
@@ -86,6 +93,7 @@ class Unit(service.Service):
         if not self.ports:
             self.privilegedStartService()
         super().startService()
+        self.sessions.start()
         self.health.start()
         for name, port in self.ports.items():
             log.info("listener {name} on {url}", name=name, url=url_of(port))
@@ -111,10 +119,16 @@ class Unit(service.Service):
             yield deferLater(self.reactor, DRAIN_POLL_INTERVAL, lambda: None)
         self.upstreams.close_idle()
         yield self.health.stop()
+        self.sessions.stop()
         if self.admin_port is not None:
             yield defer.maybeDeferred(self.admin_port.stopListening)
         if self.access_log is not None:
             self.access_log.close()
+
+
+def _no_peers(peer: str, call: Any) -> None:
+    """The DAM's transport while the unit has no ``dam`` endpoint: no peer exists."""
+    raise AssertionError(f"a unit without peers sent {call!r} to {peer}")
 
 
 def url_of(port: Any) -> str:

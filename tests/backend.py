@@ -12,6 +12,7 @@ tested against a server it shares no code with.  Paths:
 - ``/slow/MS``: answers after MS milliseconds
 - ``/status/CODE``: an empty answer with that status
 - ``/ws``: ``101 Switching Protocols`` on an Upgrade request, then echoes bytes
+- ``/login/ID``, ``/logout/ID``: set, or delete, the session cookie ``SID=ID``
 """
 
 from __future__ import annotations
@@ -109,6 +110,16 @@ class Handler(BaseHTTPRequestHandler):
             if int(parts[1]) not in (204, 304):
                 self.send_header("Content-Length", "0")
             self.end_headers()
+        elif parts[0] in ("login", "logout") and len(parts) == 2:
+            cookie = f"SID={parts[1]}; Path=/; HttpOnly"
+            if parts[0] == "logout":
+                cookie += "; Max-Age=0"
+            body = f"{name} {parts[0]} {parts[1]}\n".encode()
+            self.send_response(200)
+            self.send_header("Set-Cookie", cookie)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
         elif parts[0] == "ws" and self.headers.get("Upgrade"):
             self.send_response(101)
             self.send_header("Upgrade", self.headers["Upgrade"])

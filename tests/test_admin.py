@@ -129,6 +129,7 @@ class StateTests(SynchronousTestCase):
             "active_requests": 2,
             "requests": 8,
             "connections": {"open": 5, "idle": 2},
+            "sessions": 0,
         })
         self.assertEqual(web["hosts"]["10.0.0.2:80"]["weight"], 3)
         self.assertEqual(doc["pools"]["api"]["affinity"], "none")

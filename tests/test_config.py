@@ -458,9 +458,15 @@ ERRORS: list[tuple[tuple[str | int, ...], object, str, str]] = [
     ),
     (
         (*WEB, "affinity"),
-        "session",
+        "sticky",
         "pool.web.affinity",
-        "affinity 'session' is not supported yet",
+        "expected one of 'none', 'cookie', 'client_ip', 'session', got 'sticky'",
+    ),
+    (
+        ("unit",),
+        {"dam": "tcp:9800"},
+        "unit.dam",
+        "dam (sessions shared between units) is not supported yet",
     ),
     (
         (*WEB, "check"),

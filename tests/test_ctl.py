@@ -135,13 +135,13 @@ class StateTests(CtlTestCase):
         lines = out.splitlines()
         self.assertEqual(lines[0], "unit: unit-a")
         self.assertEqual(lines[2].split(), ["POOL", "HOST", "HEALTH", "DIRECTIVE", "WEIGHT",
-                                            "LOAD", "ACTIVE", "REQUESTS", "CONNS(OPEN/IDLE)",
-                                            "NOTE"])
+                                            "LOAD", "ACTIVE", "REQUESTS", "SESSIONS",
+                                            "CONNS(OPEN/IDLE)", "NOTE"])
         self.assertEqual(lines[3].split(),
-                         ["web", "10.0.0.1:80", "up", "active", "1", "0", "2", "1234", "5/2"])
-        self.assertEqual(lines[4].split(None, 9),
+                         ["web", "10.0.0.1:80", "up", "active", "1", "0", "2", "1234", "-", "5/2"])
+        self.assertEqual(lines[4].split(None, 10),
                          ["web", "[2001:db8::1]:8080", "down", "draining", "10", "0", "0", "7",
-                          "0/0", "connect refused; set by operator"])
+                          "-", "0/0", "connect refused; set by operator"])
         self.assertEqual(lines[5].split(), ["empty", "(no", "hosts)"])
         self.assertEqual(lines[7].split(), ["LISTENER", "CONNECTIONS", "OPEN", "REQUESTS"])
         self.assertEqual(lines[8].split(), ["public", "11", "3", "40"])
@@ -159,7 +159,7 @@ class StateTests(CtlTestCase):
         code, out, _ = self.ctl("state")
         self.assertEqual(code, 0)
         self.assertEqual(out.splitlines()[3].split(), ["p", "h:1", "-", "-", "-", "-", "-", "-",
-                                                       "-/-"])
+                                                       "-", "-/-"])
 
     def answer_with(self, status: int, payload: bytes) -> None:
         self.fake.answer = lambda method, path, body: (status, payload)

@@ -22,9 +22,11 @@ from nlbproxy.config import UnitConfig
 from nlbproxy.health.cache import TICK, ConsolidatedCache
 from nlbproxy.health.codec import SENDER_AGENT_KINDS, Codec, ReplayGuard
 from nlbproxy.health.link import FarmHealth
-from nlbproxy.health.messages import node_id
+from nlbproxy.health.messages import Envelope, node_id
 from nlbproxy.health.probe import AgentCheck, HttpProbe
 from nlbproxy.health.udp import HealthSocket
+from nlbproxy.session.tracker import SessionTracker
+from nlbproxy.session.unitside import SessionReceiver
 
 log = Logger()
 
@@ -68,11 +70,13 @@ class _HostProbes:
 class UnitHealth:
     """Starts and stops everything that keeps a unit's view of host health."""
 
-    def __init__(self, config: UnitConfig, farm: Farm, reactor: Any) -> None:
+    def __init__(self, config: UnitConfig, farm: Farm, reactor: Any, sessions: SessionTracker) -> None:
         self.config = config
         self.farm = farm
         self.reactor = reactor
         self.link = FarmHealth(farm)
+        self.sessions = sessions
+        self.receiver: SessionReceiver | None = None
         self.cache: ConsolidatedCache | None = None
         self.socket: HealthSocket | None = None
         self._port: Any = None
@@ -86,10 +90,20 @@ class UnitHealth:
         assert self.config.secret is not None  # the config requires it
         codec = Codec(self.config.secret, self.reactor)
         self.cache = ConsolidatedCache(self.reactor, self._send, self.link)
+        self.receiver = SessionReceiver(self._send, self.sessions.session_up, self.sessions.session_down)
         self.socket = HealthSocket(codec, ReplayGuard(), node_id(self.config.name), SENDER_AGENT_KINDS,
-                                   self.reactor, self.cache.receive)
+                                   self.reactor, self._received)
         ip, port = self.config.health
         self._port = self.reactor.listenUDP(port, self.socket, interface=ip)
+
+    def _received(self, address: tuple[str, int], envelope: Envelope) -> None:
+        # Session up/down go to the session tracker (acknowledged there);
+        # everything else is the health-and-load protocol.
+        assert self.cache is not None and self.receiver is not None
+        if SessionReceiver.handles(envelope.message):
+            self.receiver.receive(address, envelope)
+        else:
+            self.cache.receive(address, envelope)
 
     def _send(self, address: tuple[str, int], message: Any) -> None:
         assert self.socket is not None

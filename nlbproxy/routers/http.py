@@ -50,6 +50,7 @@ from nlbproxy.metrics import ListenerStats
 from nlbproxy.routers import headers as hdrs
 from nlbproxy.routers.upstream import HostConnections, UpstreamConnection, Upstreams
 from nlbproxy.routing import RouteTable, cookies_of
+from nlbproxy.session.tracker import SessionTracker
 
 log = Logger()
 
@@ -95,6 +96,7 @@ class Listener:
         unit_name: str,
         access_log: AccessLogger | None = None,
         scheme: bytes = b"http",
+        sessions: SessionTracker | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -105,6 +107,7 @@ class Listener:
         self.stats = ListenerStats()
         self.access_log = access_log
         self.scheme = scheme
+        self.sessions = sessions
         self.via = b"1.1 " + unit_name.encode("ascii", "replace")
         self.connections: set[ClientConnection] = set()
         self.stopping = False
@@ -425,7 +428,7 @@ class Exchange:
         "client", "request", "fields", "pool", "host", "upstream", "hostconns", "tried", "started",
         "has_body", "request_complete", "body_bytes", "body_forwarded", "pending", "pending_bytes",
         "response_started", "response_complete", "status", "bytes_sent", "set_cookie",
-        "cancelled", "queue_timer", "sent_end", "upgrade",
+        "cancelled", "queue_timer", "sent_end", "session", "upgrade",
     )
 
     def __init__(
@@ -460,12 +463,40 @@ class Exchange:
         self.set_cookie: bytes | None = None
         self.cancelled = False
         self.sent_end = False
+        #: The application's session cookie, with ``affinity = "session"``.
+        self.session: str | None = None
         self.queue_timer: Any = None
         self.upgrade = hdrs.upgrade_protocol(fields) if upgrade else None
 
     # -- choosing a host ---------------------------------------------------------
     def start(self) -> None:
-        host = self._classify()
+        pool = self.pool
+        affinity = pool.config.affinity
+        sessions = self.client.listener.sessions
+        if affinity == "session" and sessions is not None:
+            cookie = cookies_of(hdrs.pairs(self.fields)).get(pool.config.session_cookie.encode())
+            if cookie:
+                self.session = cookie.decode("latin-1")
+                found = sessions.lookup(pool, self.session, self._session_found)
+                if found is True:
+                    return  # the DAM asks the other units; _session_found goes on
+                self._session_found(found)  # type: ignore[arg-type]
+                return
+        self._start_with(self._classify())
+
+    def _session_found(self, host: Host | None) -> None:
+        if self.cancelled:
+            return
+        if host is None:
+            # Unknown, or its host is down or inactive: balance, and the
+            # session moves to the host chosen.
+            host = self._classify()
+            sessions = self.client.listener.sessions
+            if host is not None and sessions is not None and self.session is not None:
+                sessions.bind(self.pool, self.session, host)
+        self._start_with(host)
+
+    def _start_with(self, host: Host | None) -> None:
         if host is None:
             self.client.local_response(503, b"no host available\n")
             return
@@ -474,7 +505,7 @@ class Exchange:
     def _classify(self) -> Host | None:
         pool = self.pool
         affinity = pool.config.affinity
-        if affinity == "none":
+        if affinity == "none" or affinity == "session":
             return pool.choose(self.tried)
         host = None
         if not self.tried:
@@ -620,6 +651,8 @@ class Exchange:
             if client.closing or client.requests >= client.config.max_requests_per_connection:
                 # Tell the client this is the connection's last answer.
                 headers.append((b"connection", b"connection", b"close"))
+            if self.pool.config.affinity == "session":
+                self._learn_session(headers)
             client.send(_Response(status_code=event.status_code, headers=hdrs.wrap(headers), reason=event.reason, _parsed=True))
             conn.pauser.on_backpressure = client.backpressure
             client.transport.registerProducer(conn.pauser, True)
@@ -642,6 +675,19 @@ class Exchange:
                 client.send(_InformationalResponse(
                     status_code=event.status_code, headers=hdrs.wrap(headers), reason=event.reason, _parsed=True,
                 ))
+
+    def _learn_session(self, headers: list[hdrs.Field]) -> None:
+        """The application set or cleared its session cookie: follow it."""
+        sessions = self.client.listener.sessions
+        found = hdrs.set_cookie(headers, self.pool.config.session_cookie.encode())
+        if found is None or sessions is None or self.host is None:
+            return
+        value, deleted = found
+        session = value.decode("latin-1")
+        if deleted:
+            sessions.forget(self.pool.name, session)
+        elif session:
+            sessions.bind(self.pool, session, self.host)
 
     def _response_done(self, conn: UpstreamConnection) -> None:
         self.response_complete = True

@@ -1,0 +1,116 @@
+"""End to end: session affinity with real units, agents and backends.
+
+Sessions reach the unit two ways: the application announces them through
+its host's agent (the session API), or the unit learns them from the
+application's own ``Set-Cookie``.  Either way every request carrying the
+session cookie goes to the session's host, until the session ends or its
+host can no longer take it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.realnet import Farm, Process, Unit, agent_config, start_agent, unit_config, wait_until
+
+SECRET = b"farm secret for the session tests\n"
+SESSION_POOL = 'affinity = "session"\nsession_cookie = "SID"\nbalance = "round_robin"'
+
+
+@pytest.fixture
+def farm(tmp_path: Path) -> Iterator[Farm]:
+    f = Farm(tmp_path)
+    (tmp_path / "farm.key").write_bytes(SECRET)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def fetch(url: str, sid: str | None = None) -> tuple[str, str]:
+    """GET ``url``; returns (backend name, the Set-Cookie header or "")."""
+    request = urllib.request.Request(url)
+    if sid is not None:
+        request.add_header("Cookie", f"other=1; SID={sid}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read().split()[0].decode(), response.headers.get("Set-Cookie") or ""
+
+
+def hosts(unit: Unit) -> dict[str, Any]:
+    with urllib.request.urlopen(unit.admin + "/api/v1/state", timeout=10) as response:
+        return json.loads(response.read())["pools"]["app"]["hosts"]
+
+
+def call(url: str, method: str, body: bytes | None = None) -> Any:
+    request = urllib.request.Request(url, data=body, method=method)
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def sessions_farm(farm: Farm) -> tuple[Unit, list[tuple[Process, str, str]]]:
+    unit = farm.unit(unit_config(
+        [], extra_unit='secret_file = "farm.key"\nhealth = "127.0.0.1:0"', pools=SESSION_POOL,
+    ))
+    health_port = unit.process.wait_for(r"health messages on udp 127\.0\.0\.1:(\d+)").group(1)
+    members = []
+    for i in range(3):
+        _, endpoint = farm.backend(f"b{i}")
+        config = agent_config(f"host{i}", [f"127.0.0.1:{health_port}"], [("app", endpoint)], "farm.key")
+        process, api = start_agent(farm, config, f"host{i}")
+        members.append((process, api, endpoint))
+    wait_until(lambda: len(hosts(unit)) == 3 and all(h["health"] == "up" for h in hosts(unit).values()),
+               what="agents' hosts up")
+    return unit, members
+
+
+def test_announced_session_goes_to_its_host_until_it_ends(farm: Farm) -> None:
+    unit, members = sessions_farm(farm)
+    _, api, endpoint = members[1]
+    call(api + "/v1/sessions", "POST", json.dumps({"app": "app", "key": "s-123"}).encode())
+    wait_until(lambda: hosts(unit)[endpoint]["sessions"] == 1, what="session known to the unit")
+    assert Counter(fetch(unit.url() + f"x{i}", "s-123")[0] for i in range(30)) == {"b1": 30}
+    call(api + "/v1/sessions/s-123?app=app", "DELETE")
+    wait_until(lambda: hosts(unit)[endpoint]["sessions"] == 0, what="session ended")
+    # Balanced again: the session binds to whichever host the next request
+    # draws, and stays there.
+    first = fetch(unit.url() + "again", "s-123")[0]
+    assert {fetch(unit.url() + f"y{i}", "s-123")[0] for i in range(10)} == {first}
+
+
+def test_session_moves_when_its_host_goes_down(farm: Farm) -> None:
+    unit, members = sessions_farm(farm)
+    _, api, endpoint = members[0]
+    call(api + "/v1/sessions", "POST", json.dumps({"app": "app", "key": "mover"}).encode())
+    wait_until(lambda: hosts(unit)[endpoint]["sessions"] == 1, what="session known")
+    call(api + "/v1/apps/app", "PUT", b'{"health": "down"}')
+    wait_until(lambda: hosts(unit)[endpoint]["health"] == "down", what="host down")
+    moved_to = fetch(unit.url() + "m", "mover")[0]
+    assert moved_to != "b0"
+    assert {fetch(unit.url() + f"m{i}", "mover")[0] for i in range(10)} == {moved_to}
+
+
+def test_sessions_learnt_from_set_cookie(farm: Farm) -> None:
+    backends = [farm.backend(f"b{i}")[1] for i in range(3)]
+    unit = farm.unit(unit_config(backends, pools=SESSION_POOL))
+    name, cookie = fetch(unit.url() + "login/u42")
+    assert cookie.startswith("SID=u42")
+    assert {fetch(unit.url() + f"p{i}", "u42")[0] for i in range(12)} == {name}
+    ctl = [sys.executable, "-m", "nlbproxy.ctl", "--admin", unit.admin]
+    listed = subprocess.run([*ctl, "sessions", "app", "--json"], capture_output=True, text=True, timeout=30)
+    assert [s["key"] for s in json.loads(listed.stdout)["sessions"]] == ["u42"]
+    fetch(unit.url() + "logout/u42", "u42")
+    wait_until(lambda: sum(h["sessions"] for h in hosts(unit).values()) == 0, what="session forgotten")
+    fetch(unit.url() + "login/u43")
+    dropped = subprocess.run([*ctl, "drop-session", "app", "u43"], capture_output=True, text=True, timeout=30)
+    assert dropped.returncode == 0, dropped.stderr
+    assert sum(h["sessions"] for h in hosts(unit).values()) == 0
