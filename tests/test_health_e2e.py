@@ -82,6 +82,11 @@ def test_hosts_announced_by_agents_join_the_pool(farm: Farm) -> None:
     for _, _, endpoint in members:
         assert seen[endpoint]["agent"] is True
         assert seen[endpoint]["capacity"] == 50
+    # Equal reported loads (the measured CPU of a busy test machine would
+    # otherwise decide the spread).
+    for _, api, _ in members:
+        put(api + "/v1/apps/app", b'{"load": 10}')
+    wait_until(lambda: {h["load"] for h in hosts(unit).values()} == {10}, what="loads reported")
     assert set(served_by(unit, 60)) == {"b0", "b1", "b2"}
 
 
