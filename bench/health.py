@@ -28,18 +28,25 @@ down      b0's application reports down (PUT /v1/apps/app on its agent).
 drain     PUT /v1/apps/app/directive ``draining`` on b0's agent.  Failed
           requests across the drain (target 0); time until no new request
           reaches b0; time until the agent's row is current (postulate cycle).
-spread    The applications report loads (10 from the start, every 5 s so
-          the reports stay fresh), then b0 reports 90: b0's share of the
-          requests over ``--spread-requests`` once the unit shows 90 (target
-          < 15 %), and as it changes over time; then b0 reports 10 again: time
-          until its share is back to about a third (>= 27 %, 0.8 x 1/3,
-          held for 3 s; target <= 5 s, "a few seconds").
+spread    b0 reports load 90 while b1, b2 stay at 10: time until the unit
+          shows 90 for b0, b0's share of ``--spread-requests`` requests from
+          then (target < 15 %), and how long the share takes to go under
+          15 %; then b0 reports 10 again: time until its share is back to
+          about a third (>= 27 %, 0.8 x 1/3, held for 3 s; target <= 5 s,
+          "a few seconds") and until the unit shows 10.  Each wait for the
+          unit's figure ends after ``--settle`` seconds; the share is then
+          measured anyway, under whatever figure the unit shows.
 haproxy   HAProxy (the Debian package) with its default health checks
           (``server ... check``: TCP connect, inter 2 s, fall 3, no
           redispatch) in front of three backends; b0 is killed under the same
           load.  Time until HAProxy stops sending to b0 (the last request that
           b0 answered or that failed), until its stats socket shows b0 DOWN,
           and failed requests; the nlbproxy/HAProxy ratios of both times.
+
+In every nlbproxy scenario the applications report load 10 from the start
+and every 5 s after (reports expire after 30 s): without reports each agent
+publishes the machine's measured CPU load, and on one machine that is the
+same saturated CPU for all three "hosts", which would decide the spread.
 
 With ``--rounds N`` every scenario runs N times (in alternation) and the
 median of each figure is reported.
@@ -85,7 +92,7 @@ SPREAD_BACK_S = 5.0
 #: Share windows (seconds) for the spread time series; a level must hold this long.
 SHARE_WINDOW_S = 0.5
 SHARE_HOLD_S = 3.0
-#: The agent's app load reports expire after 30 s (LOAD_REPORT_TTL); re-report well before.
+#: The agent forgets an application's load report after 30 s (LOAD_REPORT_TTL); re-report well before.
 REPORT_EVERY_S = 5.0
 #: Windows NLB as documented: a host is dead after 5 missed 1 s heartbeats, then the
 #: cluster converges in about 2.5-3 s.
@@ -94,6 +101,9 @@ WINDOWS_NLB_CONVERGE_S = (2.5, 3.0)
 #: Workers of the open-loop probe stream: enough for probe_rate x the longest a
 #: request may hang (HAProxy: 3 retries 1 s apart) with room to spare.
 PROBE_WORKERS = 512
+#: Open-loop connections idle longer than this are closed, not reused: well below
+#: the servers' keep-alive timeouts, so the client never races a server's close.
+PROBE_IDLE_MAX_S = 5.0
 #: Longest any single wait for a farm to be ready.
 READY_S = 30.0
 
@@ -156,6 +166,8 @@ class Rec:
     backend: str  # the name the body starts with; "" unless status is 200
     status: int  # HTTP status; 0 for a connection-level error
     error: str = ""
+    loop: str = "closed"  # or "open"
+    idle: float = -1.0  # seconds the connection sat idle before this request; -1: new
 
 
 class Load:
@@ -176,7 +188,7 @@ class Load:
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
         self.probe_rate = probe_rate
         self.probes: list[Rec] = []
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[tuple[http.client.HTTPConnection, float]] = []
         self._pool = ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="probe")
         self.threads.append(threading.Thread(target=self._schedule, daemon=True))
 
@@ -193,7 +205,7 @@ class Load:
         for thread in self.threads:
             thread.join(15)  # a request times out after 10 s
         self._pool.shutdown(wait=True, cancel_futures=True)
-        for conn in self._idle:
+        for conn, _ in self._idle:
             conn.close()
 
     def _schedule(self) -> None:
@@ -208,46 +220,62 @@ class Load:
             self.stopping.wait(max(0.0, next_at - time.monotonic()))
 
     def _probe(self, n: int) -> None:
-        try:
-            conn = self._idle.pop()
-        except IndexError:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn: http.client.HTTPConnection | None = None
+        while self._idle:
+            try:
+                conn, last = self._idle.pop()
+            except IndexError:
+                break
+            if time.monotonic() - last < PROBE_IDLE_MAX_S:
+                break
+            # The server may be closing it (nlbproxy's keepalive_timeout is 30 s):
+            # reusing it would race that close, as HTTP clients know to avoid.
+            conn.close()
+            conn = None
+        if conn is None:
+            conn, last = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10), -1.0
         sent = time.monotonic()
+        idle = sent - last if last >= 0 else -1.0
         try:
             conn.request("GET", f"/probe/r{n}")
             response = conn.getresponse()
             body = response.read()
             ok = response.status == 200
-            self.probes.append(Rec(sent, time.monotonic(), body.split(b" ", 1)[0].decode("ascii", "replace")
-                                   if ok else "", response.status))
+            done = time.monotonic()
+            self.probes.append(Rec(sent, done, body.split(b" ", 1)[0].decode("ascii", "replace")
+                                   if ok else "", response.status, loop="open", idle=idle))
             if response.will_close:
                 conn.close()
             else:
-                self._idle.append(conn)
+                self._idle.append((conn, done))
         except (OSError, http.client.HTTPException) as exc:
-            self.probes.append(Rec(sent, time.monotonic(), "", 0, f"{type(exc).__name__}: {exc}"))
+            self.probes.append(Rec(sent, time.monotonic(), "", 0, f"{type(exc).__name__}: {exc}",
+                                   loop="open", idle=idle))
             conn.close()
 
     def _run(self, i: int) -> None:
         records = self.records[i]
         conn: http.client.HTTPConnection | None = None
+        last = -1.0
         n = 0
         while not self.stopping.is_set():
             if conn is None:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn, last = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10), -1.0
             sent = time.monotonic()
+            idle = sent - last if last >= 0 else -1.0
             try:
                 conn.request("GET", f"/c{i}/r{n}")
                 response = conn.getresponse()
                 body = response.read()
                 ok = response.status == 200
-                records.append(Rec(sent, time.monotonic(), body.split(b" ", 1)[0].decode("ascii", "replace")
-                                   if ok else "", response.status))
+                last = time.monotonic()
+                records.append(Rec(sent, last, body.split(b" ", 1)[0].decode("ascii", "replace")
+                                   if ok else "", response.status, idle=idle))
                 if response.will_close:
                     conn.close()
                     conn = None
             except (OSError, http.client.HTTPException) as exc:
-                records.append(Rec(sent, time.monotonic(), "", 0, f"{type(exc).__name__}: {exc}"))
+                records.append(Rec(sent, time.monotonic(), "", 0, f"{type(exc).__name__}: {exc}", idle=idle))
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -286,11 +314,19 @@ def failed(records: list[Rec]) -> list[Rec]:
 
 
 def describe_failures(records: list[Rec]) -> str:
-    kinds: dict[str, int] = {}
+    """"503 x3 (closed loop 1, open loop 2; connection idle up to 0.0 s)", per kind."""
+    kinds: dict[str, list[Rec]] = {}
     for r in failed(records):
-        key = str(r.status) if r.status else r.error.split(":")[0]
-        kinds[key] = kinds.get(key, 0) + 1
-    return ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
+        kinds.setdefault(str(r.status) if r.status else r.error.split(":")[0], []).append(r)
+    out = []
+    for kind, recs in sorted(kinds.items()):
+        closed = sum(1 for r in recs if r.loop == "closed")
+        reused = [r.idle for r in recs if r.idle >= 0]
+        where = (f"{len(recs) - len(reused)} on new connections" if len(reused) < len(recs) else "")
+        if reused:
+            where += (", " if where else "") + f"{len(reused)} on reused ones idle <= {max(reused):.1f} s"
+        out.append(f"{kind} x{len(recs)} (closed loop {closed}, open loop {len(recs) - closed}; {where})")
+    return ", ".join(out)
 
 
 def rate(records: list[Rec], t0: float, t1: float) -> float:
@@ -427,11 +463,12 @@ class Poller:
                 return sample.at - since
         return None
 
-    def last_change(self, key: Callable[[dict[str, Any]], Any], since: float) -> float | None:
+    def last_change(self, key: Callable[[dict[str, Any]], Any], since: float,
+                    until: float = float("inf")) -> float | None:
         """Seconds from ``since`` to the first sample showing the last value ``key`` took
-        after ``since`` (when it stopped changing); None if it never changed."""
+        between ``since`` and ``until`` (when it stopped changing); None if it never changed."""
         before = [s for s in self.samples if s.at <= since]
-        after = [s for s in self.samples if s.at > since]
+        after = [s for s in self.samples if since < s.at <= until]
         if not after:
             return None
         previous = key(before[-1].value) if before else key(after[0].value)
@@ -517,8 +554,49 @@ def start_backend(farm: Farm, name: str) -> tuple[Process, str]:
     return process, f"127.0.0.1:{port}"
 
 
-def start_nlb_farm(farm: Farm, initial_load: int | None = None) -> NlbFarm:
-    """A unit whose pool lists no host, three backends, each with its own agent."""
+class Reporter:
+    """The applications' load reports, repeated every REPORT_EVERY_S as a live
+    application would (an agent forgets a report after 30 s and falls back to the
+    host's measured CPU load, which on this one machine is the same busy CPU for
+    every "host" and would decide the spread by itself)."""
+
+    def __init__(self, nlb: NlbFarm, load: int) -> None:
+        self.apis = {m.name: m.api for m in nlb.members}
+        self.loads = dict.fromkeys(self.apis, load)
+        self.errors: list[str] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Reporter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(15)
+
+    def set(self, name: str, load: int) -> None:
+        self.loads[name] = load
+        self.report(name)
+
+    def report(self, name: str) -> None:
+        try:
+            status, _ = put(self.apis[name] + "/v1/apps/app", json.dumps({"load": self.loads[name]}).encode())
+        except (OSError, http.client.HTTPException) as exc:
+            self.errors.append(f"{name}: {exc}")
+            return
+        if status != 200:
+            self.errors.append(f"{name}: {status}")
+
+    def _run(self) -> None:
+        while not self.stopping.wait(REPORT_EVERY_S):
+            for name in self.apis:
+                self.report(name)
+
+
+def start_nlb_farm(farm: Farm, initial_load: int = 10) -> NlbFarm:
+    """A unit whose pool lists no host, three backends, each with its own agent, all
+    up in the unit with the applications' reported load ``initial_load``."""
     path = farm.tmp / "unit.toml"
     path.write_text(unit_config([], extra_unit='secret_file = "farm.key"\nhealth = "127.0.0.1:0"'))
     unit = Unit(farm.start(H.twistd_argv("nlbproxy", "--config", str(path))))
@@ -528,20 +606,20 @@ def start_nlb_farm(farm: Farm, initial_load: int | None = None) -> NlbFarm:
         backend, endpoint = start_backend(farm, name)
         config = agent_config(f"host-{name}", [f"127.0.0.1:{health_port}"], [("app", endpoint)], "farm.key")
         agent, api = start_agent(farm, config, f"host-{name}")
-        if initial_load is not None:
-            # Before the agent's first load sample (1 s after its start), so the
-            # smoothed load starts at the application's figure.
-            put(api + "/v1/apps/app", json.dumps({"load": initial_load}).encode())
+        # At once, before the agent's first measured sample (1 s after its start): the
+        # unit never routes by this machine's CPU load, which all "hosts" share.
+        put(api + "/v1/apps/app", json.dumps({"load": initial_load}).encode())
         nlb.members.append(Member(name, endpoint, backend, agent, api))
     view = UnitView(unit.admin, metrics=False)
     try:
         deadline = time.monotonic() + READY_S
         while True:
             hosts = view()["hosts"]
-            if len(hosts) == len(NAMES) and all(h["health"] == "up" for h in hosts.values()):
+            if len(hosts) == len(NAMES) and all(h["health"] == "up" and h["load"] == initial_load
+                                                for h in hosts.values()):
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the agents' hosts are not all up in the unit: {hosts}")
+                raise RuntimeError(f"the agents' hosts are not all up at load {initial_load} in the unit: {hosts}")
             time.sleep(0.02)
     finally:
         view.close()
@@ -550,6 +628,8 @@ def start_nlb_farm(farm: Farm, initial_load: int | None = None) -> NlbFarm:
 
 @contextlib.contextmanager
 def new_farm(workdir: Path, label: str) -> Iterator[Farm]:
+    """A Farm in WORKDIR/LABEL whose processes are all killed on the way out; their
+    output is saved there as N-NAME.log (kept with --keep)."""
     tmp = workdir / label
     tmp.mkdir()
     (tmp / "farm.key").write_bytes(SECRET)
@@ -558,6 +638,9 @@ def new_farm(workdir: Path, label: str) -> Iterator[Farm]:
         yield farm
     finally:
         farm.close()  # SIGKILL to every process group started
+        for i, process in enumerate(farm.processes):
+            name = re.sub(r"[^\w.-]+", "_", " ".join(Path(a).name for a in process.args[:6]))[:60]
+            (tmp / f"{i}-{name}.log").write_text(process.output() + "\n")
 
 
 def warm_up(load: Load, seconds: float) -> float:
@@ -597,7 +680,8 @@ def run_dead(args: argparse.Namespace, workdir: Path, label: str) -> dict[str, A
         nlb = start_nlb_farm(farm)
         victim = nlb.member(VICTIM)
         view = UnitView(nlb.unit.admin, metrics=True)
-        with Load(nlb.unit.port(), args.clients, args.probe_rate) as load, Poller(view, args.poll_ms / 1000) as poller:
+        with Reporter(nlb, 10), Load(nlb.unit.port(), args.clients, args.probe_rate) as load, \
+                Poller(view, args.poll_ms / 1000) as poller:
             t_start = warm_up(load, args.warmup)
             poller.wait_for(lambda v: True, t_start, 5)
             kill = time.monotonic()
@@ -619,8 +703,10 @@ def run_dead(args: argparse.Namespace, workdir: Path, label: str) -> dict[str, A
     base = victim_metrics(before[-1].value) if before else {}
     final = victim_metrics(poller.samples[-1].value) if poller.samples else {}
     delta = {k: final.get(k, 0) - base.get(k, 0) for k in final}
-    retries_total = sum(m.get("retries", 0) for m in poller.samples[-1].value.get("metrics", {}).values()) - sum(
-        m.get("retries", 0) for m in (before[-1].value.get("metrics", {}).values() if before else []))
+    def all_retries(samples: list[Sample]) -> int:
+        return sum(m.get("retries", 0) for m in samples[-1].value.get("metrics", {}).values()) if samples else 0
+
+    retries_total = all_retries(poller.samples) - all_retries(before)
     last_attempt = poller.last_change(lambda v: (victim_metrics(v).get("errors", 0),
                                                  victim_metrics(v).get("retries", 0)), kill)
     last_answer = last_sent_to(records, VICTIM, kill)
@@ -656,7 +742,8 @@ def run_down(args: argparse.Namespace, workdir: Path, label: str) -> dict[str, A
         nlb = start_nlb_farm(farm)
         victim = nlb.member(VICTIM)
         view = UnitView(nlb.unit.admin, metrics=False)
-        with Load(nlb.unit.port(), args.clients, args.probe_rate) as load, Poller(view, args.poll_ms / 1000) as poller:
+        with Reporter(nlb, 10), Load(nlb.unit.port(), args.clients, args.probe_rate) as load, \
+                Poller(view, args.poll_ms / 1000) as poller:
             t_start = warm_up(load, args.warmup)
             poller.wait_for(lambda v: True, t_start, 5)
             t_put = time.monotonic()
@@ -685,7 +772,8 @@ def run_down(args: argparse.Namespace, workdir: Path, label: str) -> dict[str, A
         "down_reason": next((host_of(s.value, victim.endpoint).get("health_reason") for s in poller.samples
                              if s.at > t_put and host_of(s.value, victim.endpoint).get("health") == "down"), None),
         "last_request_s": last_sent_to(during, VICTIM, t_put),
-        "unit_counter_stops_s": poller.last_change(lambda v: host_of(v, victim.endpoint).get("requests"), t_put),
+        "unit_counter_stops_s": poller.last_change(lambda v: host_of(v, victim.endpoint).get("requests"),
+                                                   t_put, t_up),
         "sent_to_victim_after_put": sum(1 for r in during if r.backend == VICTIM and r.sent >= t_put),
         "failed": len(failed(records)),
         "failures": describe_failures(records),
@@ -702,7 +790,8 @@ def run_drain(args: argparse.Namespace, workdir: Path, label: str) -> dict[str, 
         nlb = start_nlb_farm(farm)
         victim = nlb.member(VICTIM)
         view = UnitView(nlb.unit.admin, metrics=False, agent_api=victim.api)
-        with Load(nlb.unit.port(), args.clients, args.probe_rate) as load, Poller(view, args.poll_ms / 1000) as poller:
+        with Reporter(nlb, 10), Load(nlb.unit.port(), args.clients, args.probe_rate) as load, \
+                Poller(view, args.poll_ms / 1000) as poller:
             t_start = warm_up(load, args.warmup)
             poller.wait_for(lambda v: True, t_start, 5)
             t_put = time.monotonic()
@@ -733,93 +822,75 @@ def run_drain(args: argparse.Namespace, workdir: Path, label: str) -> dict[str, 
 
 
 def run_spread(args: argparse.Namespace, workdir: Path, label: str) -> dict[str, Any]:
+    """b0's application reports 90, then 10 again; the others report 10 throughout."""
     with new_farm(workdir, label) as farm:
         nlb = start_nlb_farm(farm, initial_load=10)
-        loads = {m.name: 10 for m in nlb.members}
-        apis = {m.name: m.api for m in nlb.members}
         victim = nlb.member(VICTIM)
-        stop_reports = threading.Event()
-        report_errors: list[str] = []
 
-        def report(name: str) -> None:
-            status, _ = put(apis[name] + "/v1/apps/app", json.dumps({"load": loads[name]}).encode())
-            if status != 200:
-                report_errors.append(f"{name}: {status}")
+        def victim_load(v: dict[str, Any]) -> int:
+            return int(host_of(v, victim.endpoint).get("load", -1))
 
-        def reporter() -> None:
-            # The applications keep reporting, as a live one would (reports expire after 30 s).
-            while not stop_reports.wait(REPORT_EVERY_S):
-                for name in NAMES:
-                    with contextlib.suppress(OSError, http.client.HTTPException):
-                        report(name)
+        def settled(reported: int) -> Callable[[dict[str, Any]], bool]:
+            return lambda v: victim_load(v) == reported
 
-        def victim_load(v: dict[str, Any]) -> int | None:
-            return host_of(v, victim.endpoint).get("load")
-
-        reporting = threading.Thread(target=reporter, daemon=True)
-        reporting.start()
         view = UnitView(nlb.unit.admin, metrics=False)
-        try:
-            with Load(nlb.unit.port(), args.clients, args.probe_rate) as load, Poller(view, args.poll_ms / 1000) as poller:
-                initial = poller.wait_for(
-                    lambda v: [h["load"] for h in v["hosts"].values()] == [10, 10, 10], 0, args.settle)
-                t_start = warm_up(load, args.warmup)
-                even, _ = share(load.all(), VICTIM, t_start - args.warmup, t_start)
-                # b0 gets busy.
-                loads[VICTIM] = 90
-                t_loaded = time.monotonic()
-                report(VICTIM)
-                first_move = poller.wait_for(lambda v: (victim_load(v) or 0) > 10, t_loaded, args.settle)
-                at_90 = poller.wait_for(lambda v: (victim_load(v) or 0) >= 90, t_loaded, args.settle)
-                # N more requests once the unit shows 90 (or the settle deadline passed).
-                t_measure = time.monotonic()
-                deadline = t_measure + 60
-                while (sum(1 for r in load.since(t_measure) if r.backend) < args.spread_requests
-                       and time.monotonic() < deadline):
-                    load.stopping.wait(0.1)
-                t_unload = time.monotonic()
-                records = load.since(t_loaded - 1)
-                records.sort(key=lambda r: r.sent)
-                loaded_share, loaded_n = share_of_next(records, VICTIM, t_measure, args.spread_requests)
-                first_share, first_n = share_of_next(records, VICTIM, t_loaded, args.spread_requests)
-                below = settle_time(records, VICTIM, t_loaded, t_unload, lambda s: s < SPREAD_LOADED_SHARE)
-                load_at_measure = victim_load(poller.samples[-1].value) if poller.samples else None
-                # b0 is idle again.
-                loads[VICTIM] = 10
-                report(VICTIM)
-                t_back_deadline = t_unload + args.settle
-                back: float | None = None
-                while time.monotonic() < t_back_deadline:
+        with Reporter(nlb, 10) as reporter, Load(nlb.unit.port(), args.clients, args.probe_rate) as load, \
+                Poller(view, args.poll_ms / 1000) as poller:
+            t_start = warm_up(load, args.warmup)
+            even, _ = share(load.all(), VICTIM, t_start - args.warmup, t_start)
+            # b0 gets busy.
+            t_loaded = time.monotonic()
+            reporter.set(VICTIM, 90)
+            first_move = poller.wait_for(lambda v: victim_load(v) > 10, t_loaded, args.settle)
+            up_settled = poller.wait_for(settled(90), t_loaded, args.settle)
+            # N more requests once the unit shows 90 (or the wait ended).
+            t_measure = time.monotonic()
+            deadline = t_measure + 60
+            # ... and long enough for "stays under 15 %" to be judged over SHARE_HOLD_S.
+            while ((sum(1 for r in load.since(t_measure) if r.backend) < args.spread_requests
+                    or time.monotonic() < t_loaded + SHARE_HOLD_S + 2) and time.monotonic() < deadline):
+                load.stopping.wait(0.1)
+            t_unload = time.monotonic()
+            records = sorted(load.since(t_loaded - 1), key=lambda r: r.sent)
+            loaded_share, loaded_n = share_of_next(records, VICTIM, t_measure, args.spread_requests)
+            first_share, first_n = share_of_next(records, VICTIM, t_loaded, args.spread_requests)
+            below = settle_time(records, VICTIM, t_loaded, t_unload, lambda s: s < SPREAD_LOADED_SHARE)
+            shown_loaded = victim_load(poller.samples[-1].value) if poller.samples else None
+            # b0 is idle again: until its share is back and the unit shows 10.
+            reporter.set(VICTIM, 10)
+            back: float | None = None
+            down_settled: float | None = None
+            while time.monotonic() < t_unload + args.settle:
+                if back is None:
                     back = settle_time(load.since(t_unload), VICTIM, t_unload, time.monotonic(),
                                        lambda s: s >= SPREAD_THIRD_SHARE)
-                    if back is not None:
-                        break
-                    load.stopping.wait(SHARE_WINDOW_S)
-                at_10 = poller.first(lambda v: victim_load(v) == 10, t_unload)
-                t_end = time.monotonic()
-                load.stop()
-        finally:
-            stop_reports.set()
-            reporting.join(15)
-            view.close()
+                if down_settled is None:
+                    down_settled = poller.first(settled(10), t_unload)
+                if back is not None and down_settled is not None:
+                    break
+                load.stopping.wait(SHARE_WINDOW_S)
+            t_end = time.monotonic()
+            shown_unloaded = victim_load(poller.samples[-1].value) if poller.samples else None
+            load.stop()
+        view.close()
         records = load.all()
     return {
-        "initial_loads_s": None if initial is None else initial,
         "even_share": even,
         "first_n_share": first_share,
         "first_n": first_n,
         "unit_load_moves_s": None if first_move is None else first_move - t_loaded,
-        "unit_shows_90_s": None if at_90 is None else at_90 - t_loaded,
+        "unit_settles_90_s": None if up_settled is None else up_settled - t_loaded,
+        "shown_for_90": shown_loaded,
         "share_below_15_s": below,
         "loaded_share": loaded_share,
         "loaded_n": loaded_n,
-        "load_shown_at_measure": load_at_measure,
         "back_to_third_s": back,
-        "unit_shows_10_s": at_10,
+        "unit_settles_10_s": down_settled,
+        "shown_for_10": shown_unloaded,
         "share_last_3s": share(records, VICTIM, t_end - SHARE_HOLD_S, t_end)[0],
         "failed": len(failed(records)),
         "failures": describe_failures(records),
-        "report_errors": report_errors,
+        "report_errors": reporter.errors,
         "requests": len(records),
         "rps": rate(records, t_start - args.warmup, t_end),
         "load_series": changes(poller, victim_load, t_loaded),
@@ -894,7 +965,8 @@ def run_haproxy(args: argparse.Namespace, workdir: Path, label: str) -> dict[str
         def status(v: dict[str, Any]) -> str:
             return str(v["servers"].get(VICTIM, {}).get("status", ""))
 
-        with Load(port, args.clients, args.probe_rate) as load, Poller(lambda: haproxy_stat(sock), args.poll_ms / 1000) as poller:
+        with Load(port, args.clients, args.probe_rate) as load, \
+                Poller(lambda: haproxy_stat(sock), args.poll_ms / 1000) as poller:
             t_start = warm_up(load, args.warmup)
             poller.wait_for(lambda v: True, t_start, 5)
             kill = time.monotonic()
@@ -988,10 +1060,12 @@ ROWS: list[tuple[str, str, str, str, str]] = [
     ("spread", "unit_load_moves_s", "b0 reports 90: unit's load for b0 moves, s", "s", ""),
     ("spread", "first_n_share", "  b0 share of the next N requests, %", "%", ""),
     ("spread", "share_below_15_s", "  b0 share stays < 15 %, s", "s", ""),
-    ("spread", "unit_shows_90_s", "  unit shows load 90 for b0, s", "s", ""),
+    ("spread", "unit_settles_90_s", "  unit shows load 90 for b0, s", "s", ""),
+    ("spread", "shown_for_90", "    load shown when measured (reported 90)", "n", ""),
     ("spread", "loaded_share", "  b0 share of N requests from then, %", "%", "< 15"),
     ("spread", "back_to_third_s", "b0 reports 10: share back >= 27 %, s", "s", "<= 5"),
-    ("spread", "unit_shows_10_s", "  unit shows load 10 for b0, s", "s", ""),
+    ("spread", "unit_settles_10_s", "  unit shows load 10 for b0, s", "s", ""),
+    ("spread", "shown_for_10", "    load shown at the end (reported 10)", "n", ""),
     ("spread", "rps", "client req/s", "n", ""),
     ("haproxy", "last_request_s", "last request sent to b0 (answered or failed), s", "s", ""),
     ("haproxy", "first_check_fail_s", "first failed check in stats (UP 1/3), s", "s", ""),
@@ -1071,8 +1145,9 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
                 extra.append(f"down reason: {r['down_reason']!r}")
             if r.get("upstream_errors_by_kind"):
                 extra.append(f"b0 errors: {r['upstream_errors_by_kind']}")
-            if scenario == "spread":
-                extra.append(f"N = {args.spread_requests}, load shown when measured: {r.get('load_shown_at_measure')}")
+            if scenario == "spread" and r.get("load_series"):
+                series = ", ".join(f"{v}@{t:.1f}" for t, v in r["load_series"] if t >= 0)
+                extra.append(f"N = {args.spread_requests}; b0's load in the unit (value@s): {series}")
             if scenario == "haproxy" and r.get("victim_stats"):
                 vs = r["victim_stats"]
                 extra.append(f"b0 stats: status {vs.get('status')}, check {vs.get('check_status')}, "
@@ -1129,12 +1204,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds of load after the action (longer if the state has not changed yet)")
     ap.add_argument("--poll-ms", type=float, default=20.0, help="state poll interval")
     ap.add_argument("--spread-requests", type=int, default=3000, help="N requests for the spread shares")
-    ap.add_argument("--settle", type=float, default=90.0,
-                    help="longest wait for the unit to show a reported load (the agent smooths load)")
+    ap.add_argument("--settle", type=float, default=30.0,
+                    help="longest wait for the unit to show a reported load, and for the share to come back")
     ap.add_argument("--haproxy-redispatch", action="store_true",
                     help="give HAProxy 'option redispatch' and 'retries 3' (not its default)")
     ap.add_argument("--json", type=Path, help="write the results to this file")
-    ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, every process's output)")
     args = ap.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(SCENARIOS)

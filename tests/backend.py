@@ -36,6 +36,9 @@ def pattern_bytes(n: int) -> bytes:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "testbackend"
+    # Headers and body are separate writes: without TCP_NODELAY every
+    # keep-alive answer would wait for a delayed ACK (about 40 ms).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: object) -> None:
         pass
