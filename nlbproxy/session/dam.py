@@ -903,8 +903,11 @@ class DAM:
         A refresh is only applied over an entry we have (or a key we query).
         A unit that replaces a live atom by one with other data, or revives a
         zombie, fans the new atom out to every unit as a refresh: any unit that
-        had the old one may have handed it to a cache.  A ``peer`` that sent
-        an atom older than ours, with other data, gets ours back as a refresh.
+        had the old one may have handed it to a cache.  So does one that
+        replaces a live atom by a zombie that did not come from the deleting
+        unit itself (a resync or a push: the delete's own broadcast may have
+        missed units then).  A ``peer`` that sent an atom older than ours,
+        with other data, gets ours back as a refresh.
         """
         counter = atom.counter
         if counter > self._counter:
@@ -918,8 +921,21 @@ class DAM:
             if refresh and key not in self._queries:
                 self.stats["refresh_skipped"] += 1
                 return False
-            if atom.dead and self._expiry(atom) <= self._clock.seconds():
-                self.stats["expired_on_arrival"] += 1
+            if atom.dead:
+                if self._expiry(atom) <= self._clock.seconds():
+                    self.stats["expired_on_arrival"] += 1
+                    return False
+            elif peer is not None and key not in self._queries and self.me not in assigned(
+                    key, self._ring, self.replication):
+                # Pushed by a unit whose view of the ring differs from ours (a
+                # membership change in flight), or our own write coming back
+                # after a restart: keeping it would make a copy that no update
+                # or delete is sure to reach.  Pass it on to the units the key
+                # is assigned to in our view; they rank above us, so
+                # forwarding always climbs the ranking and ends.
+                self.stats["forwarded"] += 1
+                for other in assigned(key, self._ring, self.replication) - {peer}:
+                    self._queue(other, atom)
                 return False
             if len(self._table) >= self._max_atoms:
                 self.stats["drop_table_full"] += 1
@@ -935,12 +951,15 @@ class DAM:
             return False
         self._store(key, atom, current)
         self.stats["applied"] += 1
+        if current is not None and (
+            (current.dead != atom.dead or current.data != atom.data) if not atom.dead
+            else not current.dead and peer != atom.origin
+        ):
+            self.stats["fanout"] += 1
+            for other in self._live:
+                if other != atom.origin and other != peer:
+                    self._queue(other, atom, refresh=True)
         if not atom.dead:
-            if current is not None and (current.dead or current.data != atom.data):
-                self.stats["fanout"] += 1
-                for other in self._live:
-                    if other != atom.origin and other != peer:
-                        self._queue(other, atom, refresh=True)
             query = self._queries.get(key)
             if query is not None:
                 self._resolve(query, atom)
