@@ -37,12 +37,9 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Callable, Mapping
-from io import BytesIO
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, Protocol
 
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from nlbproxy.classifier import DIRECTIVES, Farm, Host, Pool
@@ -52,14 +49,13 @@ from nlbproxy.health.udp import HealthSocket
 from nlbproxy.session.tracker import SessionTracker
 from nlbproxy.limits import MAX_ADMIN_BODY
 from nlbproxy.metrics import ListenerStats, PrometheusWriter, status_classes
+from nlbproxy.webapi import Answer, BoundedRequest, JsonApiResource, Refusal, json_answer, one_of, read_body
 
 log = Logger()
 
-JSON_TYPE = b"application/json"
 #: Most sessions one ``GET .../sessions`` page lists.
 MAX_SESSIONS_PAGE = 1000
 PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-
 
 
 class ReactorTime(Protocol):
@@ -271,10 +267,7 @@ def parse_directive(body: bytes) -> str:
         if not isinstance(text, str):
             raise ValueError("body is not a valid JSON string")
         text = text.strip()
-    if text not in DIRECTIVES:
-        shown = text if len(text) <= 40 else text[:40] + "..."
-        raise ValueError(f"unknown directive {shown!r}; use one of {', '.join(DIRECTIVES)}")
-    return text
+    return one_of(text, DIRECTIVES, "directive")
 
 
 def find_host(pool: Pool, key: str) -> Host | None:
@@ -293,39 +286,12 @@ def find_host(pool: Pool, key: str) -> Host | None:
 
 
 # -- HTTP --------------------------------------------------------------------------
-class _Answer(NamedTuple):
-    code: int
-    body: bytes
-    content_type: bytes = JSON_TYPE
-
-
-class _Refusal(Exception):
-    """An error the client caused: becomes a JSON error answer."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _json(code: int, document: object) -> _Answer:
-    return _Answer(code, json.dumps(document).encode() + b"\n")
-
-
-#: A route's pattern: literal segments, and None where a parameter goes.
-_Pattern = tuple[str | None, ...]
-_Handler = Callable[[Request, list[str]], _Answer]
-
-
-class AdminResource(Resource):
+class AdminResource(JsonApiResource):
     """The whole admin API as one leaf resource dispatching on a route table.
 
-    A leaf keeps the path in ``request.postpath`` (split on ``/`` first, then
-    percent-decoded by Twisted), which is exactly what the parameters need,
-    and gives one place for authentication, 404 and 405.
+    The bearer token, when configured, is checked in :meth:`authorize`,
+    before the path.
     """
-
-    isLeaf = True
 
     def __init__(
         self,
@@ -349,7 +315,7 @@ class AdminResource(Resource):
         self.unit_name = unit_name
         self._token = token.encode() if token is not None else None
         self.clock = clock
-        self.routes: list[tuple[_Pattern, dict[bytes, _Handler]]] = [
+        self.routes = [
             (("api", "v1", "state"), {b"GET": self.get_state}),
             (("api", "v1", "pools", None, "hosts", None, "directive"),
              {b"PUT": self.put_directive}),
@@ -359,65 +325,29 @@ class AdminResource(Resource):
             (("metrics",), {b"GET": self.get_metrics}),
         ]
 
-    def render(self, request: Request) -> bytes:
-        try:
-            answer = self._dispatch(request)
-        except _Refusal as refusal:
-            answer = _json(refusal.code, {"error": refusal.message})
-        request.setResponseCode(answer.code)
-        request.setHeader(b"Content-Type", answer.content_type)
-        request.setHeader(b"Cache-Control", b"no-store")
-        if request.method == b"HEAD":
-            request.setHeader(b"Content-Length", b"%d" % len(answer.body))
-            return b""
-        return answer.body
-
-    def _dispatch(self, request: Request) -> _Answer:
-        if not self._authorized(request):
-            request.setHeader(b"WWW-Authenticate", b"Bearer")
-            raise _Refusal(401, "missing or wrong bearer token")
-        try:
-            segments = [s.decode("utf-8") for s in request.postpath or ()]
-        except UnicodeDecodeError:
-            raise _Refusal(404, "no such path") from None
-        for pattern, handlers in self.routes:
-            params = _match(pattern, segments)
-            if params is None:
-                continue
-            method = request.method
-            handler = handlers.get(b"GET" if method == b"HEAD" else method)
-            if handler is None:
-                allowed = list(handlers)
-                if b"GET" in handlers:
-                    allowed.append(b"HEAD")
-                request.setHeader(b"Allow", b", ".join(allowed))
-                raise _Refusal(405, f"method not allowed; use {b', '.join(allowed).decode()}")
-            return handler(request, params)
-        raise _Refusal(404, "no such path")
-
-    def _authorized(self, request: Request) -> bool:
+    def authorize(self, request: Request) -> None:
         if self._token is None:
-            return True
+            return
         header = request.getHeader(b"Authorization") or b""
         scheme, _, credentials = header.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        return hmac.compare_digest(credentials.strip(), self._token)
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self._token):
+            request.setHeader(b"WWW-Authenticate", b"Bearer")
+            raise Refusal(401, "missing or wrong bearer token")
 
     # -- handlers ------------------------------------------------------------------
-    def get_state(self, request: Request, params: list[str]) -> _Answer:
-        return _json(200, state_document(
+    def get_state(self, request: Request, params: list[str]) -> Answer:
+        return json_answer(200, state_document(
             self.farm, self.listeners, self.upstreams, self.unit_name, self.clock.seconds(), self.sessions))
 
     def _tracked_pool(self, name: str) -> tuple[Pool, SessionTracker]:
         pool = self.farm.pools.get(name)
         if pool is None:
-            raise _Refusal(404, f"no pool {name}")
+            raise Refusal(404, f"no pool {name}")
         if self.sessions is None:
-            raise _Refusal(404, "this unit tracks no sessions")
+            raise Refusal(404, "this unit tracks no sessions")
         return pool, self.sessions
 
-    def get_sessions(self, request: Request, params: list[str]) -> _Answer:
+    def get_sessions(self, request: Request, params: list[str]) -> Answer:
         """``?after=KEY&limit=N``: one page of a pool's sessions, in key order."""
         pool, sessions = self._tracked_pool(params[0])
         args = request.args or {}
@@ -425,9 +355,9 @@ class AdminResource(Resource):
         try:
             limit = int((args.get(b"limit") or [b"100"])[0])
         except ValueError:
-            raise _Refusal(400, "limit must be an integer") from None
+            raise Refusal(400, "limit must be an integer") from None
         if not 1 <= limit <= MAX_SESSIONS_PAGE:
-            raise _Refusal(400, f"limit must be between 1 and {MAX_SESSIONS_PAGE}")
+            raise Refusal(400, f"limit must be between 1 and {MAX_SESSIONS_PAGE}")
         atoms = sessions.listing(pool.name, after, limit + 1)
         prefix = len(pool.name) + 1
         page = [
@@ -435,38 +365,36 @@ class AdminResource(Resource):
              "added": round(atom.added, 3)}
             for atom in atoms[:limit]
         ]
-        return _json(200, {"pool": pool.name, "sessions": page,
-                           "next": page[-1]["key"] if len(atoms) > limit else None})
+        return json_answer(200, {"pool": pool.name, "sessions": page,
+                                 "next": page[-1]["key"] if len(atoms) > limit else None})
 
-    def delete_session(self, request: Request, params: list[str]) -> _Answer:
+    def delete_session(self, request: Request, params: list[str]) -> Answer:
         pool, sessions = self._tracked_pool(params[0])
         if not sessions.forget(pool.name, params[1]):
-            raise _Refusal(404, f"no session {params[1]} in pool {pool.name}")
+            raise Refusal(404, f"no session {params[1]} in pool {pool.name}")
         log.info("session {key} of {pool} dropped by the operator", key=params[1], pool=pool.name)
-        return _json(200, {"pool": pool.name, "key": params[1], "dropped": True})
+        return json_answer(200, {"pool": pool.name, "key": params[1], "dropped": True})
 
-    def get_health(self, request: Request, params: list[str]) -> _Answer:
-        return _json(200, health_document(self.health))
+    def get_health(self, request: Request, params: list[str]) -> Answer:
+        return json_answer(200, health_document(self.health))
 
-    def get_metrics(self, request: Request, params: list[str]) -> _Answer:
+    def get_metrics(self, request: Request, params: list[str]) -> Answer:
         text = render_metrics(self.farm, self.listeners, self.upstreams, self.clock.seconds(), self.health)
-        return _Answer(200, text.encode(), PROMETHEUS_TYPE)
+        return Answer(200, text.encode(), PROMETHEUS_TYPE)
 
-    def put_directive(self, request: Request, params: list[str]) -> _Answer:
+    def put_directive(self, request: Request, params: list[str]) -> Answer:
         pool_name, key = params
-        body = request.content.read(MAX_ADMIN_BODY + 1) if request.content else b""
-        if len(body) > MAX_ADMIN_BODY:
-            raise _Refusal(413, f"body over {MAX_ADMIN_BODY} bytes")
+        body = read_body(request, MAX_ADMIN_BODY)
         pool = self.farm.pools.get(pool_name)
         if pool is None:
-            raise _Refusal(404, f"no pool {pool_name}")
+            raise Refusal(404, f"no pool {pool_name}")
         host = find_host(pool, key)
         if host is None:
-            raise _Refusal(404, f"no host {key} in pool {pool_name}")
+            raise Refusal(404, f"no host {key} in pool {pool_name}")
         try:
             directive = parse_directive(body)
         except ValueError as e:
-            raise _Refusal(400, str(e)) from None
+            raise Refusal(400, str(e)) from None
         previous = host.directive
         pool.set_directive(host, directive, reason="operator")
         client = request.getClientAddress()
@@ -477,50 +405,15 @@ class AdminResource(Resource):
         )
         document = {"pool": pool.name, "host": host.key}
         document.update(host_state(host, self.upstreams, self.clock.seconds()))
-        return _json(200, document)
+        return json_answer(200, document)
 
 
-def _match(pattern: _Pattern, segments: list[str]) -> list[str] | None:
-    if len(pattern) != len(segments):
-        return None
-    params = []
-    for want, got in zip(pattern, segments):
-        if want is None:
-            params.append(got)
-        elif want != got:
-            return None
-    return params
+class AdminRequest(BoundedRequest):
+    """A request that keeps at most ``MAX_ADMIN_BODY + 1`` bytes of its body."""
 
-
-class AdminRequest(Request):
-    """A request that keeps at most ``MAX_ADMIN_BODY + 1`` bytes of its body.
-
-    Twisted reads the whole body before rendering; storing only the first
-    bytes past the limit bounds memory, and the resource still sees that the
-    body was too long and answers 413.
-    """
-
-    def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        content = cast(BytesIO, self.content)
-        room = MAX_ADMIN_BODY + 1 - content.tell()
-        if room > 0:
-            content.write(data[:room])
-
-    def processingFailed(self, reason: Failure) -> Failure:
-        # A bug of ours: logged with its traceback like Twisted does, but
-        # answered in JSON like every other error of the API.
-        log.failure("admin API request {method} {uri} failed", reason,
-                    method=self.method, uri=self.uri)
-        body = b'{"error": "internal error"}\n'
-        self.setResponseCode(500)
-        self.setHeader(b"Content-Type", JSON_TYPE)
-        self.setHeader(b"Content-Length", b"%d" % len(body))
-        self.write(body)
-        self.finish()
-        return reason
+    body_limit = MAX_ADMIN_BODY
+    api_name = "admin API"
+    logger = log
 
 
 def make_admin_site(

@@ -174,16 +174,24 @@ class UnitConfig:
     path: str
 
 
-def load_config(path: str) -> UnitConfig:
-    """Read and validate the TOML config file at *path*."""
+def read_toml(path: str) -> dict[str, Any]:
+    """The TOML file at *path* as ``tomllib`` reads it.
+
+    A file that cannot be read, or is not valid UTF-8 TOML, raises a
+    ``ConfigError`` naming *path*; the unit's and the agent's loaders share it.
+    """
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read config file: {exc.strerror}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(path, "", f"invalid TOML: {exc}") from exc
-    return parse_config(data, path)
+
+
+def load_config(path: str) -> UnitConfig:
+    """Read and validate the TOML config file at *path*."""
+    return parse_config(read_toml(path), path)
 
 
 def parse_config(data: dict[str, Any], path: str = "<config>") -> UnitConfig:

@@ -70,18 +70,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from io import BytesIO
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from nlbproxy.config import format_host_port, parse_host_port
 from nlbproxy.health.messages import Directive, Health, RowChange, RowKey, SessionKind
 from nlbproxy.health.table import HealthTable, RowDetail, Source
 from nlbproxy.session.agentside import SessionEntry, SessionSender, SessionTableFull, check_session
+from nlbproxy.webapi import Answer, BoundedRequest, JsonApiResource, Refusal, json_answer, one_of, read_body
 
 __all__ = [
     "MAX_API_BODY",
@@ -123,7 +121,6 @@ DEFAULT_SESSION_KIND = SessionKind.HTTP_COOKIE
 #: 64 bytes of the composed reason).
 MAX_REASON_CHARS = 256
 
-JSON_TYPE = b"application/json"
 _DIRECTIVES = {d.word: d for d in Directive}
 _HEALTH = {"up": Health.UP, "down": Health.DOWN}
 
@@ -161,11 +158,7 @@ def _directive(value: object) -> Directive | None:
         return None
     if not isinstance(value, str):
         raise BadRequest("directive must be a string or null")
-    word = value.strip()
-    if word not in _DIRECTIVES:
-        shown = word if len(word) <= 40 else word[:40] + "..."
-        raise BadRequest(f"unknown directive {shown!r}; use one of {', '.join(_DIRECTIVES)}")
-    return _DIRECTIVES[word]
+    return _DIRECTIVES[one_of(value.strip(), _DIRECTIVES, "directive", BadRequest)]
 
 
 def parse_report(body: bytes) -> Report:
@@ -322,31 +315,13 @@ def row_document(detail: RowDetail) -> dict[str, Any]:
 
 
 # -- HTTP --------------------------------------------------------------------------
-class _Answer(NamedTuple):
-    code: int
-    document: object
-
-
-class _Refusal(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-_Handler = Callable[[Request, list[str]], _Answer]
-_Pattern = tuple[str | None, ...]
-
-
-class AgentApi(Resource):
+class AgentApi(JsonApiResource):
     """The whole API as one leaf resource dispatching on a route table.
 
     ``publish`` receives what each table change returns (the agent core's
     :meth:`~nlbproxy.health.agent.AgentCore.publish`), so a report reaches
     the units before the answer goes back to the application.
     """
-
-    isLeaf = True
 
     def __init__(
         self, table: HealthTable, publish: Publish, agent_name: str, sessions: SessionSender | None = None
@@ -356,7 +331,7 @@ class AgentApi(Resource):
         self.publish = publish
         self.agent_name = agent_name
         self.sessions = sessions
-        self.routes: list[tuple[_Pattern, dict[bytes, _Handler]]] = [
+        self.routes = [
             (("v1", "table"), {b"GET": self.get_table}),
             (("v1", "apps", None), {b"GET": self.get_app, b"PUT": self.put_app}),
             (("v1", "apps", None, "directive"), {b"PUT": self.put_directive, b"DELETE": self.delete_directive}),
@@ -370,101 +345,59 @@ class AgentApi(Resource):
                 (("v1", "sessions", None), {b"GET": self.get_session, b"DELETE": self.delete_session}),
             ]
 
-    def render(self, request: Request) -> bytes:
-        try:
-            answer = self._dispatch(request)
-        except _Refusal as refusal:
-            answer = _Answer(refusal.code, {"error": refusal.message})
-        body = json.dumps(answer.document).encode() + b"\n"
-        request.setResponseCode(answer.code)
-        request.setHeader(b"Content-Type", JSON_TYPE)
-        request.setHeader(b"Cache-Control", b"no-store")
-        if request.method == b"HEAD":
-            request.setHeader(b"Content-Length", b"%d" % len(body))
-            return b""
-        return body
-
-    def _dispatch(self, request: Request) -> _Answer:
-        try:
-            segments = [s.decode("utf-8") for s in request.postpath or ()]
-        except UnicodeDecodeError:
-            raise _Refusal(404, "no such path") from None
-        method = b"GET" if request.method == b"HEAD" else request.method
-        allowed: list[bytes] = []
-        for pattern, handlers in self.routes:
-            params = _match(pattern, segments)
-            if params is None:
-                continue
-            handler = handlers.get(method)
-            if handler is not None:
-                return handler(request, params)
-            allowed += [m for m in handlers if m not in allowed]
-        if allowed:
-            allowed += [b"HEAD"] if b"GET" in allowed else []
-            request.setHeader(b"Allow", b", ".join(allowed))
-            raise _Refusal(405, f"method not allowed; use {b', '.join(allowed).decode()}")
-        raise _Refusal(404, "no such path")
-
     # -- helpers -----------------------------------------------------------------
     def _keys(self, app: str) -> tuple[RowKey, ...]:
         try:
             return self.table.keys_of(app)
         except KeyError:
-            raise _Refusal(404, f"no app {app}") from None
+            raise Refusal(404, f"no app {app}") from None
 
-    def _app_answer(self, app: str) -> _Answer:
+    def _app_answer(self, app: str) -> Answer:
         rows = [row_document(self.table.detail(key)) for key in self._keys(app)]
-        return _Answer(200, {"app": app, "rows": rows})
-
-    @staticmethod
-    def _body(request: Request, limit: int = MAX_API_BODY) -> bytes:
-        body = request.content.read(limit + 1) if request.content else b""
-        if len(body) > limit:
-            raise _Refusal(413, f"body over {limit} bytes")
-        return body
+        return json_answer(200, {"app": app, "rows": rows})
 
     # -- handlers ------------------------------------------------------------------
-    def get_table(self, request: Request, params: list[str]) -> _Answer:
+    def get_table(self, request: Request, params: list[str]) -> Answer:
         table = self.table
         rows = [row_document(table.detail(row.key)) for row in table.rows()]
-        return _Answer(
+        return json_answer(
             200,
             {"agent": self.agent_name, "generation": table.generation, "checksum": table.checksum(), "rows": rows},
         )
 
-    def get_app(self, request: Request, params: list[str]) -> _Answer:
+    def get_app(self, request: Request, params: list[str]) -> Answer:
         return self._app_answer(params[0])
 
-    def put_app(self, request: Request, params: list[str]) -> _Answer:
+    def put_app(self, request: Request, params: list[str]) -> Answer:
         (app,) = params
-        body = self._body(request)
+        body = read_body(request, MAX_API_BODY)
         self._keys(app)
         try:
             report = parse_report(body)
         except BadRequest as e:
-            raise _Refusal(400, str(e)) from None
+            raise Refusal(400, str(e)) from None
         if report.health is not None or report.load is not None:
             self.publish(self.table.report(app, health=report.health, load=report.load, reason=report.reason))
         if report.sets_directive:
             self.publish(self.table.set_directive(app, Source.APP, report.directive, report.reason or ""))
         return self._app_answer(app)
 
-    def put_directive(self, request: Request, params: list[str]) -> _Answer:
+    def put_directive(self, request: Request, params: list[str]) -> Answer:
         (app,) = params
-        body = self._body(request)
+        body = read_body(request, MAX_API_BODY)
         self._keys(app)
         try:
             directive, reason = parse_directive(body)
         except BadRequest as e:
-            raise _Refusal(400, str(e)) from None
+            raise Refusal(400, str(e)) from None
         return self._operator(request, app, directive, reason)
 
-    def delete_directive(self, request: Request, params: list[str]) -> _Answer:
+    def delete_directive(self, request: Request, params: list[str]) -> Answer:
         (app,) = params
         self._keys(app)
         return self._operator(request, app, None, "")
 
-    def _operator(self, request: Request, app: str, directive: Directive | None, reason: str) -> _Answer:
+    def _operator(self, request: Request, app: str, directive: Directive | None, reason: str) -> Answer:
         self.publish(self.table.set_directive(app, Source.OPERATOR, directive, reason))
         client = request.getClientAddress()
         log.info(
@@ -526,60 +459,60 @@ class AgentApi(Resource):
         except UnicodeDecodeError:
             raise BadRequest(f"{name} is not UTF-8") from None
 
-    def post_sessions(self, request: Request, params: list[str]) -> _Answer:
-        body = self._body(request, MAX_SESSIONS_BODY)
+    def post_sessions(self, request: Request, params: list[str]) -> Answer:
+        body = read_body(request, MAX_SESSIONS_BODY)
         try:
             announced, many = parse_sessions(body)
             resolved = [(s.app or "", s.key, s.kind, self._endpoint(s.app or "", s.endpoint)) for s in announced]
         except BadRequest as e:
-            raise _Refusal(400, str(e)) from None
+            raise Refusal(400, str(e)) from None
         sender = self._sender
         new = {(app, key) for app, key, _, _ in resolved if (app, key) not in sender.table}
         if len(new) > sender.table.room():
-            raise _Refusal(503, f"the session table is full ({sender.table.max_sessions} sessions); nothing applied")
+            raise Refusal(503, f"the session table is full ({sender.table.max_sessions} sessions); nothing applied")
         created = 0
         try:
             for app, key, kind, endpoint in resolved:
                 entry, fresh = sender.up(app, key, kind, endpoint)
                 created += fresh
         except SessionTableFull as e:  # pragma: no cover - room() was checked
-            raise _Refusal(503, str(e)) from None
+            raise Refusal(503, str(e)) from None
         if many:
-            return _Answer(200, {"accepted": len(resolved), "created": created})
-        return _Answer(201 if created else 200, session_document(entry))
+            return json_answer(200, {"accepted": len(resolved), "created": created})
+        return json_answer(201 if created else 200, session_document(entry))
 
-    def post_session_ends(self, request: Request, params: list[str]) -> _Answer:
-        body = self._body(request, MAX_SESSIONS_BODY)
+    def post_session_ends(self, request: Request, params: list[str]) -> Answer:
+        body = read_body(request, MAX_SESSIONS_BODY)
         try:
             apps = self._apps()
             ends = [(self._app_of(s.key, s.app, apps), s.key) for s in parse_session_ends(body)]
         except BadRequest as e:
-            raise _Refusal(400, str(e)) from None
+            raise Refusal(400, str(e)) from None
         ended = 0
         for app, key in ends:
             if app is not None and self._sender.down(app, key) is not None:
                 ended += 1
-        return _Answer(200, {"ended": ended, "missing": len(ends) - ended})
+        return json_answer(200, {"ended": ended, "missing": len(ends) - ended})
 
     def _one_session(self, request: Request, key: str) -> tuple[str, SessionEntry]:
         try:
             app = self._app_of(key, self._query(request, "app"), self._apps())
         except BadRequest as e:
-            raise _Refusal(400, str(e)) from None
+            raise Refusal(400, str(e)) from None
         entry = None if app is None else self._sender.table.get((app, key))
         if app is None or entry is None:
-            raise _Refusal(404, f"no session {key[:60]!r}" + ("" if app is None else f" of app {app}"))
+            raise Refusal(404, f"no session {key[:60]!r}" + ("" if app is None else f" of app {app}"))
         return app, entry
 
-    def get_session(self, request: Request, params: list[str]) -> _Answer:
-        return _Answer(200, session_document(self._one_session(request, params[0])[1]))
+    def get_session(self, request: Request, params: list[str]) -> Answer:
+        return json_answer(200, session_document(self._one_session(request, params[0])[1]))
 
-    def delete_session(self, request: Request, params: list[str]) -> _Answer:
+    def delete_session(self, request: Request, params: list[str]) -> Answer:
         app, entry = self._one_session(request, params[0])
         self._sender.down(app, entry.key)
-        return _Answer(200, session_document(entry))
+        return json_answer(200, session_document(entry))
 
-    def get_sessions(self, request: Request, params: list[str]) -> _Answer:
+    def get_sessions(self, request: Request, params: list[str]) -> Answer:
         sender = self._sender
         try:
             app = self._query(request, "app")
@@ -597,11 +530,11 @@ class AgentApi(Resource):
                     raise BadRequest("after must be a cursor as given in next")
                 after = (cursor_app, cursor_key)
         except BadRequest as e:
-            raise _Refusal(400, str(e)) from None
+            raise Refusal(400, str(e)) from None
         entries = sender.table.page(app, after, limit + 1)
         more = len(entries) > limit
         entries = entries[:limit]
-        return _Answer(200, {
+        return json_answer(200, {
             "agent": self.agent_name,
             "total": sender.table.count(app),
             "sessions": [session_document(entry) for entry in entries],
@@ -614,48 +547,18 @@ def _whole(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 9
 
 
-def _match(pattern: _Pattern, segments: list[str]) -> list[str] | None:
-    if len(pattern) != len(segments):
-        return None
-    params = []
-    for want, got in zip(pattern, segments):
-        if want is None:
-            params.append(got)
-        elif want != got:
-            return None
-    return params
-
-
-class ApiRequest(Request):
+class ApiRequest(BoundedRequest):
     """A request that keeps at most ``MAX_REQUEST_BODY + 1`` bytes of its body.
 
-    Twisted reads the whole body before rendering; storing only the first
-    bytes past the limit bounds memory, and the resource still sees that the
-    body was too long for its route (:data:`MAX_API_BODY`, or
-    :data:`MAX_SESSIONS_BODY` for the session routes) and answers 413.  The
-    path is not known yet when the body arrives, hence one limit for all.
+    The resource still sees that a body was too long for its route
+    (:data:`MAX_API_BODY`, or :data:`MAX_SESSIONS_BODY` for the session
+    routes) and answers 413.  The path is not known yet when the body
+    arrives, hence one limit for all.
     """
 
-    def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        content = cast(BytesIO, self.content)
-        room = MAX_REQUEST_BODY + 1 - content.tell()
-        if room > 0:
-            content.write(data[:room])
-
-    def processingFailed(self, reason: Failure) -> Failure:
-        # A bug of ours: logged with its traceback, answered in JSON like
-        # every other error of the API.
-        log.failure("agent API request {method} {uri} failed", reason, method=self.method, uri=self.uri)
-        body = b'{"error": "internal error"}\n'
-        self.setResponseCode(500)
-        self.setHeader(b"Content-Type", JSON_TYPE)
-        self.setHeader(b"Content-Length", b"%d" % len(body))
-        self.write(body)
-        self.finish()
-        return reason
+    body_limit = MAX_REQUEST_BODY
+    api_name = "agent API"
+    logger = log
 
 
 def make_api_site(

@@ -25,11 +25,11 @@ config file.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from dataclasses import dataclass
 from typing import Any
 
 from nlbproxy.config import (
+    _CHECK,
     ConfigError,
     _Convert,
     _endpoint_params,
@@ -38,12 +38,11 @@ from nlbproxy.config import (
     _name,
     _not_yet,
     _Parser,
-    _path_prefix,
-    _seconds,
     _string,
     _table,
     format_host_port,
     parse_host_port,
+    read_toml,
 )
 from nlbproxy.health.messages import RowKey
 from nlbproxy.health.table import MAX_ROWS
@@ -116,14 +115,7 @@ class AgentConfig:
 
 def load_agent_config(path: str) -> AgentConfig:
     """Read and validate the agent's TOML config file at ``path``."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(path, "", f"cannot read config file: {exc.strerror}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(path, "", f"invalid TOML: {exc}") from exc
-    return parse_agent_config(data, path)
+    return parse_agent_config(read_toml(path), path)
 
 
 def parse_agent_config(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
@@ -188,14 +180,6 @@ _APP: dict[str, _Convert] = {
     "check": _table,
     "deliver": _reserved("deliver"),
     "bridge_to": _reserved("bridge_to"),
-}
-
-_CHECK: dict[str, _Convert] = {
-    "path": _path_prefix,
-    "interval": _seconds(),
-    "rise": _integer(1, 100),
-    "fall": _integer(1, 100),
-    "timeout": _seconds(),
 }
 
 
