@@ -430,6 +430,15 @@ def _methods(value: object) -> tuple[bytes, ...]:
     return tuple(method.upper().encode("ascii") for method in methods)
 
 
+def _replication(value: object) -> int | None:
+    """Extra copies of each session atom, 0-16, or "full" (None: every unit)."""
+    if value == "full":
+        return None
+    if type(value) is not int:
+        raise TypeError(_expected('an integer or "full"', value))
+    return _integer(0, 16)(value)
+
+
 def _address(value: object) -> tuple[str, int]:
     host, port = parse_host_port(_string(value))
     if port == 0:
@@ -499,9 +508,9 @@ _UNIT: dict[str, _Convert] = {
     "grace_period": _seconds(zero_ok=True),
     "secret_file": _string,
     "health": lambda value: parse_host_port(_string(value)),
-    "dam": _not_yet(_endpoint, lambda _: True, "dam (sessions shared between units) is not supported yet"),
-    "peers": _not_yet(_array, lambda _: True, "peers (sessions shared between units) is not supported yet"),
-    "replication": _not_yet(_string, lambda _: True, "replication is not supported yet"),
+    "dam": _endpoint,
+    "peers": lambda value: tuple(_address(item) for item in _array(value)),
+    "replication": _replication,
 }
 
 _LISTENER: dict[str, _Convert] = {

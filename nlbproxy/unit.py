@@ -22,15 +22,20 @@ from twisted.python.failure import Failure
 from nlbproxy.accesslog import FileAccessLog, LoggerAccessLog
 from nlbproxy.admin import make_admin_site
 from nlbproxy.classifier import Farm
-from nlbproxy.config import UnitConfig
+from nlbproxy.config import UnitConfig, format_host_port
 from nlbproxy.health.unitside import UnitHealth
 from nlbproxy.session.dam import DAM
+from nlbproxy.session.peering import DamService
 from nlbproxy.session.tracker import SessionTracker
 from nlbproxy.routers.http import Listener, RouterFactory
 from nlbproxy.routers.upstream import Upstreams
 
 log = Logger()
 
+#: Seconds a starting unit with a health socket waits before it serves, so
+#: that every live agent heartbeats and sends its table first (agents
+#: heartbeat every 0.25 s; the cache ages a host out after 1 s of silence).
+HEALTH_WARMUP = 1.0
 #: How often a graceful stop checks whether in-flight requests are done.
 DRAIN_POLL_INTERVAL = 0.05
 
@@ -47,9 +52,17 @@ class Unit(service.Service):
         self.reactor = reactor
         self.farm = Farm(config.pools.values(), reactor, config.secret)
         self.upstreams = Upstreams(reactor)
-        self.sessions = SessionTracker(
-            DAM(config.name, reactor, _no_peers, config.replication), reactor,
-        )
+        dam = DAM(config.name, reactor, _no_peers, config.replication)
+        # With a ``dam`` endpoint the DamService carries the DAM's calls to
+        # the other units and drives its clock; alone, the tracker does.
+        self.dam_service: DamService | None = None
+        if config.dam is not None:
+            assert config.secret is not None  # the config requires it
+            self.dam_service = DamService(
+                dam, config.name, config.dam, [format_host_port(*p) for p in config.peers],
+                config.secret, reactor,
+            )
+        self.sessions = SessionTracker(dam, reactor, standalone=self.dam_service is None)
         self.access_log: FileAccessLog | LoggerAccessLog | None = None
         if config.access_log == "-":
             self.access_log = LoggerAccessLog(config.log_format)
@@ -95,12 +108,32 @@ class Unit(service.Service):
         super().startService()
         self.sessions.start()
         self.health.start()
+        # A (re)starting unit serves only once it knows its farm: the other
+        # units resynced its sessions (or their deadline passed) and the
+        # agents have had time to announce their hosts.  Until then its
+        # listeners are bound but do not accept, so clients queue.
+        ready: list[defer.Deferred[Any]] = []
+        if self.dam_service is not None:
+            self.dam_service.startService()
+            ready.append(self.dam_service.whenReady())
+        if self.health.cache is not None:
+            ready.append(deferLater(self.reactor, HEALTH_WARMUP, lambda: None))
+        if ready:
+            for port in self.ports.values():
+                port.stopReading()
+            defer.gatherResults(ready).addCallback(self._serve)
         for name, port in self.ports.items():
             log.info("listener {name} on {url}", name=name, url=url_of(port))
         log.info("admin API on {url}", url=url_of(self.admin_port))
         if self.health.address is not None:
             ip, port = self.health.address
             log.info("health messages on udp {ip}:{port}", ip=ip, port=port)
+
+    def _serve(self, _: object = None) -> None:
+        log.info("farm known (sessions resynced with peers {peers}, agents heard): serving",
+                 peers=sorted(self.sessions.dam.peers))
+        for port in self.ports.values():
+            port.startReading()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -120,6 +153,8 @@ class Unit(service.Service):
         self.upstreams.close_idle()
         yield self.health.stop()
         self.sessions.stop()
+        if self.dam_service is not None and self.dam_service.running:
+            yield self.dam_service.stopService()
         if self.admin_port is not None:
             yield defer.maybeDeferred(self.admin_port.stopListening)
         if self.access_log is not None:

@@ -131,11 +131,12 @@ class Unit:
 
 
 def unit_config(backends: list[str], *, extra_unit: str = "", extra_listener: str = "",
-                routes: str = "", pools: str = "", endpoint: str = "tcp:0:interface=127.0.0.1") -> str:
+                routes: str = "", pools: str = "", endpoint: str = "tcp:0:interface=127.0.0.1",
+                name: str = "test") -> str:
     """A unit config with one listener "web" in front of pool "app"."""
     hosts = ", ".join(f'"{b}"' for b in backends)
     return (
-        f'[unit]\nname = "test"\nadmin = "tcp:0:interface=127.0.0.1"\n{extra_unit}\n'
+        f'[unit]\nname = "{name}"\nadmin = "tcp:0:interface=127.0.0.1"\n{extra_unit}\n'
         f'[[listener]]\nname = "web"\nendpoint = "{endpoint}"\npool = "app"\n{extra_listener}\n'
         f"{routes}\n"
         f"[pool.app]\nhosts = [{hosts}]\n{pools}\n"
@@ -162,3 +163,13 @@ def start_agent(farm: Farm, config: str, name: str) -> tuple[Process, str]:
     process = farm.start(["twistd", "-n", "--pidfile=", "nlbagent", "--config", str(path)])
     api = process.wait_for(rf"agent {name} api on (\S+)").group(1).rstrip("/")
     return process, api
+
+
+def free_port(udp: bool = False) -> int:
+    """A port the kernel has just handed out, for configs that must name a
+    peer's port before that peer runs (a restarted unit keeps its ports)."""
+    import socket
+
+    with socket.socket(type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -466,7 +466,19 @@ ERRORS: list[tuple[tuple[str | int, ...], object, str, str]] = [
         ("unit",),
         {"dam": "tcp:9800"},
         "unit.dam",
-        "dam (sessions shared between units) is not supported yet",
+        "units authenticate each other: set unit.secret_file too",
+    ),
+    (
+        ("unit",),
+        {"peers": ["127.0.0.1:9800"]},
+        "unit.peers",
+        "peers need unit.dam, the endpoint they connect to",
+    ),
+    (
+        ("unit",),
+        {"replication": "all"},
+        "unit.replication",
+        'expected an integer or "full", got string',
     ),
     (
         (*WEB, "check"),

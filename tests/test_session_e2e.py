@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.realnet import Farm, Process, Unit, agent_config, start_agent, unit_config, wait_until
+from tests.realnet import Farm, Process, Unit, agent_config, free_port, start_agent, unit_config, wait_until
 
 SECRET = b"farm secret for the session tests\n"
 SESSION_POOL = 'affinity = "session"\nsession_cookie = "SID"\nbalance = "round_robin"'
@@ -114,3 +114,52 @@ def test_sessions_learnt_from_set_cookie(farm: Farm) -> None:
     dropped = subprocess.run([*ctl, "drop-session", "app", "u43"], capture_output=True, text=True, timeout=30)
     assert dropped.returncode == 0, dropped.stderr
     assert sum(h["sessions"] for h in hosts(unit).values()) == 0
+
+
+def two_units(farm: Farm) -> tuple[list[Unit], list[str], list[tuple[Process, str, str]]]:
+    """Two units sharing sessions through their DAMs, three hosts with agents bound to unit 0."""
+    dam_ports = [free_port(), free_port()]
+    health = [free_port(udp=True), free_port(udp=True)]
+    configs = []
+    for i in range(2):
+        configs.append(unit_config(
+            [], pools=SESSION_POOL, name=f"u{i}",
+            extra_unit=(f'secret_file = "farm.key"\nhealth = "127.0.0.1:{health[i]}"\n'
+                        f'dam = "tcp:{dam_ports[i]}:interface=127.0.0.1"\n'
+                        f'peers = ["127.0.0.1:{dam_ports[1 - i]}"]\nreplication = 1'),
+        ))
+    units = [farm.unit(config, name=f"u{i}.toml") for i, config in enumerate(configs)]
+    for unit in units:
+        unit.process.wait_for(r"farm known")
+    members = []
+    for i in range(3):
+        _, endpoint = farm.backend(f"b{i}")
+        config = agent_config(f"host{i}", [f"127.0.0.1:{p}" for p in health], [("app", endpoint)], "farm.key")
+        process, api = start_agent(farm, config, f"host{i}")
+        members.append((process, api, endpoint))
+    for unit in units:
+        wait_until(lambda unit=unit: len(hosts(unit)) == 3 and all(h["health"] == "up" for h in hosts(unit).values()),
+                   what="agents' hosts up in every unit")
+    return units, health, members
+
+
+def test_every_unit_routes_a_session_and_none_is_lost_with_a_unit(farm: Farm) -> None:
+    units, _, members = two_units(farm)
+    _, api, endpoint = members[2]
+    call(api + "/v1/sessions", "POST", json.dumps([{"app": "app", "key": f"k{i}"} for i in range(20)]).encode())
+    for unit in units:
+        wait_until(lambda unit=unit: hosts(unit)[endpoint]["sessions"] == 20, what="sessions on every unit")
+        assert {fetch(unit.url() + f"s{i}", f"k{i}")[0] for i in range(20)} == {"b2"}
+    # The unit the agents are bound to dies: the other keeps every session,
+    # and the agents bind to it.
+    units[0].process.stop()
+    assert {fetch(units[1].url() + f"t{i}", f"k{i}")[0] for i in range(20)} == {"b2"}
+    call(api + "/v1/sessions", "POST", json.dumps({"app": "app", "key": "late"}).encode())
+    wait_until(lambda: hosts(units[1])[endpoint]["sessions"] == 21, what="new session through the other unit")
+    assert fetch(units[1].url() + "late", "late")[0] == "b2"
+    # The dead unit restarts: it takes its sessions back from its peer before
+    # it serves, so its very first requests already go to the session's host.
+    restarted = farm.unit((farm.tmp / "u0.toml").read_text(), name="u0.toml")
+    restarted.process.wait_for(r"farm known")
+    assert {fetch(restarted.url() + f"r{i}", f"k{i}")[0] for i in range(20)} | {
+        fetch(restarted.url() + "late", "late")[0]} == {"b2"}

@@ -44,7 +44,8 @@ unit orders any two writes the same way, and:
 * **Two units disagreeing** (after a partition both sides wrote the key, or a
   message was lost with a connection): when they reconnect they resync (see
   below) and both keep the higher version; every other holder converges the
-  same way, and units that merely cached the loser drop their caches.
+  same way, and units that merely cached the loser are corrected or drop
+  their caches.
 * **Host failure and fail-back**: an atom naming a host is just data.  The
   DAM never deletes or rewrites atoms because a host went down; the router
   decides whether an affinitized host is usable (healthy, active or
@@ -52,36 +53,51 @@ unit orders any two writes the same way, and:
   the application re-announced a session on another host in the meantime:
   that add is a later write and wins on every unit, including units that had
   cached the old one (see "refresh" below); a late, older announcement from
-  the first host cannot undo it.
+  the first host cannot undo it, and a newer one (the session moved back)
+  wins again.
 
 Placement: replication and hashing
 ----------------------------------
-``replication`` N is the number of copies beyond the origin's: 0 keeps an atom
-only on the unit that received the session up, 1 adds one copy (survives one
-unit failure), 2 two, ``None`` every unit (full replication).  The copies go
-to units chosen by rendezvous (highest random weight) hashing of the key over
-the live units (:func:`ranking`, keyed BLAKE2b, the same on every unit):
-:func:`holders` is the origin plus the first N units of the key's ranking
-other than the origin -- or the first N + 1 while the origin is down, so an
-atom keeps N + 1 copies when its origin dies.  Rendezvous hashing moves only
-the atoms whose holders joined or left when membership changes.
+With ``replication`` N >= 1 every atom goes to N + 1 units chosen by
+rendezvous (highest random weight) hashing of its key over the live units
+(:func:`ranking`, keyed BLAKE2b, the same on every unit): the key's
+:func:`assigned` units.  The origin -- the unit that took the session up --
+also keeps its own copy, so an atom has N + 1 copies when its origin is one of
+the assigned units and N + 2 otherwise: at least N beyond the origin's, and
+any N units may die without losing it.  0 keeps an atom on its origin only
+(the patent's level 0: no replication; queries ask everyone); ``None`` puts it
+on every unit.  :func:`holders` is the assigned units plus the origin.
+
+The assigned units do not depend on who wrote: every version of a key, from
+whichever unit, goes to the same units, so they see every write and settle
+every conflict.  (A placement of "N units other than the origin" sends two
+versions of a key written on two units to two different sets of units; the
+state-machine test found the stale copies that leaves after a partition
+heals.)  Rendezvous hashing moves only the keys whose assigned units joined
+or left.
 
 Queries and caching upon acquisition
 ------------------------------------
 A unit that does not hold a key asks for it (:meth:`DAM.query`): QueryAtom to
-the first N + 1 units of the key's ranking (one of them holds every copy but
-the origin's), then, when those all answered "not found" or stayed silent for
-:data:`QUERY_ESCALATE`, to every other live unit.  The first ReturnAtom with a
-live atom resolves the query; a timeout or "not found" from everyone
-resolves it with None.  Several waiters on one key share one query.  The atom
-a query brings back is cached in the local table (the patent's "caching
-upon acquisition").  Caches are kept fresh without a directory of who cached
-what: deletes go to every live unit, and a holder that replaces an atom by one
-with other data (or revives a zombie) fans the new atom out to every unit as a
-*refresh*, which a unit applies only if it has the key.  With replication 0
-there is no holder besides the origin to do that fan-out, so an update made on
-another unit than the first write's origin reaches caches only through
-queries; use replication >= 1 where sessions move between hosts.
+the key's assigned units, then, when those all answered "not found" or stayed
+silent for :data:`QUERY_ESCALATE`, to every other live unit.  The first
+ReturnAtom with a live atom resolves the query; a timeout or "not found" from
+everyone resolves it with None.  Several waiters on one key share one query.
+The atom a query brings back is cached in the local table (the patent's
+"caching upon acquisition").
+
+Caches are kept fresh without a directory of who cached what.  Deletes go to
+every live unit.  A unit that replaces a live atom by one with other data, or
+revives a zombie, fans the new atom out to every unit as a *refresh*, which a
+unit applies only if it has the key.  A unit that receives an atom older than
+its own, with other data, sends its own back to the sender.  Since every
+version reaches the assigned units, one of them either replaces (and fans
+out) or refuses (and corrects the sender).  The answer to a query that was in
+flight when a peer joined is used but not cached: the join may mean this unit
+missed a delete that the answer predates.  With replication 0 no unit sees
+every version, so an update made on another unit than the first write's
+origin reaches the old origin and caches only through queries; use
+replication >= 1 where sessions move between hosts.
 
 Membership, resync and re-replication
 -------------------------------------
@@ -89,15 +105,24 @@ Membership, resync and re-replication
 authenticated) now.  When a peer joins -- a new unit, a restart, the end of a
 partition or a dropped connection -- both sides send :class:`SyncRequest`
 and answer the other's with :class:`SyncBatch` calls holding every atom and
-zombie the requester should hold (it is one of their holders), the last batch
-flagged ``last``.  ``resync_done`` is false while a peer's last batch is
-outstanding, so a restarting unit can wait for it before it serves
-(:attr:`DAM.on_resync` tells when).  A join may also mean this unit missed
-calls while disconnected, so it hands the live atoms it holds only as caches
-to their holders and forgets them (they are fetched again on demand).  When
-holders change (a unit joined or left), every unit pushes the atoms it has to
-their new holders: this is the re-replication that restores N + 1 copies
-after a unit dies.  That pass is one scan of the table per membership change.
+zombie of the keys assigned to the requester, the last batch flagged
+``last`` and carrying the sender's Lamport counter.  ``resync_done`` is false
+while a peer's last batch is outstanding; a restarting unit waits for it
+before it serves or writes (:attr:`DAM.on_resync` tells when;
+``DamService.whenReady`` waits for it), and then its next writes outrank
+everything written before it restarted, its own earlier writes included.
+
+A join may also mean this unit missed calls while disconnected, so it hands
+the live atoms it holds as a mere cache (neither assigned the key nor the
+origin) to the assigned units and forgets them; they are fetched again on
+demand.  When assignments change (a unit joined or left), every unit pushes
+the atoms it has to the units newly assigned their keys: the re-replication
+that restores the copies a dead unit held.  That pass is one scan of the
+table per membership change.  An atom pushed to a unit that, in its own view
+of the ring, is not assigned the key -- views differ while a membership
+change is in flight, or it is the unit's own old write coming back after a
+restart -- is not kept but passed on to the units that are; those rank higher
+in the key's order, so forwarding always ends.
 
 Zombies
 -------
@@ -166,18 +191,19 @@ __all__ = [
     "SyncRequest",
     "Version",
     "WireError",
+    "assigned",
     "decode_atoms",
     "encode_atoms",
     "encode_chunks",
-    "assigned",
     "holders",
     "ranking",
 ]
 
 # --- named limits and defaults ------------------------------------------------
 
-#: Copies of each atom beyond the origin's, unless configured (``[unit]``
-#: ``replication``): one copy survives the loss of any one unit.
+#: Replication level unless configured (``[unit]`` ``replication``): each atom
+#: on the 2 units its key hashes to (and its origin), so it survives the loss
+#: of any one unit.
 REPLICATION = 1
 #: Dead time of a zombie, in seconds, for kinds not in :data:`ZOMBIE_TIMES`:
 #: long enough to outlast any session up still in flight (agents retry for
@@ -188,7 +214,7 @@ ZOMBIE_TIMES: Mapping[str, float] = {"tcp": 240.0}
 #: A query not answered within this many seconds resolves with None (the
 #: router then places the request by allotment).
 QUERY_TIMEOUT = 0.25
-#: A query whose first-choice units stayed silent this long also asks the rest.
+#: A query whose key's assigned units stayed silent this long also asks the rest.
 QUERY_ESCALATE = 0.05
 #: Atoms and zombies one unit keeps (about 240 bytes each with a 32-byte key):
 #: past it a local add raises :class:`DamFull`, a received atom for a new key is
@@ -495,7 +521,7 @@ def holders(key: str, origin: str, ring: Collection[str], replication: int | Non
 class _Query:
     """A query in flight: one per key, shared by all its waiters."""
 
-    __slots__ = ("asked", "deadline", "escalate_at", "key", "phase", "qid", "waiters", "waiting")
+    __slots__ = ("asked", "cache", "deadline", "escalate_at", "key", "phase", "qid", "waiters", "waiting")
 
     def __init__(self, key: str, qid: int, deadline: float, escalate_at: float) -> None:
         self.key = key
@@ -504,6 +530,10 @@ class _Query:
         self.asked: set[str] = set()
         self.waiting: set[str] = set()
         self.phase = 1
+        # Cleared when a peer joins while the query is in flight: this unit
+        # may have missed a delete or update that the answer predates, and
+        # the cache drop of the join would not see an atom stored later.
+        self.cache = True
         self.deadline = deadline
         self.escalate_at = escalate_at
 
@@ -513,8 +543,9 @@ class DAM:
 
     ``me`` is this unit's name (peers know it by it), ``clock`` gives seconds
     (the reactor), ``send(peer, call)`` carries calls to peers -- a transport
-    may replace the :attr:`send` attribute -- and ``replication`` is the
-    number of copies beyond the origin's (None: every unit).  ``wakeup``, when
+    may replace the :attr:`send` attribute -- and ``replication`` the level:
+    N >= 1 puts each atom on the N + 1 units its key hashes to and on its
+    origin, 0 on its origin only, None on every unit.  ``wakeup``, when
     set, is called once when calls are queued, and the owner must then call
     :meth:`flush` soon (say ``callLater(0)``); when None every public call
     flushes before returning.  :meth:`tick` must run every few tens of
@@ -771,6 +802,8 @@ class DAM:
             self._outbox.pop(peer, None)
             self._refresh.pop(peer, None)
         for query in list(self._qids.values()):
+            if joined:
+                query.cache = False
             if self._qids.get(query.qid) is query and query.waiting & left:
                 query.waiting -= left
                 if not query.waiting:
@@ -849,11 +882,18 @@ class DAM:
         atom = call.atom
         if atom is not None and atom.key != query.key:
             self.stats["drop_malformed"] += 1
-        elif atom is not None and self._apply(atom, False, peer) and not atom.dead:
-            # Stored, so _apply resolved the query: caching upon acquisition.
-            if self.me not in self.holders(atom.key, atom.origin):
-                self.stats["cached"] += 1
-            return
+        elif atom is not None and query.cache:
+            if self._apply(atom, False, peer) and not atom.dead:
+                # Stored, so _apply resolved the query: caching upon acquisition.
+                if self.me not in self.holders(atom.key, atom.origin):
+                    self.stats["cached"] += 1
+                return
+        elif atom is not None and not atom.dead:
+            current = self._table.get(atom.key)
+            if current is None or atom.version > current.version:
+                self.stats["not_cached"] += 1
+                self._resolve(query, atom)  # use it, but do not keep it
+                return
         if self._qids.get(call.qid) is not query:
             return
         live = self.get(query.key)
@@ -951,10 +991,13 @@ class DAM:
             return False
         self._store(key, atom, current)
         self.stats["applied"] += 1
-        if current is not None and (
-            (current.dead != atom.dead or current.data != atom.data) if not atom.dead
-            else not current.dead and peer != atom.origin
-        ):
+        if current is None:
+            fan_out = False
+        elif atom.dead:  # a delete reaching us other than by its own broadcast
+            fan_out = not current.dead and peer != atom.origin
+        else:  # a move to another host, or a revival
+            fan_out = current.dead or current.data != atom.data
+        if fan_out:
             self.stats["fanout"] += 1
             for other in self._live:
                 if other != atom.origin and other != peer:

@@ -41,13 +41,16 @@ def atom_key(pool: str, session: str) -> str:
 class SessionTracker:
     """The DAM of one unit, and the operations the router and agents need."""
 
-    def __init__(self, dam: DAM, reactor: Any) -> None:
+    def __init__(self, dam: DAM, reactor: Any, standalone: bool = True) -> None:
+        """``standalone``: no DamService drives the DAM (a unit without
+        peers), so the tracker ticks it and flushes what it queues."""
         self.dam = dam
         self.reactor = reactor
-        self._ticker = LoopingCall(dam.tick)
-        self._ticker.clock = reactor
+        self._ticker: LoopingCall | None = None
         self._flush_call: Any = None
-        if dam.wakeup is None:
+        if standalone:
+            self._ticker = LoopingCall(dam.tick)
+            self._ticker.clock = reactor
             dam.wakeup = self._wake
 
     # -- the DAM's clockwork -------------------------------------------------------
@@ -60,10 +63,11 @@ class SessionTracker:
         self.dam.flush()
 
     def start(self) -> None:
-        self._ticker.start(TICK, now=False)
+        if self._ticker is not None:
+            self._ticker.start(TICK, now=False)
 
     def stop(self) -> None:
-        if self._ticker.running:
+        if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
         if self._flush_call is not None:
             self._flush_call.cancel()
