@@ -478,21 +478,22 @@ class Exchange:
             if cookie:
                 self.session = cookie.decode("latin-1")
                 found = sessions.lookup(pool, self.session, self._session_found)
-                if found is True:
+                if found is None:
                     return  # the DAM asks the other units; _session_found goes on
-                self._session_found(found)  # type: ignore[arg-type]
+                self._session_found(*found)
                 return
         self._start_with(self._classify())
 
-    def _session_found(self, host: Host | None) -> None:
+    def _session_found(self, host: Host | None, known: bool) -> None:
         if self.cancelled:
             return
         if host is None:
-            # Unknown, or its host is down or inactive: balance, and the
-            # session moves to the host chosen.
             host = self._classify()
             sessions = self.client.listener.sessions
-            if host is not None and sessions is not None and self.session is not None:
+            if known and host is not None and sessions is not None and self.session is not None:
+                # Its host is down or inactive: the session moves to the one
+                # chosen.  (An unknown cookie binds nothing: clients must not
+                # be able to fill the session table with made-up values.)
                 sessions.bind(self.pool, self.session, host)
         self._start_with(host)
 

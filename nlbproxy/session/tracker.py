@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from nlbproxy.classifier import Host, Pool
 from nlbproxy.health.messages import SessionKind
-from nlbproxy.session.dam import DAM, Atom
+from nlbproxy.session.dam import DAM, Atom, DamFull
 
 log = Logger()
 
@@ -48,6 +48,8 @@ class SessionTracker:
         self.reactor = reactor
         self._ticker: LoopingCall | None = None
         self._flush_call: Any = None
+        #: Sessions not recorded because the DAM was full.
+        self.full = 0
         if standalone:
             self._ticker = LoopingCall(dam.tick)
             self._ticker.clock = reactor
@@ -75,34 +77,52 @@ class SessionTracker:
             self.dam.flush()
 
     # -- the router's side ---------------------------------------------------------
-    def lookup(self, pool: Pool, session: str, answer: Callable[[Host | None], None]) -> Host | None | bool:
-        """The host holding ``session``: a Host (known here), None (known to
-        nobody, or its host may not take it), or True when the DAM asks the
-        other units and ``answer`` will be called with the result."""
+    def lookup(
+        self, pool: Pool, session: str, answer: Callable[[Host | None, bool], None]
+    ) -> tuple[Host | None, bool] | None:
+        """Where ``session`` is: ``(host, known)`` at once, or None when the
+        DAM asks the other units and ``answer(host, known)`` follows.
+
+        ``known`` says whether any unit holds the session; ``host`` is None
+        when it is unknown or its host may not take it (down, inactive).
+        """
         if len(session) > MAX_SESSION_KEY:
-            return None
+            return None, False
         key = atom_key(pool.name, session)
         atom = self.dam.get(key)
         if atom is not None:
-            return pool.bound_host(pool.by_key.get(atom.data))
+            return pool.bound_host(pool.by_key.get(atom.data)), True
         if not self.dam.peers:
-            return None
+            return None, False
 
         def found(atom: Atom | None) -> None:
-            answer(pool.bound_host(pool.by_key.get(atom.data)) if atom is not None else None)
+            if atom is None:
+                answer(None, False)
+            else:
+                answer(pool.bound_host(pool.by_key.get(atom.data)), True)
 
         self.dam.query(key, found)
-        return True
+        return None
 
     def bind(self, pool: Pool, session: str, host: Host) -> None:
         """``session`` is (now) on ``host``: learnt from the application's
-        Set-Cookie, or moved because its old host could not take it."""
+        Set-Cookie, or moved because its old host could not take it.
+
+        Only the application and known sessions get here, never a cookie
+        value a client made up; a full table is logged and counted, never
+        raised into the request.
+        """
         if len(session) > MAX_SESSION_KEY:
             return
         key = atom_key(pool.name, session)
         atom = self.dam.get(key)
         if atom is None or atom.data != host.key:
-            self.dam.add(key, host.key)
+            try:
+                self.dam.add(key, host.key)
+            except DamFull:
+                self.full += 1
+                if self.full == 1 or self.full % 10_000 == 0:
+                    log.warn("the session table is full: {n} sessions not recorded", n=self.full)
 
     def forget(self, pool: str, session: str) -> bool:
         key = atom_key(pool, session)
@@ -113,7 +133,12 @@ class SessionTracker:
 
     # -- the agents' side ------------------------------------------------------------
     def session_up(self, app: str, key: str, kind: SessionKind, endpoint: str, agent_id: int) -> None:
-        self.dam.add(atom_key(app, key), endpoint, kind.word)
+        try:
+            self.dam.add(atom_key(app, key), endpoint, kind.word)
+        except DamFull:
+            self.full += 1
+        except ValueError as exc:  # a key the DAM cannot hold (over 255 bytes)
+            log.warn("session from agent {agent} not recorded: {why}", agent=agent_id, why=exc)
 
     def session_down(self, app: str, key: str, agent_id: int) -> None:
         self.dam.delete(atom_key(app, key))
