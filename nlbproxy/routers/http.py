@@ -183,11 +183,14 @@ class ClientConnection(Protocol):
         phase = self.phase
         if phase == _IDLE:
             self.phase = _HEADERS
-            self.deadline.set(self.config.header_timeout)
         elif phase == _BODY:
             self.deadline.set(self.config.client_timeout)
         self.h11.receive_data(data)
         self._advance()
+        if phase == _IDLE and self.phase == _HEADERS:
+            # Only a request still incomplete after this read needs the
+            # header deadline (one that came whole is the common case).
+            self.deadline.set(self.config.header_timeout)
 
     def readConnectionLost(self) -> None:
         # The client half-closed: it may still read our answer.

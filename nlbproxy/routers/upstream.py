@@ -74,7 +74,6 @@ class UpstreamConnection(Protocol):
             # both directions; the host's silence alone is no failure.
             exchange.tunnel_from_upstream(data)
             return
-        self.deadline.set(self.owner.config.server_timeout)
         conn = self.h11
         conn.receive_data(data)
         while self.exchange is exchange:
@@ -89,6 +88,9 @@ class UpstreamConnection(Protocol):
                 exchange.upstream_error(self, "bad_response", str(exc))
                 return
             if event is _NEED_DATA or event is _PAUSED:
+                if not self.tunnel:
+                    # The response goes on: the host was active just now.
+                    self.deadline.set(self.owner.config.server_timeout)
                 return
             exchange.upstream_event(self, event)
 
