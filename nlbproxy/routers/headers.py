@@ -24,6 +24,8 @@ from typing import Any
 
 from h11._headers import Headers as _H11Headers
 
+from nlbproxy.cookies import parse_set_cookie
+
 Field = tuple[bytes, bytes, bytes]
 Fields = Iterable[Field]
 
@@ -175,32 +177,14 @@ def upgrade_protocol(headers: Fields) -> bytes | None:
 
 
 def set_cookie(headers: Fields, name: bytes) -> tuple[bytes, bool] | None:
-    """The value a response sets for cookie ``name``, and whether it deletes it.
-
-    A cookie is deleted by ``Max-Age=0`` (or negative) or an empty value; an
-    ``Expires`` date in the past is treated as deletion only when it names
-    1970 (what frameworks write), since parsing dates per response costs more
-    than it is worth here.  The last ``Set-Cookie`` for the name wins.
-    """
+    """The value a response sets for cookie ``name``, and whether it deletes
+    it (see :func:`nlbproxy.cookies.parse_set_cookie`); the last
+    ``Set-Cookie`` for the name wins."""
+    wanted = name.decode("latin-1")
     found: tuple[bytes, bool] | None = None
     for _raw, field, value in headers:
-        if field != b"set-cookie":
-            continue
-        pair, _, attributes = value.partition(b";")
-        key, sep, cookie = pair.partition(b"=")
-        if not sep or key.strip() != name:
-            continue
-        cookie = cookie.strip().strip(b'"')
-        deleted = not cookie
-        for attribute in attributes.split(b";"):
-            attr, _, arg = attribute.partition(b"=")
-            attr = attr.strip().lower()
-            if attr == b"max-age":
-                try:
-                    deleted = deleted or int(arg.strip()) <= 0
-                except ValueError:
-                    pass
-            elif attr == b"expires" and b"1970" in arg:
-                deleted = True
-        found = (cookie, deleted)
+        if field == b"set-cookie":
+            cookie_name, cookie, cleared = parse_set_cookie(value)
+            if cookie_name == wanted:
+                found = (cookie.encode("latin-1"), cleared)
     return found

@@ -34,10 +34,8 @@ and counted, so an agent that is down for long cannot grow the application.
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Callable
-from email.utils import parsedate_to_datetime
 from io import BytesIO
 from typing import Any, Protocol
 
@@ -51,6 +49,8 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
+
+from nlbproxy.cookies import parse_set_cookie
 
 __all__ = [
     "MAX_QUEUE",
@@ -76,35 +76,6 @@ MAX_ANSWER = 4096
 TWISTED_SESSION = "TWISTED_SESSION"
 
 _MARK = "_nlbproxy_session_hook"
-
-
-def parse_set_cookie(value: bytes | str) -> tuple[str, str, bool]:
-    """(name, value, cleared) of one ``Set-Cookie`` header value.
-
-    ``cleared`` is true for an empty value, ``Max-Age`` of zero or less, or
-    an ``Expires`` in the past -- the ways a server deletes a cookie.
-    """
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    pair, *attributes = text.split(";")
-    name, _, cookie = pair.partition("=")
-    cookie = cookie.strip()
-    if len(cookie) >= 2 and cookie[0] == cookie[-1] == '"':
-        cookie = cookie[1:-1]
-    cleared = not cookie
-    for attribute in attributes:
-        key, _, argument = attribute.strip().partition("=")
-        key = key.strip().lower()
-        if key == "max-age":
-            try:
-                cleared = cleared or int(argument.strip()) <= 0
-            except ValueError:
-                pass
-        elif key == "expires":
-            try:
-                cleared = cleared or parsedate_to_datetime(argument.strip()).timestamp() <= time.time()
-            except (TypeError, ValueError, IndexError, OverflowError):
-                pass
-    return name.strip(), cookie, cleared
 
 
 class SessionAnnouncer:
