@@ -22,7 +22,7 @@ def request_headers(headers: list[tuple[bytes, bytes]], *args: object) -> list[t
 
 
 def response_headers(headers: list[tuple[bytes, bytes]], via: bytes, upgrade: bool) -> list[tuple[bytes, bytes]]:
-    return H.pairs(H.response_headers(_triples(headers), via, upgrade))
+    return H.pairs(H.response_headers(_triples(headers), via, upgrade)[0])
 
 
 def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -188,7 +188,14 @@ class RawCasingTests(SynchronousTestCase):
         self.assertEqual(out[:2], [(b"Content-Type", b"content-type", b"text/plain"),
                                    (b"X-Custom-ID", b"x-custom-id", b"7")])
         back = H.response_headers([(b"ETag", b"etag", b'"x"'), (b"Connection", b"connection", b"ETag")], VIA, False)
-        self.assertEqual(back, [(b"via", b"via", VIA)])
+        self.assertEqual(back, ([(b"via", b"via", VIA)], False))
+
+    def test_ambiguous_framing_drops_content_length(self) -> None:
+        out, ambiguous = H.response_headers(
+            [(b"Content-Length", b"content-length", b"5"),
+             (b"Transfer-Encoding", b"transfer-encoding", b"chunked")], VIA, False)
+        self.assertTrue(ambiguous)
+        self.assertEqual(out, [(b"Transfer-Encoding", b"transfer-encoding", b"chunked"), (b"via", b"via", VIA)])
 
 
 class SetCookieTests(SynchronousTestCase):

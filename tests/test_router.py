@@ -142,6 +142,23 @@ class KeepAliveTests(SynchronousTestCase):
         c.send(get(b"/2"))
         self.assertEqual([x.key for x in h.attempts()], [A])
 
+    def test_ambiguous_backend_framing_is_read_by_chunks_and_not_reused(self) -> None:
+        h = Harness()
+        c = h.client()
+        c.send(get())
+        b = h.accept()
+        b.received()
+        b.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"2\r\nok\r\n0\r\n\r\n")
+        # RFC 9112 section 6.3: Transfer-Encoding wins, Content-Length is dropped ...
+        self.assertEqual(
+            c.received(),
+            b"HTTP/1.1 200 OK\r\nvia: 1.1 unit1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        )
+        # ... and the host is not trusted with another request on that connection.
+        self.assertTrue(b.closed)
+        self.assertEqual(h.upstreams.counts(h.host(A)), (0, 0))
+
     def test_idle_client_half_close(self) -> None:
         h = Harness()
         c = h.client()

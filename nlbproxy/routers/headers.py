@@ -137,18 +137,28 @@ def request_headers(
     return out
 
 
-def response_headers(headers: Fields, via: bytes, upgrade: bool) -> list[Field]:
-    """Headers of a host's response as sent to the client."""
+def response_headers(headers: Fields, via: bytes, upgrade: bool) -> tuple[list[Field], bool]:
+    """Headers of a host's response as sent to the client, and whether the
+    host framed it ambiguously.
+
+    A response with both ``Content-Length`` and ``Transfer-Encoding`` is read
+    by its Transfer-Encoding (h11 does); RFC 9112 section 6.3 has an
+    intermediary drop the Content-Length before passing it on, and a host
+    that sends such a response is not trusted with another request on that
+    connection (the caller closes it).
+    """
     out: list[Field] = []
     tokens: set[bytes] = set()
     upgrades: list[Field] = []
     viav = None
+    chunked = length = False
     for item in headers:
         raw, name, value = item
         if name in HOP_BY_HOP:
             if name == b"connection":
                 tokens.update(t.strip().lower() for t in value.split(b","))
             elif name == b"transfer-encoding":
+                chunked = True
                 out.append((raw, name, b"chunked"))
             elif name == b"upgrade":
                 upgrades.append(item)
@@ -156,14 +166,19 @@ def response_headers(headers: Fields, via: bytes, upgrade: bool) -> list[Field]:
         if name == b"via":
             viav = value if viav is None else viav + b", " + value
             continue
+        if name == b"content-length":
+            length = True
         out.append(item)
+    ambiguous = chunked and length
+    if ambiguous:
+        out = [item for item in out if item[1] != b"content-length"]
     if tokens:
         out = _without(out, tokens)
     if upgrade:
         out.extend(upgrades)
         out.append((b"connection", b"connection", b"upgrade"))
     out.append((b"via", b"via", via if viav is None else viav + b", " + via))
-    return out
+    return out, ambiguous
 
 
 def upgrade_protocol(headers: Fields) -> bytes | None:

@@ -649,7 +649,9 @@ class Exchange:
         elif kind is _Response:
             self.response_started = True
             self.status = event.status_code
-            headers = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, False)
+            headers, ambiguous = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, False)
+            if ambiguous:
+                conn.reusable = False
             if self.set_cookie is not None:
                 headers.append((b"set-cookie", b"set-cookie", self.set_cookie))
             if client.closing or client.requests >= client.config.max_requests_per_connection:
@@ -675,7 +677,7 @@ class Exchange:
             elif client.h11.their_http_version == b"1.1":
                 # RFC 9110 section 15.2: never a 1xx to an HTTP/1.0 client.
                 # Its hop-by-hop headers are the host's, like a final response's.
-                headers = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, False)
+                headers, _ = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, False)
                 client.send(_InformationalResponse(
                     status_code=event.status_code, headers=hdrs.wrap(headers), reason=event.reason, _parsed=True,
                 ))
@@ -729,7 +731,7 @@ class Exchange:
     def _switch_protocols(self, conn: UpstreamConnection, event: Any) -> None:
         client = self.client
         self.status = 101
-        headers = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, True)
+        headers, _ = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, True)
         client.send(_InformationalResponse(status_code=101, headers=hdrs.wrap(headers), reason=event.reason, _parsed=True))
         # The exchange is over; the tunnel's inactivity is timed by the
         # client connection's deadline, in both directions.

@@ -54,6 +54,10 @@ class UpstreamConnection(Protocol):
         #: Exchanges carried so far; a reset on a reused connection is the
         #: keep-alive race, not a sign of a sick host.
         self.uses = 0
+        #: Cleared when the host framed a response ambiguously (RFC 9112
+        #: section 6.3: Content-Length with Transfer-Encoding): we read it by
+        #: Transfer-Encoding, but never trust the connection again.
+        self.reusable = True
 
     # -- Twisted --------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -137,7 +141,10 @@ class UpstreamConnection(Protocol):
         data, closed = conn.trailing_data
         # ``closed``: the host ended a read-until-close body; the connection
         # is gone even though h11 would start a next cycle.
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not data and not closed:
+        if (
+            self.reusable and conn.our_state is h11.DONE and conn.their_state is h11.DONE
+            and not data and not closed
+        ):
             conn.start_next_cycle()
             self.received_any = False
             self.owner.release(self)
