@@ -11,13 +11,17 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 from collections.abc import Callable
+from typing import Any
+
+from nlbproxy.health.codec import SENDER_AGENT_KINDS, Codec
+from nlbproxy.health.messages import Envelope, node_id
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
@@ -168,8 +172,44 @@ def start_agent(farm: Farm, config: str, name: str) -> tuple[Process, str]:
 def free_port(udp: bool = False) -> int:
     """A port the kernel has just handed out, for configs that must name a
     peer's port before that peer runs (a restarted unit keeps its ports)."""
-    import socket
-
     with socket.socket(type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class WallClock:
+    def seconds(self) -> float:
+        return time.time()
+
+
+class UnitSocket:
+    """A balancing unit's health socket in a test: the real codec over a
+    loopback UDP socket, so agents are tested against the wire format itself."""
+
+    def __init__(self, secret: bytes, name: str = "fake-unit") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.address = self.sock.getsockname()
+        self.codec = Codec(secret, WallClock())
+        self.id = node_id(name)
+        self.epoch = int(time.time() * 1000)
+        self.seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, address: tuple[str, int], message: Any) -> None:
+        self.seq += 1
+        envelope = Envelope(self.id, self.epoch, self.seq, int(time.time() * 1000), message)
+        self.sock.sendto(self.codec.encode(envelope), address)
+
+    def receive(self) -> list[tuple[tuple[str, int], Any]]:
+        """Every datagram waiting, as (source, envelope or None if dropped)."""
+        out = []
+        while True:
+            try:
+                datagram, source = self.sock.recvfrom(65536)
+            except BlockingIOError:
+                return out
+            out.append((source, self.codec.decode(datagram, SENDER_AGENT_KINDS)))

@@ -12,17 +12,14 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nlbproxy.health.codec import SENDER_AGENT_KINDS, Codec
 from nlbproxy.health.messages import (
     Directive,
     Envelope,
@@ -38,41 +35,21 @@ from nlbproxy.health.messages import (
     SendSnapshot,
     node_id,
 )
-from tests.realnet import DEADLINE, Farm, Process, wait_until
+from tests.realnet import DEADLINE, Farm, Process, UnitSocket, wait_until
 
 SECRET = b"\x00e2e shared secret\xff\n"
 
 
-class WallClock:
-    def seconds(self) -> float:
-        return time.time()
-
-
-class FakeUnit:
+class FakeUnit(UnitSocket):
     """A balancing unit's health socket, as far as these tests need one."""
 
     def __init__(self, secret: bytes) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.setblocking(False)
-        self.address = self.sock.getsockname()
-        self.codec = Codec(secret, WallClock())
-        self.id = node_id("fake-unit")
-        self.epoch = int(time.time() * 1000)
-        self.seq = 0
+        super().__init__(secret)
         #: (monotonic arrival time, source address, envelope), in order.
         self.received: list[tuple[float, tuple[str, int], Envelope]] = []
 
-    def close(self) -> None:
-        self.sock.close()
-
     def drain(self) -> None:
-        while True:
-            try:
-                datagram, source = self.sock.recvfrom(65536)
-            except BlockingIOError:
-                return
-            envelope = self.codec.decode(datagram, SENDER_AGENT_KINDS)
+        for source, envelope in self.receive():
             assert envelope is not None, f"undecodable datagram, drops {self.codec.drops}"
             self.received.append((time.monotonic(), source, envelope))
 
@@ -94,19 +71,6 @@ class FakeUnit:
 
         return wait_until(found, timeout, what)
 
-    def send(self, address: tuple[str, int], message: Message) -> None:
-        self.seq += 1
-        envelope = Envelope(self.id, self.epoch, self.seq, int(time.time() * 1000), message)
-        self.sock.sendto(self.codec.encode(envelope), address)
-
-
-@pytest.fixture
-def farm(tmp_path: Path) -> Iterator[Farm]:
-    f = Farm(tmp_path)
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 @pytest.fixture

@@ -17,22 +17,11 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
-from collections.abc import Iterator
 
 import pytest
 
 from tests.backend import pattern_bytes
 from tests.realnet import Farm, unit_config, wait_until
-
-
-@pytest.fixture
-def farm(tmp_path: Path) -> Iterator[Farm]:
-    f = Farm(tmp_path)
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 def three_backends(farm: Farm) -> list[str]:

@@ -12,9 +12,7 @@ import json
 import socket
 import urllib.request
 from collections import Counter
-from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
 
 import pytest
 
@@ -24,13 +22,10 @@ SECRET = b"farm secret for the e2e tests\n"
 
 
 @pytest.fixture
-def farm(tmp_path: Path) -> Iterator[Farm]:
-    f = Farm(tmp_path)
-    (tmp_path / "farm.key").write_bytes(SECRET)
-    try:
-        yield f
-    finally:
-        f.close()
+def farm(farm: Farm) -> Farm:
+    """The shared fixture's farm, with the farm's secret file written."""
+    (farm.tmp / "farm.key").write_bytes(SECRET)
+    return farm
 
 
 def state(unit: Unit) -> dict[str, Any]:

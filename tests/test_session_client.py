@@ -14,7 +14,6 @@ import socket
 import time
 from collections.abc import Iterator
 from email.utils import formatdate
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,8 +28,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from nlbproxy.health.codec import SENDER_AGENT_KINDS, Codec, ReplayGuard
-from nlbproxy.health.messages import Envelope, Message, SessionKind, node_id
+from nlbproxy.health.codec import ReplayGuard
+from nlbproxy.health.messages import SessionKind, node_id
 from nlbproxy.session.client import SessionClient, SessionRefused, SessionUnavailable
 from nlbproxy.session.twisted_helper import (
     SessionAnnouncer,
@@ -39,32 +38,21 @@ from nlbproxy.session.twisted_helper import (
     parse_set_cookie,
 )
 from nlbproxy.session.unitside import SessionReceiver
-from tests.realnet import Farm, agent_config, start_agent, wait_until
+from tests.realnet import Farm, UnitSocket, agent_config, start_agent, wait_until
 from tests.test_admin import exchange
 
 SECRET = b"session e2e secret"
 
 
-class WallClock:
-    def seconds(self) -> float:
-        return time.time()
-
-
-class ReceivingUnit:
+class ReceivingUnit(UnitSocket):
     """A unit's health socket as far as sessions go: decodes what the agent
     sends with the real codec and answers through the real receiver."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.setblocking(False)
-        self.address = self.sock.getsockname()
-        self.codec = Codec(SECRET, WallClock())
+        super().__init__(SECRET, "unit")
         self.guard = ReplayGuard()
-        self.epoch = int(time.time() * 1000)
-        self.seq = 0
         self.sessions: dict[tuple[str, str], tuple[SessionKind, str, int]] = {}
-        self.receiver = SessionReceiver(self._send, self._up, self._down)
+        self.receiver = SessionReceiver(self.send, self._up, self._down)
 
     def _up(self, app: str, key: str, kind: SessionKind, endpoint: str, agent: int) -> None:
         self.sessions[(app, key)] = (kind, endpoint, agent)
@@ -72,18 +60,8 @@ class ReceivingUnit:
     def _down(self, app: str, key: str, agent: int) -> None:
         self.sessions.pop((app, key), None)
 
-    def _send(self, address: tuple[str, int], message: Message) -> None:
-        self.seq += 1
-        envelope = Envelope(node_id("unit"), self.epoch, self.seq, int(time.time() * 1000), message)
-        self.sock.sendto(self.codec.encode(envelope), address)
-
     def pump(self) -> None:
-        while True:
-            try:
-                datagram, source = self.sock.recvfrom(65536)
-            except BlockingIOError:
-                return
-            envelope = self.codec.decode(datagram, SENDER_AGENT_KINDS)
+        for source, envelope in self.receive():
             if envelope is not None and self.guard.accept(envelope) and SessionReceiver.handles(envelope.message):
                 self.receiver.receive(source, envelope)
 
@@ -96,21 +74,12 @@ class ReceivingUnit:
 
 
 @pytest.fixture
-def farm(tmp_path: Path) -> Iterator[Farm]:
-    f = Farm(tmp_path)
-    try:
-        yield f
-    finally:
-        f.close()
-
-
-@pytest.fixture
 def unit() -> Iterator[ReceivingUnit]:
     u = ReceivingUnit()
     try:
         yield u
     finally:
-        u.sock.close()
+        u.close()
 
 
 def test_client_against_a_real_agent(farm: Farm, unit: ReceivingUnit) -> None:

@@ -14,8 +14,6 @@ import subprocess
 import sys
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,13 +25,10 @@ SESSION_POOL = 'affinity = "session"\nsession_cookie = "SID"\nbalance = "round_r
 
 
 @pytest.fixture
-def farm(tmp_path: Path) -> Iterator[Farm]:
-    f = Farm(tmp_path)
-    (tmp_path / "farm.key").write_bytes(SECRET)
-    try:
-        yield f
-    finally:
-        f.close()
+def farm(farm: Farm) -> Farm:
+    """The shared fixture's farm, with the farm's secret file written."""
+    (farm.tmp / "farm.key").write_bytes(SECRET)
+    return farm
 
 
 def fetch(url: str, sid: str | None = None) -> tuple[str, str]:
