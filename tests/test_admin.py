@@ -31,6 +31,9 @@ from nlbproxy.classifier import Farm, Host
 from nlbproxy.config import HostConfig, PoolConfig
 from nlbproxy.limits import MAX_ADMIN_BODY
 from nlbproxy.metrics import ListenerStats
+from nlbproxy.health.messages import SessionKind
+from nlbproxy.session.dam import DAM
+from nlbproxy.session.tracker import SessionTracker
 from tests.test_metrics import parse_exposition
 
 TOKEN = "s3cret-token"
@@ -494,3 +497,52 @@ def test_loopback_with_agent():
         yield readBody(response)
     finally:
         yield port.stopListening()
+
+
+class SessionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.f = Fixture()
+
+        def never(peer: str, call: object) -> None:
+            raise AssertionError("a standalone DAM sent a call")
+
+        self.sessions = SessionTracker(DAM("unit-a", self.f.clock, never, 1), self.f.clock)
+        for key in ("s3", "s1", "s2"):
+            self.sessions.session_up("web", key, SessionKind.HTTP_COOKIE, "10.0.0.2:80", 7)
+        self.resource = AdminResource(
+            self.f.farm, self.f.listeners, self.f.upstreams, "unit-a", None, self.f.clock,
+            sessions=self.sessions)
+
+    def test_state_counts_sessions_per_host(self) -> None:
+        _, doc = call_json(self.resource, b"GET", "/api/v1/state")
+        hosts = doc["pools"]["web"]["hosts"]
+        self.assertEqual((hosts["10.0.0.2:80"]["sessions"], hosts["10.0.0.1:80"]["sessions"]), (3, 0))
+
+    def page(self, **args: str) -> tuple[int, Any]:
+        """``GET /api/v1/pools/web/sessions?ARGS``."""
+        request: Any = DummyRequest([b"api", b"v1", b"pools", b"web", b"sessions"])
+        request.args = {k.encode(): [v.encode()] for k, v in args.items()}
+        body = self.resource.render(request)
+        return request.responseCode or 200, json.loads(body)
+
+    def test_pages(self) -> None:
+        code, page = self.page(limit="2")
+        self.assertEqual(code, 200)
+        self.assertEqual([s["key"] for s in page["sessions"]], ["s1", "s2"])
+        self.assertEqual((page["next"], page["sessions"][0]["host"]), ("s2", "10.0.0.2:80"))
+        _, page = self.page(after="s2", limit="2")
+        self.assertEqual(([s["key"] for s in page["sessions"]], page["next"]), (["s3"], None))
+
+    def test_bad_limit_and_unknown_names(self) -> None:
+        for limit in ("0", "1001", "x"):
+            self.assertEqual(self.page(limit=limit)[0], 400, limit)
+        self.assertEqual(call_json(self.resource, b"GET", "/api/v1/pools/nope/sessions")[0], 404)
+        self.assertEqual(call_json(self.resource, b"DELETE", "/api/v1/pools/web/sessions/nope")[0], 404)
+
+    def test_drop(self) -> None:
+        code, doc = call_json(self.resource, b"DELETE", "/api/v1/pools/web/sessions/s1")
+        self.assertEqual((code, doc["dropped"]), (200, True))
+        self.assertEqual([a.key for a in self.sessions.listing("web")], ["web/s2", "web/s3"])
+
+    def test_without_a_tracker(self) -> None:
+        self.assertEqual(call_json(self.f.resource, b"GET", "/api/v1/pools/web/sessions")[0], 404)
