@@ -559,7 +559,7 @@ class Exchange:
         self.queue_timer = None
         self.upstream_error(None, "queue_timeout", "waited too long for a connection to the host")
 
-    def upstream_ready(self, conn: UpstreamConnection, reused: bool) -> None:
+    def upstream_ready(self, conn: UpstreamConnection) -> None:
         if self.queue_timer is not None:
             self.queue_timer.cancel()
             self.queue_timer = None

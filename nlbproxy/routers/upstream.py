@@ -207,7 +207,7 @@ class HostConnections:
             conn = idle.pop()
             if conn.transport is not None and conn.transport.connected:
                 conn.deadline.cancel()
-                exchange.upstream_ready(conn, reused=True)
+                exchange.upstream_ready(conn)
                 return
         if self.open + len(self.connecting) < self.config.max_conns_per_host:
             self._connect(exchange)
@@ -245,7 +245,7 @@ class HostConnections:
         if exchange is None:
             self.release(conn)
         else:
-            exchange.upstream_ready(conn, reused=False)
+            exchange.upstream_ready(conn)
 
     def connect_failed(self, connector: _Connector, reason: Failure) -> None:
         self.connecting.pop(connector, None)
@@ -260,7 +260,7 @@ class HostConnections:
     def release(self, conn: UpstreamConnection) -> None:
         if self.waiters:
             exchange = self.waiters.popleft()
-            exchange.upstream_ready(conn, reused=True)
+            exchange.upstream_ready(conn)
         elif len(self.idle) < self.config.max_idle_per_host:
             self.idle.append(conn)
             conn.deadline.set(self.config.upstream_idle_timeout)
