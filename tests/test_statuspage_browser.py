@@ -4,7 +4,9 @@ The browser is Debian's ``chromium`` driven by Selenium through Debian's
 ``chromedriver`` (both installed by ``make deps``).  Each test starts
 backends and a unit, loads the page, drains a host by clicking its button
 and confirming, and then checks the farm through the admin API, the unit's
-log and the page.  The browser, the driver and every process are torn down
+log and the page.  One more test serves the page beside a scripted state
+document, for what a real unit cannot show yet (handed-off connections) or
+should never send (markup in names and reasons).  The browser, the driver and every process are torn down
 even when a test fails.  Where Chromium is missing the tests skip, except in
 CI (``NLB_REQUIRE_ROOT=1``), where that is a failure.
 """
@@ -15,8 +17,11 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +218,94 @@ def test_token_protected_admin_api(farm: Farm, browser: Any, tmp_path: Path) -> 
     # The console holds the two refusals (no token, then the wrong one) and nothing else.
     errors = browser_errors(browser)
     assert errors and all("401" in e for e in errors), errors
+
+
+class ScriptedAdmin:
+    """The status page served beside a state document the test writes, for what a
+    real unit cannot be made to show yet (the handoff column) or should never
+    send (markup in names and reasons).  Directive changes are recorded."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        from nlbproxy import statuspage
+
+        self.document = document
+        self.puts: list[tuple[str, str]] = []
+        admin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def answer(self, body: bytes, ctype: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in headers:
+                    self.send_header(name.decode(), value.decode())
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path == "/":
+                    self.answer(statuspage.PAGE, statuspage.CONTENT_TYPE.decode(), statuspage.HEADERS)
+                else:
+                    self.answer(json.dumps(admin.document).encode(), "application/json")
+
+            def do_PUT(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                admin.puts.append((urllib.parse.unquote(self.path), body))
+                self.answer(b"{}", "application/json")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def scripted_host(**fields: Any) -> dict[str, Any]:
+    host = {"health": "up", "health_reason": "", "directive": "active", "directive_reason": "config",
+            "load": 10, "capacity": 50, "active_requests": 0, "requests": 0, "sessions": 0,
+            "connections": {"open": 0, "idle": 0}, "latency": {"count": 0, "p50": None, "p90": None, "p99": None}}
+    host.update(fields)
+    return host
+
+
+def test_markup_stays_text_and_handoff_column_follows_the_field(browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    pool = "<b>app</b>"
+    evil = "<img src=x onerror=\"document.title='pwned'\">"
+    hosts = {"10.0.0.9:80": scripted_host(health="down", health_reason=evil, handed_off=7,
+                                          latency={"count": 10, "p50": 0.001, "p90": None, "p99": None}),
+             "10.0.0.10:80": scripted_host(handed_off=0)}
+    admin = ScriptedAdmin({"unit": evil, "pools": {pool: {"affinity": "none", "hosts": hosts}}, "listeners": {}})
+    try:
+        browser.get(admin.url)
+        page_until(browser, lambda d: host_row(d, pool, "10.0.0.9:80"), "the host")
+        row = cells(browser, pool, "10.0.0.9:80")
+        assert row["Health"] == f"down ({evil})"
+        assert row["Handed off"] == "7"
+        assert (row["p50"], row["p90"]) == ("\u2264 1 ms", "> 10.0 s")
+        assert browser.find_element(By.CSS_SELECTOR, f'section[data-pool="{pool}"] h2').text.startswith(pool)
+        assert browser.find_element(By.ID, "unit").text == evil
+        assert not browser.find_elements(By.CSS_SELECTOR, "img, main b")
+        assert browser.title == f"nlbproxy {evil}"
+
+        # The column goes with the field; a host gone from the document leaves the page.
+        del hosts["10.0.0.10:80"]
+        del hosts["10.0.0.9:80"]["handed_off"]
+        page_until(browser, lambda d: "Handed off" not in cells(d, pool, "10.0.0.9:80"), "the column to go")
+        assert len(browser.find_elements(By.CSS_SELECTOR, "tr[data-host]")) == 1
+
+        # The directive's path is percent-encoded: the pool's name arrives whole.
+        confirm(browser, pool, "10.0.0.9:80", "inactive")
+        wait_until(lambda: admin.puts, DEADLINE, "the PUT")
+        assert admin.puts == [(f"/api/v1/pools/{pool}/hosts/10.0.0.9:80/directive", "inactive")]
+        assert browser_errors(browser) == []
+    finally:
+        admin.close()
