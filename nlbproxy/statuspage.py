@@ -48,8 +48,8 @@ header { display: flex; align-items: baseline; gap: 1rem; }
 h1 { font-size: 1.4rem; margin: 0; }
 h2 { font-size: 1.1rem; margin: 1.5rem 0 .4rem; }
 h2 small { font-weight: normal; color: var(--dim); }
-#status { color: var(--dim); margin: 0; }
-#status.error { color: var(--bad); }
+#status, #notice { color: var(--dim); margin: 0; }
+#status.error, #notice.error { color: var(--bad); }
 table { border-collapse: collapse; min-width: 60%; }
 th, td { padding: .25rem .6rem; border-bottom: 1px solid #8884; text-align: right; white-space: nowrap; }
 th:first-child, td:first-child, td.health, td.directive { text-align: left; }
@@ -99,9 +99,9 @@ SCRIPT = r"""
     return node;
   }
 
-  function say(text, error) {
-    $("status").textContent = text;
-    $("status").className = error ? "error" : "";
+  function say(text, error, where = "status") {
+    $(where).textContent = text;
+    $(where).className = error ? "error" : "";
   }
 
   const number = (n) => (typeof n === "number" ? String(n) : "\u2014");
@@ -230,8 +230,9 @@ SCRIPT = r"""
     $("token").focus();
   }
 
+  // A poll started by a directive change may overlap the timer's: whichever
+  // ends last sets the one timer, so there is never more than one loop.
   async function poll() {
-    clearTimeout(timer);
     try {
       const state = await call("GET", "/api/v1/state");
       render(state, performance.now());
@@ -244,6 +245,7 @@ SCRIPT = r"""
       }
       say(`cannot read the state: ${error.message}`, true);
     }
+    clearTimeout(timer);
     timer = setTimeout(poll, POLL_MS);
   }
 
@@ -275,10 +277,10 @@ SCRIPT = r"""
       `${encodeURIComponent(change.host)}/directive`;
     try {
       await call("PUT", path, change.directive);
-      say(`${change.pool} ${change.host}: ${change.directive}`);
+      say(`${VERBS[change.directive]}: ${change.host} of ${change.pool} done`, false, "notice");
     } catch (error) {
       if (error instanceof Unauthorized) { askToken("The token was refused; enter it again."); return; }
-      say(`${change.pool} ${change.host}: ${error.message}`, true);
+      say(`${VERBS[change.directive]}: ${change.host} of ${change.pool} failed: ${error.message}`, true, "notice");
     }
     poll();
   });
@@ -288,7 +290,8 @@ SCRIPT = r"""
 """.replace("@POLL_MS@", str(int(POLL_SECONDS * 1000))).replace("@TOP_BUCKET@", repr(LATENCY_BUCKETS[-1]))
 
 BODY = """
-<header><h1>nlbproxy <span id="unit"></span></h1><p id="status" role="status">connecting</p></header>
+<header><h1>nlbproxy <span id="unit"></span></h1><p id="status" role="status">connecting</p>
+  <p id="notice" role="status"></p></header>
 <form id="login" hidden>
   <p id="login-reason"></p>
   <label>Admin token <input id="token" type="password" autocomplete="off" required></label>

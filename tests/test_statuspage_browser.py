@@ -166,6 +166,7 @@ def test_drain_from_the_page(farm: Farm, browser: Any) -> None:
     assert hosts[backends[1]]["directive"] == "active"
     page_until(browser, lambda d: cells(d, "app", backends[0])["Directive"] == "draining (operator)",
                "the page to show the drain")
+    assert browser.find_element("id", "notice").text == f"Drain: {backends[0]} of app done"
     changes = directive_changes(unit)
     assert len(changes) == 1 and backends[0] in changes[0] and "draining" in changes[0], changes
     drain = host_row(browser, "app", backends[0]).find_element("css selector", 'button[data-directive="draining"]')
