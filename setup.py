@@ -19,7 +19,7 @@ setup(
         "zope.interface>=6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "ruff", "mypy", "mypy-zope"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "ruff", "mypy", "mypy-zope", "selenium>=4.20"],
         "bench": ["pyinstrument"],
     },
     entry_points={"console_scripts": ["nlbctl = nlbproxy.ctl:main"]},
