@@ -32,7 +32,7 @@ or refused), 503 (no host, queue full) or 504 (timed out).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import h11
@@ -45,6 +45,7 @@ from zope.interface import implementer
 from nlbproxy import limits
 from nlbproxy.classifier import Farm, Host, Pool
 from nlbproxy.config import ListenerConfig
+from nlbproxy.filtering import RequestFilter
 from nlbproxy.flow import Deadline, Pauser
 from nlbproxy.metrics import ListenerStats
 from nlbproxy.routers import headers as hdrs
@@ -76,7 +77,7 @@ _STATUS_FOR_FAILURE = {
 
 _REASONS = {
     400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed", 408: b"Request Timeout",
-    413: b"Content Too Large", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
+    413: b"Content Too Large", 414: b"URI Too Long", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
@@ -105,6 +106,7 @@ class Listener:
         self.upstreams = upstreams
         self.reactor = reactor
         self.stats = ListenerStats()
+        self.filter = RequestFilter.for_listener(config, reactor, self.stats.filter)
         self.access_log = access_log
         self.scheme = scheme
         self.sessions = sessions
@@ -285,6 +287,15 @@ class ClientConnection(Protocol):
         if max_body and content_length > max_body:
             self.local_response(413, b"request body too large\n")
             return
+        if listener.filter is not None:
+            verdict = listener.filter.check(self.client_ip, method, request.target, hdrs.pairs(fields))
+            if verdict is not None:
+                if not (chunked or content_length > 0):
+                    # A bodiless request's end is there already: taking it
+                    # keeps the connection (a 429 is retried on it).
+                    self.h11.next_event()
+                self.local_response(verdict.status, verdict.body, headers=verdict.headers)
+                return
         routes = listener.routes
         pool_name = (
             routes.pool_for(method, request.target, hdrs.pairs(fields)) if routes.rules else routes.default_pool
@@ -319,8 +330,11 @@ class ClientConnection(Protocol):
         if data:
             self.transport.write(data)
 
-    def local_response(self, status: int, body: bytes, close: bool = False) -> None:
-        """An answer made by the unit itself (errors), ending the exchange."""
+    def local_response(
+        self, status: int, body: bytes, close: bool = False, headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """An answer made by the unit itself (errors), ending the exchange;
+        ``headers`` are added to the unit's own (``Retry-After``)."""
         listener = self.listener
         if status >= 400:
             listener.stats.reject(status)
@@ -337,16 +351,17 @@ class ClientConnection(Protocol):
                 close = True
         request_unread = conn.their_state not in (_DONE, h11.MUST_CLOSE, h11.CLOSED)
         close = close or request_unread or self.closing
-        headers = [
+        fields = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-store"),
+            *headers,
         ]
         if close:
-            headers.append((b"connection", b"close"))
+            fields.append((b"connection", b"close"))
         if conn.our_state is h11.SEND_RESPONSE or conn.our_state is h11.IDLE:
             try:
-                self.send(_Response(status_code=status, headers=headers, reason=_REASONS.get(status, b"")))
+                self.send(_Response(status_code=status, headers=fields, reason=_REASONS.get(status, b"")))
                 self.send(_Data(data=body))
                 self.send(_EndOfMessage())
             except h11.LocalProtocolError:
