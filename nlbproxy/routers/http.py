@@ -32,7 +32,7 @@ or refused), 503 (no host, queue full) or 504 (timed out).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import h11
@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nlbproxy import limits
+from nlbproxy.cache import CacheRequest, Filling, Hit, ResponseCache
 from nlbproxy.classifier import Farm, Host, Pool
 from nlbproxy.config import ListenerConfig
 from nlbproxy.filtering import RequestFilter
@@ -98,6 +99,7 @@ class Listener:
         access_log: AccessLogger | None = None,
         scheme: bytes = b"http",
         sessions: SessionTracker | None = None,
+        caches: Mapping[str, ResponseCache] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -110,6 +112,8 @@ class Listener:
         self.access_log = access_log
         self.scheme = scheme
         self.sessions = sessions
+        #: Response caches by pool name (pools with ``cache``), shared by listeners.
+        self.caches: Mapping[str, ResponseCache] = caches if caches is not None else {}
         self.via = b"1.1 " + unit_name.encode("ascii", "replace")
         self.connections: set[ClientConnection] = set()
         self.stopping = False
@@ -446,7 +450,7 @@ class Exchange:
         "client", "request", "fields", "pool", "host", "upstream", "hostconns", "tried", "started",
         "has_body", "request_complete", "body_bytes", "body_forwarded", "pending", "pending_bytes",
         "response_started", "response_complete", "status", "bytes_sent", "set_cookie",
-        "cancelled", "queue_timer", "sent_end", "session", "upgrade",
+        "cancelled", "queue_timer", "sent_end", "session", "upgrade", "cached", "filling",
     )
 
     def __init__(
@@ -485,9 +489,15 @@ class Exchange:
         self.session: str | None = None
         self.queue_timer: Any = None
         self.upgrade = hdrs.upgrade_protocol(fields) if upgrade else None
+        #: What the pool's cache may do with this exchange, and the response being kept.
+        self.cached: CacheRequest | None = None
+        self.filling: Filling | None = None
 
     # -- choosing a host ---------------------------------------------------------
     def start(self) -> None:
+        cache = self.client.listener.caches.get(self.pool.name)
+        if cache is not None and self._from_cache(cache):
+            return
         pool = self.pool
         affinity = pool.config.affinity
         sessions = self.client.listener.sessions
@@ -501,6 +511,37 @@ class Exchange:
                 self._session_found(*found)
                 return
         self._start_with(self._classify())
+
+    def _from_cache(self, cache: ResponseCache) -> bool:
+        """Answer from the cache if it holds a fresh response; True if it did."""
+        request = self.request
+        cached = cache.request(request.method, request.target, self.fields, self.has_body or self.upgrade is not None)
+        if cached is None:
+            return False
+        hit = cached.get()
+        if hit is None:
+            self.cached = cached
+            return False
+        self._send_hit(hit, cached.head)
+        return True
+
+    def _send_hit(self, hit: Hit, head: bool) -> None:
+        client = self.client
+        self.status = hit.status
+        self.response_started = True
+        headers = hit.headers
+        if client.closing or client.requests >= client.config.max_requests_per_connection:
+            headers.append((b"connection", b"connection", b"close"))
+        client.send(_Response(status_code=hit.status, headers=hdrs.wrap(headers), reason=hit.reason, _parsed=True))
+        if hit.body and not head:
+            client.send(_Data(data=hit.body))
+            self.bytes_sent = len(hit.body)
+        client.send(_EndOfMessage())
+        self.response_complete = True
+        self.logged(client.listener)
+        if self.request_complete:
+            client.exchange_done()
+        # else the request's end, which h11 hands out next, ends the exchange
 
     def _session_found(self, host: Host | None, known: bool) -> None:
         if self.cancelled:
@@ -661,12 +702,17 @@ class Exchange:
             data = event.data
             self.bytes_sent += len(data)
             client.send(event)
+            if self.filling is not None and not self.filling.add(data):
+                self.filling = None
         elif kind is _Response:
             self.response_started = True
             self.status = event.status_code
             headers, ambiguous = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, False)
             if ambiguous:
                 conn.reusable = False
+            if self.cached is not None:
+                # Before the per-client headers below: those are not stored.
+                self.filling = self.cached.admit(event.status_code, event.reason, headers, self.started)
             if self.set_cookie is not None:
                 headers.append((b"set-cookie", b"set-cookie", self.set_cookie))
             if client.closing or client.requests >= client.config.max_requests_per_connection:
@@ -684,6 +730,9 @@ class Exchange:
                 # Only a chunked body carries trailers; an HTTP/1.0 client
                 # gets a read-until-close body, and h11 refuses to send them.
                 event = _EndOfMessage()
+            elif self.filling is not None and not event.headers:
+                self.filling.finish()  # trailers are not stored: neither is their response
+            self.filling = None
             client.send(event)
             self._response_done(conn)
         elif kind is _InformationalResponse:
