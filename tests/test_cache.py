@@ -13,8 +13,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy import limits
 from nlbproxy.cache import Hit, ResponseCache, http_date, parse_cache_control, pool_caches
-from nlbproxy.config import CacheConfig, ConfigError, parse_config
+from nlbproxy.config import CacheConfig, ConfigError, DenyConfig, RateLimitConfig, parse_config
+from nlbproxy.filtering import RequestFilter
 from tests.fakes import Harness, parse_message, pool
+from tests.test_admin import Fixture, call, call_json
+from tests.test_metrics import parse_exposition
 
 Field = tuple[bytes, bytes, bytes]
 
@@ -487,3 +490,58 @@ class RouterTests(SynchronousTestCase):
         self.miss(h, c)
         c.send(request())
         self.assertTrue(h.backends[0].received().startswith(b"GET /x"))
+
+
+# -- the admin API -------------------------------------------------------------------
+class AdminTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.fixture = Fixture()
+        self.cache = ResponseCache("web", CacheConfig(), self.fixture.clock)
+        self.fixture.resource.caches = {"web": self.cache}
+
+    def call(self, path: str, body: bytes, method: bytes = b"POST") -> tuple[int, object]:
+        return call_json(self.fixture.resource, method, path, body)  # type: ignore[no-any-return]
+
+    def test_purge(self) -> None:
+        store(self.cache, b"/static/a", MAX_AGE_60)
+        store(self.cache, b"/index", MAX_AGE_60)
+        code, answer = self.call("/api/v1/pools/web/cache/purge", b'{"prefix": "/static/"}')
+        self.assertEqual((code, answer), (200, {"pool": "web", "prefix": "/static/", "purged": 1}))
+        self.assertEqual(len(self.cache), 1)
+
+    def test_refusals(self) -> None:
+        for path, body, code, error in (
+            ("/api/v1/pools/api/cache/purge", b'{"prefix": "/"}', 404, "pool api has no cache"),
+            ("/api/v1/pools/nope/cache/purge", b'{"prefix": "/"}', 404, "no pool nope"),
+            ("/api/v1/pools/web/cache/purge", b"/static/", 400, 'body must be JSON like {"prefix": "/path"}'),
+            ("/api/v1/pools/web/cache/purge", b'{"prefix": "static"}', 400, "the prefix an ASCII path"),
+            ("/api/v1/pools/web/cache/purge", b'["/"]', 400, "body must be JSON"),
+        ):
+            got, answer = self.call(path, body)
+            self.assertEqual(got, code, path)
+            self.assertIn(error, answer["error"])  # type: ignore[index]
+        got, _ = self.call("/api/v1/pools/web/cache/purge", b"", method=b"GET")
+        self.assertEqual(got, 405)
+
+    def test_metrics(self) -> None:
+        store(self.cache, b"/a", MAX_AGE_60)
+        get(self.cache, b"/a")
+        get(self.cache, b"/b")
+        for name, stats in self.fixture.listeners.items():
+            f = RequestFilter([DenyConfig("lan", network=("10.0.0.0/8",))], RateLimitConfig(1, 1),
+                              self.fixture.clock, stats.filter)
+            f.check("10.0.0.1", b"GET", b"/", [])
+            f.check("192.0.2.1", b"GET", b"/", [])
+            f.check("192.0.2.1", b"GET", b"/", [])
+        code, _request, body = call(self.fixture.resource, b"GET", "/metrics")
+        families = parse_exposition(body.decode())
+        self.assertEqual(families["nlbproxy_cache_lookups_total"]["samples"], [
+            ("nlbproxy_cache_lookups_total", {"pool": "web", "result": "hit"}, 1.0),
+            ("nlbproxy_cache_lookups_total", {"pool": "web", "result": "miss"}, 1.0),
+        ])
+        self.assertEqual(families["nlbproxy_cache_entries"]["samples"][0][2], 1.0)
+        self.assertEqual(families["nlbproxy_filter_denied_total"]["samples"], [
+            ("nlbproxy_filter_denied_total", {"listener": "public", "rule": "lan"}, 1.0),
+            ("nlbproxy_filter_denied_total", {"listener": "soap", "rule": "lan"}, 1.0),
+        ])
+        self.assertEqual(families["nlbproxy_filter_rate_limited_total"]["samples"][0][2], 1.0)
