@@ -527,7 +527,7 @@ class AdminTests(SynchronousTestCase):
         store(self.cache, b"/a", MAX_AGE_60)
         get(self.cache, b"/a")
         get(self.cache, b"/b")
-        for name, stats in self.fixture.listeners.items():
+        for stats in self.fixture.listeners.values():
             f = RequestFilter([DenyConfig("lan", network=("10.0.0.0/8",))], RateLimitConfig(1, 1),
                               self.fixture.clock, stats.filter)
             f.check("10.0.0.1", b"GET", b"/", [])
