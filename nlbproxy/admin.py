@@ -278,6 +278,7 @@ def render_metrics(
             ("evictions", "Entries dropped to make room, least recently used first.", cstats.evictions),
             ("purged", "Entries dropped by purges and by unsafe requests to their URL.", cstats.purged),
             ("too_big", "Cacheable responses over max_object_bytes, streamed through unkept.", cstats.too_big),
+            ("busy", "Cacheable responses streamed through unkept: bodies in flight held max_bytes.", cstats.busy),
         ):
             w.add(f"nlbproxy_cache_{help_name}_total", "counter", help_text, count, pool=pool_name)
         w.add("nlbproxy_cache_bytes", "gauge", "Bytes the pool's cache holds.", cstats.bytes, pool=pool_name)

@@ -28,7 +28,12 @@ successful unsafe request (POST, PUT, DELETE, ...) invalidates its target
 
 Memory is bounded: every entry is charged its body, headers and a fixed
 overhead, and the least recently used entries go when ``max_bytes`` would
-be exceeded; a URL keeps at most ``CACHE_MAX_VARIANTS`` variants.
+be exceeded; a URL keeps at most ``CACHE_MAX_VARIANTS`` variants.  Bodies
+being collected are bounded too, each by ``max_object_bytes`` and all of
+them together by ``max_bytes`` (past it, responses stream through unkept),
+so many clients fetching big cacheable responses at once cannot make the
+cache hold more than twice ``max_bytes``.  An exchange that ends without a
+complete response must :meth:`Filling.drop` its filling.
 """
 
 from __future__ import annotations
@@ -230,23 +235,37 @@ class Filling:
         self.purges = cache.purges
 
     def add(self, data: bytes) -> bool:
-        """Keep ``data``; False once the body is too big (all dropped)."""
-        self.size += len(data)
-        if self.size > self.limit:
-            self.chunks = []
-            self.cache.stats.too_big += 1
+        """Keep ``data``; False once the body is too big or the cache has no
+        room for more bodies in flight (then all is dropped)."""
+        cache = self.cache
+        n = len(data)
+        if self.size + n > self.limit:
+            cache.stats.too_big += 1
+            self.drop()
             return False
+        if cache.filling_bytes + n > cache.config.max_bytes:
+            cache.stats.busy += 1
+            self.drop()
+            return False
+        self.size += n
+        cache.filling_bytes += n
         self.chunks.append(data)
         return True
 
+    def drop(self) -> None:
+        """Forget what was collected (the response ended early or was refused)."""
+        self.cache.filling_bytes -= self.size
+        self.size = 0
+        self.chunks = []
+
     def finish(self) -> bool:
         """The whole body came: store the entry.  False if a purge came first."""
-        if self.purges != self.cache.purges:
-            return False  # it may hold what the operator just purged
         entry = self.entry
         entry.body = b"".join(self.chunks)
         entry.size += self.size
-        self.chunks = []
+        self.drop()
+        if self.purges != self.cache.purges:
+            return False  # it may hold what the operator just purged
         return self.cache.insert(entry)
 
 
@@ -264,6 +283,8 @@ class ResponseCache:
         self._lru: OrderedDict[Entry, None] = OrderedDict()
         #: Purges so far: a filling that saw one may hold purged content.
         self.purges = 0
+        #: Body bytes held by fillings now.
+        self.filling_bytes = 0
 
     def __len__(self) -> int:
         return len(self._lru)

@@ -93,7 +93,7 @@ class FilterStats:
 class CacheStats:
     """Per pool: what its response cache did (:mod:`nlbproxy.cache`)."""
 
-    __slots__ = ("hits", "misses", "stores", "evictions", "purged", "bytes", "entries", "too_big")
+    __slots__ = ("hits", "misses", "stores", "evictions", "purged", "bytes", "entries", "too_big", "busy")
 
     def __init__(self) -> None:
         self.hits = 0
@@ -108,6 +108,9 @@ class CacheStats:
         self.entries = 0
         #: Cacheable responses streamed through unkept: over max_object_bytes.
         self.too_big = 0
+        #: Cacheable responses streamed through unkept: the bodies being
+        #: collected already held max_bytes.
+        self.busy = 0
 
 
 class ListenerStats:

@@ -545,3 +545,66 @@ class AdminTests(SynchronousTestCase):
             ("nlbproxy_filter_denied_total", {"listener": "soap", "rule": "lan"}, 1.0),
         ])
         self.assertEqual(families["nlbproxy_filter_rate_limited_total"]["samples"][0][2], 1.0)
+
+
+class InFlightTests(SynchronousTestCase):
+    def test_bodies_in_flight_are_bounded_by_max_bytes(self) -> None:
+        cache, _ = make_cache(max_bytes=10_000, max_object_bytes=6_000)
+        fillings = []
+        for target in (b"/a", b"/b"):
+            req = cache.request(b"GET", target, fields((b"Host", b"a")), False)
+            assert req is not None
+            filling = req.admit(200, b"OK", MAX_AGE_60, cache.clock.seconds())
+            assert filling is not None
+            fillings.append(filling)
+        self.assertTrue(fillings[0].add(b"x" * 6_000))
+        self.assertFalse(fillings[1].add(b"x" * 5_000))  # 11 000 in flight: over max_bytes
+        self.assertEqual((cache.filling_bytes, cache.stats.busy), (6_000, 1))
+        fillings[0].drop()
+        self.assertEqual(cache.filling_bytes, 0)
+
+    def test_finish_releases_the_budget(self) -> None:
+        cache, _ = make_cache()
+        self.assertTrue(store(cache, b"/a", MAX_AGE_60, b"x" * 100))
+        self.assertEqual(cache.filling_bytes, 0)
+
+
+class RouterFillingTests(SynchronousTestCase):
+    def harness(self) -> Harness:
+        h = Harness(pools=[pool("web", "10.0.0.1:8080", cache=CacheConfig())])
+        _pool_caches(h)
+        return h
+
+    def test_client_gone_mid_response_releases_the_budget(self) -> None:
+        h = self.harness()
+        c = h.client()
+        c.send(request())
+        b = h.accept()
+        b.received()
+        b.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nCache-Control: max-age=60\r\n\r\nhalf")
+        cache = h.listener.caches["web"]
+        self.assertEqual(cache.filling_bytes, 4)
+        c.reset()
+        self.assertEqual((cache.filling_bytes, len(cache)), (0, 0))
+
+    def test_host_gone_mid_response_releases_the_budget(self) -> None:
+        h = self.harness()
+        c = h.client()
+        c.send(request())
+        b = h.accept()
+        b.received()
+        b.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nCache-Control: max-age=60\r\n\r\nhalf")
+        b.reset()
+        self.assertEqual(h.listener.caches["web"].filling_bytes, 0)
+
+    def test_trailers_are_not_stored(self) -> None:
+        h = self.harness()
+        c = h.client(port=50001)
+        c.send(request(extra=b"TE: trailers\r\n"))
+        b = h.accept()
+        b.received()
+        b.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nCache-Control: max-age=60\r\n\r\n"
+               b"2\r\nok\r\n0\r\nX-Sum: 1\r\n\r\n")
+        self.assertIn(b"X-Sum: 1", c.received())
+        cache = h.listener.caches["web"]
+        self.assertEqual((len(cache), cache.filling_bytes), (0, 0))

@@ -726,13 +726,12 @@ class Exchange:
             if self.request_complete:
                 client.phase = _RESPONSE
         elif kind is _EndOfMessage:
+            if self.filling is not None:
+                self._keep(event)
             if event.headers and client.h11.their_http_version != b"1.1":
                 # Only a chunked body carries trailers; an HTTP/1.0 client
                 # gets a read-until-close body, and h11 refuses to send them.
                 event = _EndOfMessage()
-            elif self.filling is not None and not event.headers:
-                self.filling.finish()  # trailers are not stored: neither is their response
-            self.filling = None
             client.send(event)
             self._response_done(conn)
         elif kind is _InformationalResponse:
@@ -745,6 +744,16 @@ class Exchange:
                 client.send(_InformationalResponse(
                     status_code=event.status_code, headers=hdrs.wrap(headers), reason=event.reason, _parsed=True,
                 ))
+
+    def _keep(self, end: Any) -> None:
+        """The response is complete: the cache stores it."""
+        filling = self.filling
+        assert filling is not None
+        self.filling = None
+        if end.headers:
+            filling.drop()  # trailers are not stored, so neither is their response
+        else:
+            filling.finish()
 
     def _learn_session(self, headers: list[hdrs.Field]) -> None:
         """The application set or cleared its session cookie: follow it."""
@@ -830,6 +839,9 @@ class Exchange:
             return
         if host is not None:
             host.stats.errors[kind] = host.stats.errors.get(kind, 0) + 1
+        if self.filling is not None:
+            self.filling.drop()
+            self.filling = None
         if self.response_started:
             # Too late for a clean answer: the client must see the failure.
             log.info("host {host} failed mid-response: {kind} {detail}", host=host, kind=kind, detail=detail)
@@ -870,6 +882,9 @@ class Exchange:
     def abandon(self) -> None:
         """The client side failed (protocol error, body limit): drop the backend side."""
         self.cancelled = True
+        if self.filling is not None:
+            self.filling.drop()
+            self.filling = None
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
