@@ -608,3 +608,36 @@ class RouterFillingTests(SynchronousTestCase):
         self.assertIn(b"X-Sum: 1", c.received())
         cache = h.listener.caches["web"]
         self.assertEqual((len(cache), cache.filling_bytes), (0, 0))
+
+
+class HitBackpressureTests(SynchronousTestCase):
+    def test_pipelined_hits_wait_for_a_client_that_does_not_read(self) -> None:
+        h = Harness(pools=[pool("web", "10.0.0.1:8080", cache=CacheConfig())])
+        _pool_caches(h)
+        c = h.client()
+        big = b"x" * 50_000
+        RouterTests().miss(h, c, resp=response(big))
+        c.fill_after(10_000)
+        c.send(request() * 5)  # five pipelined requests, all hits
+        self.assertEqual(h.attempts(), [])
+        # One answer waits in the send buffer; the other requests wait in h11's.
+        self.assertEqual(c.transport.value().count(b"HTTP/1.1 200"), 1)
+        self.assertEqual(c.protocol.phase, 4)  # _RESPONSE: the client timeout runs
+        reads = [c.received() for _ in range(5)]
+        # Each read drains the buffer, which lets exactly the next answer in.
+        self.assertEqual([r.count(b"HTTP/1.1 200") for r in reads], [1, 1, 1, 1, 1])
+        self.assertEqual(b"".join(reads).count(big), 5)
+        self.assertEqual(c.received(), b"")
+        self.assertEqual(h.listener.caches["web"].stats.hits, 5)
+        self.assertFalse(c.closed)
+
+    def test_client_that_never_reads_a_hit_is_cut_after_client_timeout(self) -> None:
+        h = Harness(pools=[pool("web", "10.0.0.1:8080", cache=CacheConfig())], client_timeout=5.0)
+        _pool_caches(h)
+        c = h.client()
+        RouterTests().miss(h, c, resp=response(b"x" * 50_000))
+        c.fill_after(10_000)
+        c.send(request())
+        h.advance(5.0)
+        self.assertTrue(c.aborted)
+        self.assertEqual(h.access_log[-1], (b"GET", b"/x", 200))

@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import h11
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import connectionDone, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -78,7 +78,8 @@ _STATUS_FOR_FAILURE = {
 
 _REASONS = {
     400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed", 408: b"Request Timeout",
-    413: b"Content Too Large", 414: b"URI Too Long", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+    413: b"Content Too Large", 414: b"URI Too Long", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
@@ -443,6 +444,32 @@ class ClientConnection(Protocol):
             self.deadline.cancel()
 
 
+@implementer(IPushProducer)
+class _HitWriter:
+    """Registered with the client's transport while a cache hit is written:
+    a full send buffer pauses it, and the exchange ends once it drains, so a
+    client that pipelines requests for cached responses and does not read
+    them makes the unit hold one response, not one per request."""
+
+    __slots__ = ("exchange", "paused")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange: Exchange | None = exchange
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        exchange = self.exchange
+        if self.paused and exchange is not None:
+            self.exchange = None
+            exchange.hit_written()
+
+    def stopProducing(self) -> None:
+        self.exchange = None
+
+
 class Exchange:
     """One request and its response, from routing to the last byte."""
 
@@ -532,11 +559,25 @@ class Exchange:
         headers = hit.headers
         if client.closing or client.requests >= client.config.max_requests_per_connection:
             headers.append((b"connection", b"connection", b"close"))
+        # A hit is written whole; the writer tells whether that filled the
+        # client's send buffer, and then the next (pipelined) request waits.
+        writer = _HitWriter(self)
+        client.transport.registerProducer(writer, True)
         client.send(_Response(status_code=hit.status, headers=hdrs.wrap(headers), reason=hit.reason, _parsed=True))
         if hit.body and not head:
             client.send(_Data(data=hit.body))
             self.bytes_sent = len(hit.body)
         client.send(_EndOfMessage())
+        if writer.paused:
+            client.phase = _RESPONSE
+            client.deadline.set(client.config.client_timeout)
+        else:
+            self.hit_written()
+
+    def hit_written(self) -> None:
+        """The hit's bytes left for the client (or fit its send buffer)."""
+        client = self.client
+        client.transport.unregisterProducer()
         self.response_complete = True
         self.logged(client.listener)
         if self.request_complete:
