@@ -5,6 +5,8 @@ with a fake clock; then its use by the router, scripted against the fakes of
 from __future__ import annotations
 
 from email.utils import formatdate
+from io import StringIO
+from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from nlbproxy import limits
 from nlbproxy.cache import Hit, ResponseCache, http_date, parse_cache_control, pool_caches
 from nlbproxy.config import CacheConfig, ConfigError, DenyConfig, RateLimitConfig, parse_config
+from nlbproxy.ctl import main as nlbctl
 from nlbproxy.filtering import RequestFilter
 from tests.fakes import Harness, parse_message, pool
 from tests.test_admin import Fixture, call, call_json
@@ -641,3 +644,36 @@ class HitBackpressureTests(SynchronousTestCase):
         h.advance(5.0)
         self.assertTrue(c.aborted)
         self.assertEqual(h.access_log[-1], (b"GET", b"/x", 200))
+
+
+class RobustnessTests(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=80))
+    def test_any_cache_control_or_date_parses(self, value: bytes) -> None:
+        directives = parse_cache_control([(b"Cache-Control", b"cache-control", value)])
+        self.assertTrue(all(key == key.lower() and key for key in directives))
+        http_date(value)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from([b"cache-control", b"vary", b"expires", b"date", b"age"]),
+                              st.binary(max_size=40)), max_size=6))
+    def test_any_response_headers_are_admitted_or_refused(self, headers: list[tuple[bytes, bytes]]) -> None:
+        cache, _ = make_cache()
+        req = cache.request(b"GET", b"/x", fields((b"Host", b"a")), False)
+        assert req is not None
+        filling = req.admit(200, b"OK", [(n, n, v) for n, v in headers], cache.clock.seconds())
+        if filling is not None:
+            filling.add(b"body")
+            filling.finish()
+            hit = get(cache, b"/x")
+            if hit is not None:
+                self.assertEqual(hit.body, b"body")
+
+
+class CtlTests(SynchronousTestCase):
+    def test_purge_needs_a_path_prefix(self) -> None:
+        err = StringIO()
+        with mock.patch("sys.stderr", err):
+            code = nlbctl(["--admin", "http://127.0.0.1:9", "purge", "app", "static"])
+        self.assertEqual(code, 2)
+        self.assertIn("PREFIX must be a path starting with '/'", err.getvalue())
