@@ -18,7 +18,7 @@ from nlbproxy.cache import Hit, ResponseCache, http_date, parse_cache_control, p
 from nlbproxy.config import CacheConfig, ConfigError, DenyConfig, RateLimitConfig, parse_config
 from nlbproxy.ctl import main as nlbctl
 from nlbproxy.filtering import RequestFilter
-from tests.fakes import Harness, parse_message, pool
+from tests.fakes import Client, Harness, parse_message, pool
 from tests.test_admin import Fixture, call, call_json
 from tests.test_metrics import parse_exposition
 
@@ -352,23 +352,25 @@ def response(body: bytes = b"hello", extra: bytes = b"Cache-Control: max-age=60\
     return b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body
 
 
+def miss(h: Harness, c: Client, req: bytes = request(), resp: bytes = response()) -> bytes:
+    """``req`` goes to the host, which answers ``resp``; what the client got."""
+    c.send(req)
+    b = h.next_backend()
+    b.received()
+    b.send(resp)
+    return c.received()
+
+
 class RouterTests(SynchronousTestCase):
     def harness(self, **options: object) -> Harness:
         h = Harness(pools=[pool("web", "10.0.0.1:8080", cache=CacheConfig(**options))])  # type: ignore[arg-type]
         _pool_caches(h)
         return h
 
-    def miss(self, h: Harness, c: object, req: bytes = request(), resp: bytes = response()) -> bytes:
-        c.send(req)  # type: ignore[attr-defined]
-        b = h.next_backend()
-        b.received()
-        b.send(resp)
-        return c.received()  # type: ignore[attr-defined,no-any-return]
-
     def test_second_get_from_cache_without_a_host(self) -> None:
         h = self.harness()
         c = h.client()
-        status, headers, body = parse_message(self.miss(h, c))
+        status, headers, body = parse_message(miss(h, c))
         self.assertEqual((status, body), (200, b"hello"))
         self.assertNotIn(b"age", headers)
         h.advance(7)
@@ -392,7 +394,7 @@ class RouterTests(SynchronousTestCase):
     def test_head_hit_has_headers_and_no_body(self) -> None:
         h = self.harness()
         c = h.client()
-        self.miss(h, c)
+        miss(h, c)
         c.send(request(method=b"HEAD") + request(b"/x"))  # pipelined: HEAD then GET
         data = c.received()
         head_end = data.index(b"\r\n\r\n") + 4
@@ -404,7 +406,7 @@ class RouterTests(SynchronousTestCase):
     def test_chunked_response_is_stored_and_served_with_length(self) -> None:
         h = self.harness()
         c = h.client()
-        self.miss(h, c, resp=b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nCache-Control: max-age=9\r\n\r\n"
+        miss(h, c, resp=b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nCache-Control: max-age=9\r\n\r\n"
                              b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
         c.send(request())
         status, headers, body = parse_message(c.received())
@@ -430,7 +432,7 @@ class RouterTests(SynchronousTestCase):
         h = self.harness()
         c = h.client()
         vary = response(b"en", b"Cache-Control: max-age=60\r\nVary: Accept-Language\r\n")
-        self.miss(h, c, request(extra=b"Accept-Language: en\r\n"), vary)
+        miss(h, c, request(extra=b"Accept-Language: en\r\n"), vary)
         c.send(request(extra=b"Accept-Language: fr\r\n"))
         b = h.backends[0]
         self.assertTrue(b.received().startswith(b"GET /x"))  # a miss: another variant
@@ -438,7 +440,7 @@ class RouterTests(SynchronousTestCase):
         c.received()
         c.send(request(extra=b"Accept-Language: en\r\n"))
         self.assertEqual(parse_message(c.received())[2], b"en")
-        self.miss(h, c, request(b"/n"), response(b"n", b"Cache-Control: no-store\r\n"))
+        miss(h, c, request(b"/n"), response(b"n", b"Cache-Control: no-store\r\n"))
         c.send(request(b"/n"))
         self.assertTrue(b.received().startswith(b"GET /n"))
 
@@ -447,7 +449,7 @@ class RouterTests(SynchronousTestCase):
                     max_requests_per_connection=2)
         _pool_caches(h)
         c = h.client()
-        _, headers, _ = parse_message(self.miss(h, c))
+        _, headers, _ = parse_message(miss(h, c))
         self.assertIn(b"set-cookie", headers)
         c.send(request())  # the connection's last request, served from the cache
         _, headers, body = parse_message(c.received())
@@ -462,8 +464,8 @@ class RouterTests(SynchronousTestCase):
     def test_post_invalidates(self) -> None:
         h = self.harness()
         c = h.client()
-        self.miss(h, c)
-        self.miss(h, c, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nz", response(b"done", b""))
+        miss(h, c)
+        miss(h, c, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nz", response(b"done", b""))
         self.assertEqual(len(h.listener.caches["web"]), 0)
         c.send(request())
         self.assertTrue(h.backends[0].received().startswith(b"GET /x"))
@@ -471,7 +473,7 @@ class RouterTests(SynchronousTestCase):
     def test_purge_sends_the_next_request_to_the_host(self) -> None:
         h = self.harness()
         c = h.client()
-        self.miss(h, c)
+        miss(h, c)
         self.assertEqual(h.listener.caches["web"].purge(b"/"), 1)
         c.send(request())
         self.assertTrue(h.backends[0].received().startswith(b"GET /x"))
@@ -490,7 +492,7 @@ class RouterTests(SynchronousTestCase):
     def test_pool_without_cache_is_untouched(self) -> None:
         h = Harness()
         c = h.client()
-        self.miss(h, c)
+        miss(h, c)
         c.send(request())
         self.assertTrue(h.backends[0].received().startswith(b"GET /x"))
 
@@ -619,7 +621,7 @@ class HitBackpressureTests(SynchronousTestCase):
         _pool_caches(h)
         c = h.client()
         big = b"x" * 50_000
-        RouterTests().miss(h, c, resp=response(big))
+        miss(h, c, resp=response(big))
         c.fill_after(10_000)
         c.send(request() * 5)  # five pipelined requests, all hits
         self.assertEqual(h.attempts(), [])
@@ -638,7 +640,7 @@ class HitBackpressureTests(SynchronousTestCase):
         h = Harness(pools=[pool("web", "10.0.0.1:8080", cache=CacheConfig())], client_timeout=5.0)
         _pool_caches(h)
         c = h.client()
-        RouterTests().miss(h, c, resp=response(b"x" * 50_000))
+        miss(h, c, resp=response(b"x" * 50_000))
         c.fill_after(10_000)
         c.send(request())
         h.advance(5.0)
