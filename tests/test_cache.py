@@ -10,15 +10,17 @@ from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy import limits
 from nlbproxy.cache import Hit, ResponseCache, http_date, parse_cache_control, pool_caches
-from nlbproxy.config import CacheConfig, ConfigError, DenyConfig, RateLimitConfig, parse_config
+from nlbproxy.config import CacheConfig, ConfigError, DenyConfig, RateLimitConfig, RouteConfig, parse_config
 from nlbproxy.ctl import main as nlbctl
 from nlbproxy.filtering import RequestFilter
-from tests.fakes import Client, Harness, parse_message, pool
+from nlbproxy.routing import Decision, MaybeDecision, RequestView, Rule
+from tests.fakes import Client, Harness, parse_message, pool, route
 from tests.test_admin import Fixture, call, call_json
 from tests.test_metrics import parse_exposition
 
@@ -679,3 +681,53 @@ class CtlTests(SynchronousTestCase):
             code = nlbctl(["--admin", "http://127.0.0.1:9", "purge", "app", "static"])
         self.assertEqual(code, 2)
         self.assertIn("PREFIX must be a path starting with '/'", err.getvalue())
+
+
+class LaterRule(Rule):
+    """A rule answering through a Deferred, the way plugins may."""
+
+    def __init__(self) -> None:
+        super().__init__(RouteConfig(pool="unused"))
+        self.answers: list[Deferred[Decision | None]] = []
+
+    def decide(self, view: RequestView) -> MaybeDecision:
+        answer: Deferred[Decision | None] = Deferred()
+        self.answers.append(answer)
+        return answer
+
+
+class RoutedCacheTests(SynchronousTestCase):
+    def test_only_the_routed_pool_caches(self) -> None:
+        h = Harness(pools=[pool("web", "10.0.0.1:8080"), pool("static", "10.0.0.9:8080", cache=CacheConfig())],
+                    routes=[route("static", path_prefix="/static/")])
+        _pool_caches(h)
+        c = h.client()
+        for target in (b"/static/a", b"/page"):
+            miss(h, c, request(target))
+            c.send(request(target))
+        self.assertEqual([b.key for b in h.backends], ["10.0.0.9:8080", "10.0.0.1:8080"])
+        self.assertEqual(h.backends[0].transport.value(), b"")  # the second /static/a was a hit
+        self.assertTrue(h.backends[1].received().startswith(b"GET /page"))
+        self.assertEqual(list(h.listener.caches), ["static"])
+
+    def test_a_hit_after_a_later_routing_decision(self) -> None:
+        h = Harness(pools=[pool("web", "10.0.0.1:8080", cache=CacheConfig())])
+        _pool_caches(h)
+        rule = LaterRule()
+        h.listener.routes.rules = (rule,)
+        c = h.client()
+        c.send(request())
+        rule.answers[0].callback(Decision("web"))
+        b = h.accept()
+        b.received()
+        b.send(response())
+        self.assertEqual(parse_message(c.received())[2], b"hello")
+        c.send(request())  # the request is complete before routing decides
+        self.assertEqual(c.received(), b"")
+        rule.answers[1].callback(Decision("web"))
+        h.flush()
+        status, headers, body = parse_message(c.received())
+        self.assertEqual((status, body, headers[b"age"]), (200, b"hello", [b"0"]))
+        self.assertEqual(h.attempts(), [])
+        c.send(request())  # the connection goes on
+        self.assertEqual(len(rule.answers), 3)
