@@ -122,6 +122,7 @@ def listener_state(stats: ListenerStats) -> dict[str, Any]:
         "open_connections": stats.open_connections,
         "requests": stats.requests,
         "rejected": {str(code): n for code, n in sorted(stats.rejected.items())},
+        "routing_failures": stats.routing_failures,
     }
 
 
@@ -246,6 +247,9 @@ def render_metrics(
               "Client connections open now.", lstats.open_connections, listener=name)
         w.add("nlbproxy_listener_requests_total", "counter",
               "Client requests received.", lstats.requests, listener=name)
+        w.add("nlbproxy_listener_routing_failures_total", "counter",
+              "Requests whose routing failed (a plugin raised, timed out or named no pool).",
+              lstats.routing_failures, listener=name)
         for status, count in sorted(lstats.rejected.items()):
             w.add("nlbproxy_listener_rejected_total", "counter",
                   "Requests the unit answered itself with an error, by status code.",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import random
 from collections import OrderedDict
@@ -174,6 +175,28 @@ class Pool:
 
     def host_for_token(self, token: str) -> Host | None:
         return self.bound_host(self.by_token.get(token))
+
+    def host_for_key(self, key: bytes, exclude: Container[Host] = ()) -> Host | None:
+        """The host an affinity key hashes to (weighted rendezvous hashing).
+
+        Among the hosts that are up and active, each key goes to the host
+        with the highest ``-weight / ln(h)`` for ``h`` a hash of key and host
+        in (0, 1): a host that leaves moves only its own keys, one that comes
+        back takes back only its own, and capacities (weights) are honoured.  A draining
+        host takes no keys: a hash is not a binding, and new keys keep coming.
+        """
+        now = self.clock.seconds()
+        best: Host | None = None
+        best_score = -math.inf
+        for host in self.hosts:
+            if host.directive != ACTIVE or host in exclude or not host.is_up(now):
+                continue
+            digest = hashlib.blake2b(key, digest_size=8, key=host.key.encode()[:64]).digest()
+            unit = (int.from_bytes(digest, "big") + 1) / 18446744073709551617.0  # in (0, 1)
+            score = -max(host.capacity, 1) / math.log(unit)
+            if score > best_score:
+                best, best_score = host, score
+        return best
 
     def host_for_client_ip(self, address: str) -> Host | None:
         entry = self._client_ips.get(address)

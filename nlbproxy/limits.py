@@ -39,6 +39,9 @@ MAX_CONNECTIONS = 20_000
 #: Request body bytes held for a request while its backend connection is being
 #: opened; past it the client is paused.
 MAX_PENDING_BODY = 64 * KiB
+#: How long routing may take to decide (a plugin answering later); past it
+#: the request is answered 502 and counted as a routing failure.
+ROUTING_TIMEOUT = 2.0
 
 # --- SOAP envelope sniffing (listeners with protocol = "soap") --------------
 #: Body bytes a SOAP request may carry before the start tag of the first child

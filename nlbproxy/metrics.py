@@ -77,12 +77,14 @@ class HostStats:
 class ListenerStats:
     """Per listener: connections and requests refused before reaching a pool."""
 
-    __slots__ = ("connections", "open_connections", "requests", "rejected")
+    __slots__ = ("connections", "open_connections", "requests", "rejected", "routing_failures")
 
     def __init__(self) -> None:
         self.connections = 0
         self.open_connections = 0
         self.requests = 0
+        #: Routing that failed (a plugin raised, timed out or named no pool).
+        self.routing_failures = 0
         # status code -> count, for answers the unit made itself (4xx/5xx).
         self.rejected: dict[int, int] = {}
 

@@ -5,12 +5,23 @@ Sans-I/O.  A listener's ``[[listener.route]]`` tables are compiled once into
 :class:`Rule` objects; each request is matched against them in order and the
 first match names the pool, else the listener's default pool does.  All match
 keys of one rule must hold (logical AND).
+
+What routing sees of a request is a :class:`RequestView`.  Rules that need
+to look into the request body (SOAP operations, plugins) say how many bytes
+of it they want (:attr:`Rule.body_prefix`); the router then holds at most
+that much of the body before calling :meth:`RouteTable.decide` and streams
+it on unchanged afterwards.  A decision is a :class:`Decision` (a pool, and
+optionally an affinity key hashed over the pool's hosts), or a
+:class:`Refusal`: an answer the unit gives itself (a SOAP fault, say).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Union
+
+from twisted.internet.defer import Deferred
 
 from nlbproxy.config import HeaderMatch, RouteConfig
 
@@ -48,13 +59,87 @@ def header_values(headers: Headers, wanted: bytes) -> list[bytes]:
     return [value.strip() for name, value in headers if name == wanted]
 
 
+class RequestView:
+    """What routing sees of one request.
+
+    ``headers`` are (lower-case name, value) pairs; ``body`` is the prefix of
+    the request body read before deciding (empty when no rule wants one) and
+    ``body_complete`` says whether it is the whole body.
+    """
+
+    __slots__ = ("method", "target", "path", "headers", "client_ip", "scheme", "body", "body_complete")
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        client_ip: str = "",
+        scheme: bytes = b"http",
+        body: bytes = b"",
+        body_complete: bool = True,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.path = path_of(target)
+        self.headers = headers
+        self.client_ip = client_ip
+        self.scheme = scheme
+        self.body = body
+        self.body_complete = body_complete
+
+
+class Decision:
+    """Where a request goes: a pool and, optionally, an affinity key.
+
+    Requests with the same ``affinity_key`` go to the same host of the pool
+    while it is up and active (a consistent hash over the hosts, see
+    :meth:`nlbproxy.classifier.Pool.host_for_key`).
+    """
+
+    __slots__ = ("pool", "affinity_key")
+
+    def __init__(self, pool: str, affinity_key: bytes | None = None) -> None:
+        self.pool = pool
+        self.affinity_key = affinity_key
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Decision) and self.pool == other.pool and self.affinity_key == other.affinity_key
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.pool, self.affinity_key))
+
+    def __repr__(self) -> str:
+        return f"Decision({self.pool!r}, {self.affinity_key!r})"
+
+
+class Refusal(Exception):
+    """Routing answers the request itself: ``status``, extra headers, ``body``."""
+
+    def __init__(self, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        super().__init__(status, body)
+        self.status = status
+        self.body = body
+        self.headers = tuple(headers)
+
+
+#: What a rule answers: a decision, no match (None), or either later.
+MaybeDecision = Union[Decision, None, "Deferred[Decision | None]"]
+
+
 class Rule:
     """One compiled ``[[listener.route]]``."""
 
-    __slots__ = ("pool", "_host", "_wildcard", "_prefix", "_regex", "_methods", "_headers", "_cookies")
+    __slots__ = ("pool", "decision", "_host", "_wildcard", "_prefix", "_regex", "_methods", "_headers", "_cookies")
+
+    #: Request body bytes this rule needs before it can match (0: none).
+    body_prefix = 0
 
     def __init__(self, route: RouteConfig) -> None:
         self.pool = route.pool
+        self.decision = Decision(route.pool)
         host = route.host.encode("idna") if route.host else None
         self._wildcard = host is not None and host.startswith(b"*.")
         self._host = host[1:] if self._wildcard and host else host  # ".example.com"
@@ -63,6 +148,14 @@ class Rule:
         self._methods = frozenset(route.method)
         self._headers: tuple[HeaderMatch, ...] = route.header
         self._cookies: tuple[HeaderMatch, ...] = route.cookie
+
+    def decide(self, view: RequestView) -> MaybeDecision:
+        """This rule's decision for ``view``, or None if it does not match.
+
+        Rules that ask something else (a plugin) may answer later, with a
+        Deferred firing a Decision or None.
+        """
+        return self.decision if self.matches(view.method, view.path, view.headers) else None
 
     def matches(self, method: bytes, path: bytes, headers: Headers) -> bool:
         if self._methods and method not in self._methods:
@@ -110,16 +203,36 @@ def path_of(target: bytes) -> bytes:
 class RouteTable:
     """The ordered rules of one listener and its default pool."""
 
-    __slots__ = ("rules", "default_pool")
+    __slots__ = ("rules", "default_pool", "default", "body_prefix")
 
     def __init__(self, routes: Sequence[RouteConfig], default_pool: str) -> None:
         self.rules = tuple(Rule(route) for route in routes)
         self.default_pool = default_pool
+        self.default = Decision(default_pool)
+        #: Request body bytes to hold before deciding: what the hungriest rule wants.
+        self.body_prefix = max((rule.body_prefix for rule in self.rules), default=0)
 
-    def pool_for(self, method: bytes, target: bytes, headers: Headers) -> str:
-        if self.rules:
-            path = path_of(target)
-            for rule in self.rules:
-                if rule.matches(method, path, headers):
-                    return rule.pool
-        return self.default_pool
+    def decide(self, view: RequestView) -> Decision | Deferred[Decision]:
+        """The first matching rule's decision, else the default pool's.
+
+        Raises :class:`Refusal` (or fails with it) when a rule answers the
+        request itself; a rule that answers later makes the result a
+        Deferred, and the rules after it are asked only if it declines.
+        """
+        return self._decide_from(view, 0)
+
+    def _decide_from(self, view: RequestView, start: int) -> Decision | Deferred[Decision]:
+        rules = self.rules
+        for index in range(start, len(rules)):
+            decision = rules[index].decide(view)
+            if decision is None:
+                continue
+            if isinstance(decision, Deferred):
+                return decision.addCallback(self._after_deferred, view, index + 1)
+            return decision
+        return self.default
+
+    def _after_deferred(
+        self, decision: Decision | None, view: RequestView, next_rule: int
+    ) -> Decision | Deferred[Decision]:
+        return decision if decision is not None else self._decide_from(view, next_rule)

@@ -139,6 +139,7 @@ class StateTests(SynchronousTestCase):
         self.assertEqual(doc["listeners"]["public"], {
             "connections": 11, "open_connections": 3, "requests": 40,
             "rejected": {"431": 1},
+            "routing_failures": 0,
         })
         self.assertEqual(doc["listeners"]["soap"]["connections"], 0)
 

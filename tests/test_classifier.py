@@ -142,6 +142,54 @@ class AffinityTests(SynchronousTestCase):
         self.assertIs(p.host_for_client_ip("198.51.100.0"), self.b)
 
 
+class KeyHashTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        hosts = [f"10.0.0.{i}:80" for i in range(1, 5)]
+        self.pool = Farm([pool("web", *hosts)], self.clock, SECRET).pools["web"]
+
+    def spread(self, keys: list[bytes]) -> dict[bytes, str]:
+        found = {}
+        for key in keys:
+            host = self.pool.host_for_key(key)
+            assert host is not None
+            found[key] = host.key
+        return found
+
+    def test_same_key_same_host_on_every_unit(self) -> None:
+        other = Farm([pool("web", *[h.key for h in reversed(self.pool.hosts)])], self.clock, b"x").pools["web"]
+        for i in range(50):
+            key = f"tenant-{i}".encode()
+            self.assertEqual(self.pool.host_for_key(key).key, other.host_for_key(key).key)  # type: ignore[union-attr]
+
+    def test_keys_spread_over_hosts(self) -> None:
+        counts: dict[str, int] = {}
+        for host in self.spread([f"t{i}".encode() for i in range(4000)]).values():
+            counts[host] = counts.get(host, 0) + 1
+        self.assertEqual(len(counts), 4)
+        self.assertTrue(all(700 < n < 1300 for n in counts.values()), counts)
+
+    def test_a_leaving_host_moves_only_its_keys(self) -> None:
+        keys = [f"t{i}".encode() for i in range(1000)]
+        before = self.spread(keys)
+        gone = self.pool.hosts[0]
+        self.pool.set_directive(gone, "draining")
+        after = self.spread(keys)
+        for key in keys:
+            if before[key] != gone.key:
+                self.assertEqual(after[key], before[key])
+            else:
+                self.assertNotEqual(after[key], gone.key)
+        self.pool.set_directive(gone, None)
+        self.assertEqual(self.spread(keys), before)
+
+    def test_down_hosts_and_exclusions(self) -> None:
+        for host in self.pool.hosts[1:]:
+            self.pool.mark_failed(host, "reset")
+        self.assertIs(self.pool.host_for_key(b"k"), self.pool.hosts[0])
+        self.assertIsNone(self.pool.host_for_key(b"k", exclude={self.pool.hosts[0]}))
+
+
 class FarmTests(SynchronousTestCase):
     def test_host_lookup(self) -> None:
         farm = Farm([pool("web", "10.0.0.1:80"), pool("api", "[2001:db8::1]:443")], Clock(), SECRET)

@@ -7,10 +7,15 @@ touches the network or real time: see :mod:`tests.fakes`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy import limits
 from nlbproxy.classifier import DRAINING, INACTIVE
+from nlbproxy.config import RouteConfig
+from nlbproxy.routing import Decision, MaybeDecision, Refusal, RequestView, Rule
 from tests.fakes import Backend, Client, Harness, parse_message, pool, route
 
 A = "10.0.0.1:8080"
@@ -1452,3 +1457,162 @@ class GracefulTests(SynchronousTestCase):
         self.assertEqual(c.received(), b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nvia: 1.1 unit1\r\n\r\nabcd")
         self.assertTrue(c.closed)
         self.assertFalse(c.aborted)
+
+
+class _BodyRule(Rule):
+    """A rule that reads the body prefix, the way SOAP rules and plugins do."""
+
+    body_prefix = 8
+
+    def __init__(self, answer: Callable[[RequestView], MaybeDecision]) -> None:
+        super().__init__(RouteConfig(pool="unused"))
+        self.answer = answer
+        self.views: list[RequestView] = []
+
+    def decide(self, view: RequestView) -> MaybeDecision:
+        self.views.append(view)
+        return self.answer(view)
+
+
+def _with_rule(h: Harness, rule: Rule) -> None:
+    table = h.listener.routes
+    table.rules = (rule, *table.rules)
+    table.body_prefix = max(table.body_prefix, rule.body_prefix)
+
+
+def post(body: bytes, target: bytes = b"/") -> bytes:
+    return b"POST " + target + b" HTTP/1.1\r\nHost: example.com\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+
+
+class RoutingHookTests(SynchronousTestCase):
+    """Rules that look into the body, answer later, refuse, fail or hash a key."""
+
+    def harness(self) -> Harness:
+        return Harness(pools=[pool("web", A), pool("orders", B, C)], routes=[route("web", path_prefix="/x/")])
+
+    def test_body_prefix_is_held_then_streamed_unchanged(self) -> None:
+        h = self.harness()
+        rule = _BodyRule(lambda v: Decision("orders") if v.body.startswith(b"order") else None)
+        _with_rule(h, rule)
+        c = h.client()
+        c.send(b"POST / HTTP/1.1\r\nHost: example.com\r\nContent-Length: 20\r\n\r\norde")
+        self.assertEqual(h.attempts(), [])  # 4 of the 8 bytes the rule wants
+        c.send(b"r-12345678901234")
+        b = h.next_backend()
+        self.assertIn(b.key, (B, C))
+        upstream = b.received()
+        self.assertTrue(upstream.endswith(b"\r\n\r\norder-12345678901234"), upstream)
+        self.assertEqual(rule.views[0].body, b"order-12")
+        self.assertFalse(rule.views[0].body_complete)
+        b.send(ok())
+        self.assertEqual(c.received(), relayed_ok())
+
+    def test_a_body_shorter_than_the_prefix_is_decided_at_its_end(self) -> None:
+        h = self.harness()
+        rule = _BodyRule(lambda v: Decision("orders"))
+        _with_rule(h, rule)
+        c = h.client()
+        c.send(post(b"abc"))
+        b = h.next_backend()
+        self.assertTrue(b.received().endswith(b"\r\n\r\nabc"))
+        self.assertEqual((rule.views[0].body, rule.views[0].body_complete), (b"abc", True))
+
+    def test_bodiless_requests_are_decided_at_once(self) -> None:
+        h = self.harness()
+        rule = _BodyRule(lambda v: None)
+        _with_rule(h, rule)
+        c = h.client()
+        self.assertEqual(roundtrip(h, c, get(b"/x/1")), A)
+        self.assertEqual(rule.views[0].body, b"")
+
+    def test_a_later_decision(self) -> None:
+        h = self.harness()
+        answer: Deferred[Decision | None] = Deferred()
+        _with_rule(h, _BodyRule(lambda v: answer))
+        c = h.client()
+        c.send(get(b"/"))
+        self.assertEqual(h.attempts(), [])
+        answer.callback(Decision("orders"))
+        self.assertIn(roundtrip_pending(h, c), (B, C))
+
+    def test_a_refusal_is_answered_with_its_headers(self) -> None:
+        h = self.harness()
+        fault = b"<fault/>"
+        _with_rule(h, _BodyRule(lambda v: _raise(Refusal(400, fault, [(b"content-type", b"text/xml")]))))
+        c = h.client()
+        c.send(post(b"junk"))
+        status, headers, body = parse_message(c.received())
+        self.assertEqual((status, headers[b"content-type"], body), (400, [b"text/xml"], fault))
+        self.assertEqual(h.attempts(), [])
+        self.assertFalse(c.closed)  # the whole body was read: the connection lives on
+        self.assertEqual(h.access_log, [(b"POST", b"/", 400)])
+        # Refused before the body's end: the rest is not read, the connection closes.
+        c.send(post(b"not xml at all"))
+        status, headers, body = parse_message(c.received())
+        self.assertEqual((status, headers[b"connection"]), (400, [b"close"]))
+        self.assertTrue(c.closed)
+
+    def test_a_raising_rule_is_a_counted_502_and_the_unit_goes_on(self) -> None:
+        h = self.harness()
+        _with_rule(h, _BodyRule(lambda v: _raise(RuntimeError("plugin bug")) if v.path == b"/bad" else None))
+        c = h.client()
+        c.send(get(b"/bad"))
+        self.assertEqual(c.received(), local(502, b"Bad Gateway", b"routing failed\n"))
+        self.assertEqual(h.listener.stats.routing_failures, 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(roundtrip(h, c, get(b"/x/ok")), A)
+
+    def test_a_routing_timeout_is_a_counted_502(self) -> None:
+        h = self.harness()
+        _with_rule(h, _BodyRule(lambda v: Deferred()))
+        c = h.client()
+        c.send(get(b"/"))
+        h.advance(limits.ROUTING_TIMEOUT)
+        self.assertEqual(c.received(), local(502, b"Bad Gateway", b"routing timed out\n"))
+        self.assertEqual(h.listener.stats.routing_failures, 1)
+        self.flushLoggedErrors()
+
+    def test_an_unknown_pool_is_a_counted_502(self) -> None:
+        h = self.harness()
+        _with_rule(h, _BodyRule(lambda v: Decision("nope")))
+        c = h.client()
+        c.send(get(b"/"))
+        self.assertEqual(c.received(), local(502, b"Bad Gateway", b"routing chose an unknown pool\n"))
+        self.assertEqual(h.listener.stats.routing_failures, 1)
+        self.flushLoggedErrors()
+
+    def test_a_client_gone_while_routing_waits(self) -> None:
+        h = self.harness()
+        answer: Deferred[Decision | None] = Deferred()
+        _with_rule(h, _BodyRule(lambda v: answer))
+        c = h.client()
+        c.send(get(b"/"))
+        c.close()
+        self.assertEqual(h.access_log, [(b"GET", b"/", 499)])
+        self.assertEqual(h.attempts(), [])
+        self.assertEqual(h.listener.stats.routing_failures, 0)
+
+    def test_an_affinity_key_keeps_its_host_and_fails_over(self) -> None:
+        h = self.harness()
+        _with_rule(h, _BodyRule(lambda v: Decision("orders", v.path)))
+        c = h.client()
+        first = {roundtrip(h, c, get(b"/tenant-%d" % i)) for i in range(3) for _ in range(3)}
+        hosts = [roundtrip(h, c, get(b"/tenant-7")) for _ in range(5)]
+        self.assertEqual(len(set(hosts)), 1)
+        self.assertTrue(first <= {B, C})
+        h.pool("orders").set_directive(h.host(hosts[0], "orders"), INACTIVE)
+        other = roundtrip(h, c, get(b"/tenant-7"))
+        self.assertNotEqual(other, hosts[0])
+
+
+def _raise(exc: Exception) -> MaybeDecision:
+    raise exc
+
+
+def roundtrip_pending(h: Harness, client: Client, response: bytes = ok()) -> str:
+    """The request was sent already: let its backend answer; the backend's key."""
+    backend = h.next_backend()
+    backend.received()
+    backend.send(response)
+    client.received()
+    return backend.key

@@ -7,7 +7,12 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy.config import HeaderMatch, RouteConfig
+from twisted.internet.defer import Deferred, succeed
+
 from nlbproxy.routing import (
+    Decision,
+    Refusal,
+    RequestView,
     RouteTable,
     Rule,
     cookies_of,
@@ -23,6 +28,25 @@ def h(**headers: bytes) -> list[tuple[bytes, bytes]]:
 
 def matches(route: RouteConfig, target: bytes = b"/", method: bytes = b"GET", headers=()) -> bool:
     return Rule(route).matches(method, path_of(target), list(headers))
+
+
+def pool_for(table: RouteTable, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> str:
+    decision = table.decide(RequestView(method, target, headers))
+    assert isinstance(decision, Decision)
+    return decision.pool
+
+
+class _Asking(Rule):
+    """A rule that answers through a Deferred, like a plugin."""
+
+    def __init__(self, answer: Deferred[Decision | None]) -> None:
+        super().__init__(RouteConfig(pool="unused"))
+        self.answer = answer
+        self.asked = 0
+
+    def decide(self, view: RequestView) -> Deferred[Decision | None]:  # type: ignore[override]
+        self.asked += 1
+        return self.answer
 
 
 class HostOfTests(SynchronousTestCase):
@@ -156,17 +180,56 @@ class RouteTableTests(SynchronousTestCase):
             ],
             "web",
         )
-        self.assertEqual(table.pool_for(b"GET", b"/api/admin/users", []), "admin")
-        self.assertEqual(table.pool_for(b"GET", b"/api/users", []), "api")
-        self.assertEqual(table.pool_for(b"GET", b"/api/users", h(host=b"www.eu.example.com")), "api")
-        self.assertEqual(table.pool_for(b"GET", b"/", h(host=b"www.eu.example.com")), "eu")
-        self.assertEqual(table.pool_for(b"GET", b"/", h(host=b"www.example.com")), "web")
-        self.assertEqual(table.pool_for(b"GET", b"http://x/api/y", []), "api")
+        self.assertEqual(pool_for(table, b"GET", b"/api/admin/users", []), "admin")
+        self.assertEqual(pool_for(table, b"GET", b"/api/users", []), "api")
+        self.assertEqual(pool_for(table, b"GET", b"/api/users", h(host=b"www.eu.example.com")), "api")
+        self.assertEqual(pool_for(table, b"GET", b"/", h(host=b"www.eu.example.com")), "eu")
+        self.assertEqual(pool_for(table, b"GET", b"/", h(host=b"www.example.com")), "web")
+        self.assertEqual(pool_for(table, b"GET", b"http://x/api/y", []), "api")
         # A path-like query of an absolute-form target without a path is no path.
-        self.assertEqual(table.pool_for(b"GET", b"http://x?/api/y", []), "web")
+        self.assertEqual(pool_for(table, b"GET", b"http://x?/api/y", []), "web")
 
     def test_no_rules(self) -> None:
-        self.assertEqual(RouteTable([], "web").pool_for(b"GET", b"/anything", []), "web")
+        self.assertEqual(pool_for(RouteTable([], "web"), b"GET", b"/anything", []), "web")
 
     def test_header_values(self) -> None:
         self.assertEqual(header_values([(b"a", b" 1 "), (b"b", b"2"), (b"a", b"3")], b"a"), [b"1", b"3"])
+
+
+class DecideTests(SynchronousTestCase):
+    def test_view_has_the_path_without_query(self) -> None:
+        view = RequestView(b"GET", b"http://x/a/b?c=/d", [])
+        self.assertEqual(view.path, b"/a/b")
+
+    def test_no_rules_is_the_shared_default_decision(self) -> None:
+        table = RouteTable([], "web")
+        self.assertIs(table.decide(RequestView(b"GET", b"/", [])), table.default)
+        self.assertEqual(table.body_prefix, 0)
+
+    def test_a_later_answer_is_waited_for(self) -> None:
+        answer: Deferred[Decision | None] = Deferred()
+        table = RouteTable([RouteConfig(pool="api", path_prefix="/api/")], "web")
+        table.rules = (_Asking(answer), *table.rules)
+        result = table.decide(RequestView(b"GET", b"/api/x", []))
+        assert isinstance(result, Deferred)
+        got: list[Decision] = []
+        result.addCallback(got.append)
+        self.assertEqual(got, [])
+        answer.callback(Decision("tenant-a", b"acme"))
+        self.assertEqual(got, [Decision("tenant-a", b"acme")])
+
+    def test_a_later_decline_asks_the_next_rules(self) -> None:
+        table = RouteTable([RouteConfig(pool="api", path_prefix="/api/")], "web")
+        table.rules = (_Asking(succeed(None)), *table.rules)
+        self.assertEqual(self.successResultOf(table.decide(RequestView(b"GET", b"/api/x", []))), Decision("api"))
+        table.rules = (_Asking(succeed(None)), _Asking(succeed(None)))
+        self.assertEqual(self.successResultOf(table.decide(RequestView(b"GET", b"/x", []))), Decision("web"))
+
+    def test_a_refusal_travels_as_a_failure(self) -> None:
+        table = RouteTable([], "web")
+        answer: Deferred[Decision | None] = Deferred()
+        table.rules = (_Asking(answer),)
+        result = table.decide(RequestView(b"POST", b"/", []))
+        assert isinstance(result, Deferred)
+        answer.errback(Refusal(400, b"no"))
+        self.assertEqual(self.failureResultOf(result, Refusal).value.status, 400)

@@ -32,10 +32,12 @@ or refused), 503 (no host, queue full) or 504 (timed out).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import h11
+from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as defer_TimeoutError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import connectionDone, Factory, Protocol
 from twisted.logger import Logger
@@ -49,7 +51,7 @@ from nlbproxy.flow import Deadline, Pauser
 from nlbproxy.metrics import ListenerStats
 from nlbproxy.routers import headers as hdrs
 from nlbproxy.routers.upstream import HostConnections, UpstreamConnection, Upstreams
-from nlbproxy.routing import RouteTable, cookies_of
+from nlbproxy.routing import Decision, Refusal, RequestView, RouteTable, cookies_of
 from nlbproxy.session.tracker import SessionTracker
 
 log = Logger()
@@ -102,6 +104,8 @@ class Listener:
         self.name = config.name
         self.routes = RouteTable(config.routes, config.pool)
         self.farm = farm
+        #: Where a request goes until routing has decided (and if it never does).
+        self.default_pool = farm.pools[config.pool]
         self.upstreams = upstreams
         self.reactor = reactor
         self.stats = ListenerStats()
@@ -285,19 +289,21 @@ class ClientConnection(Protocol):
         if max_body and content_length > max_body:
             self.local_response(413, b"request body too large\n")
             return
-        routes = listener.routes
-        pool_name = (
-            routes.pool_for(method, request.target, hdrs.pairs(fields)) if routes.rules else routes.default_pool
-        )
-        pool = listener.farm.pools[pool_name]
         has_body = chunked or content_length > 0
         self.phase = _BODY if has_body else _WAIT
         if has_body:
             self.deadline.set(config.client_timeout)
         else:
             self.deadline.cancel()
-        self.exchange = Exchange(self, request, fields, pool, has_body, upgrade)
-        self.exchange.start()
+        exchange = self.exchange = Exchange(self, request, fields, listener.default_pool, has_body, upgrade)
+        routes = listener.routes
+        if not routes.rules:
+            exchange.start()
+        elif has_body and routes.body_prefix:
+            # Rules look into the body: hold its first bytes, then decide.
+            exchange.prefix_wanted = routes.body_prefix
+        else:
+            exchange.decide()
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint
@@ -319,8 +325,14 @@ class ClientConnection(Protocol):
         if data:
             self.transport.write(data)
 
-    def local_response(self, status: int, body: bytes, close: bool = False) -> None:
-        """An answer made by the unit itself (errors), ending the exchange."""
+    def local_response(
+        self, status: int, body: bytes, close: bool = False, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """An answer made by the unit itself (errors), ending the exchange.
+
+        ``headers`` are added to the answer; a ``content-type`` among them
+        replaces the default plain text one.
+        """
         listener = self.listener
         if status >= 400:
             listener.stats.reject(status)
@@ -337,11 +349,14 @@ class ClientConnection(Protocol):
                 close = True
         request_unread = conn.their_state not in (_DONE, h11.MUST_CLOSE, h11.CLOSED)
         close = close or request_unread or self.closing
+        extra = list(headers)
         headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-store"),
+            *extra,
         ]
+        if not any(name.lower() == b"content-type" for name, _ in extra):
+            headers.insert(0, (b"content-type", b"text/plain; charset=utf-8"))
         if close:
             headers.append((b"connection", b"close"))
         if conn.our_state is h11.SEND_RESPONSE or conn.our_state is h11.IDLE:
@@ -431,7 +446,8 @@ class Exchange:
         "client", "request", "fields", "pool", "host", "upstream", "hostconns", "tried", "started",
         "has_body", "request_complete", "body_bytes", "body_forwarded", "pending", "pending_bytes",
         "response_started", "response_complete", "status", "bytes_sent", "set_cookie",
-        "cancelled", "queue_timer", "sent_end", "session", "upgrade",
+        "cancelled", "queue_timer", "sent_end", "session", "upgrade", "prefix_wanted", "affinity_key",
+        "routing",
     )
 
     def __init__(
@@ -470,6 +486,78 @@ class Exchange:
         self.session: str | None = None
         self.queue_timer: Any = None
         self.upgrade = hdrs.upgrade_protocol(fields) if upgrade else None
+        #: Body bytes still to hold before routing decides (0: not waiting).
+        self.prefix_wanted = 0
+        #: From the routing decision: requests with one key share a host.
+        self.affinity_key: bytes | None = None
+        #: A routing decision still to come (a plugin answering later).
+        self.routing: Deferred[Decision] | None = None
+
+    # -- routing ---------------------------------------------------------------------
+    def decide(self) -> None:
+        """Ask the listener's rules (with the body prefix held so far) for the pool."""
+        wanted = self.prefix_wanted
+        self.prefix_wanted = 0
+        client = self.client
+        listener = client.listener
+        body = b"".join(self.pending) if self.pending else b""
+        complete = self.request_complete or not self.has_body
+        if wanted and len(body) > wanted:
+            body, complete = body[:wanted], False
+        view = RequestView(
+            self.request.method, self.request.target, hdrs.pairs(self.fields), client.client_ip,
+            listener.scheme, body, complete,
+        )
+        try:
+            decision = listener.routes.decide(view)
+        except Refusal as refusal:
+            self._refused(refusal)
+            return
+        except Exception:
+            log.failure("routing failed for {target!r}", target=self.request.target)
+            self._routing_failed("routing failed")
+            return
+        if isinstance(decision, Deferred):
+            self.routing = decision
+            decision.addTimeout(limits.ROUTING_TIMEOUT, listener.reactor)
+            decision.addCallbacks(self._decided_later, self._routing_error)
+            return
+        self._decided(decision)
+
+    def _decided_later(self, decision: Decision) -> None:
+        self.routing = None
+        if not self.cancelled:
+            self._decided(decision)
+
+    def _routing_error(self, failure: Failure) -> None:
+        self.routing = None
+        if self.cancelled:
+            return
+        if isinstance(failure.value, Refusal):
+            self._refused(failure.value)
+            return
+        log.failure("routing failed for {target!r}", failure, target=self.request.target)
+        self._routing_failed("routing timed out" if failure.check(defer_TimeoutError) else "routing failed")
+
+    def _decided(self, decision: Decision) -> None:
+        pool = self.client.listener.farm.pools.get(decision.pool)
+        if pool is None:
+            log.error("routing chose the unknown pool {pool!r}", pool=decision.pool)
+            self._routing_failed("routing chose an unknown pool")
+            return
+        self.pool = pool
+        self.affinity_key = decision.affinity_key
+        self.start()
+
+    def _refused(self, refusal: Refusal) -> None:
+        self.status = refusal.status
+        if self.pending is not None:
+            self.client.pauser.resume("connecting")
+        self.client.local_response(refusal.status, refusal.body, headers=refusal.headers)
+
+    def _routing_failed(self, why: str) -> None:
+        self.client.listener.stats.routing_failures += 1
+        self._refused(Refusal(502, why.encode() + b"\n"))
 
     # -- choosing a host ---------------------------------------------------------
     def start(self) -> None:
@@ -508,6 +596,10 @@ class Exchange:
 
     def _classify(self) -> Host | None:
         pool = self.pool
+        if self.affinity_key is not None:
+            keyed = pool.host_for_key(self.affinity_key, self.tried)
+            if keyed is not None:
+                return keyed
         affinity = pool.config.affinity
         if affinity == "none" or affinity == "session":
             return pool.choose(self.tried)
@@ -617,7 +709,11 @@ class Exchange:
             self.pending = []
         self.pending.append(data)
         self.pending_bytes += len(data)
-        if self.pending_bytes > limits.MAX_PENDING_BODY:
+        wanted = self.prefix_wanted
+        if wanted:
+            if self.pending_bytes >= wanted:
+                self.decide()
+        elif self.pending_bytes > limits.MAX_PENDING_BODY:
             self.client.pauser.pause("connecting")
 
     def request_end(self) -> None:
@@ -637,6 +733,8 @@ class Exchange:
             # sends next is the next request, not this body.
             client.pauser.resume("backpressure")
             upstream.send(_EndOfMessage())
+        elif self.prefix_wanted:
+            self.decide()  # the whole body is shorter than the prefix the rules want
 
     # -- response from the host ----------------------------------------------------
     def upstream_event(self, conn: UpstreamConnection, event: Any) -> None:
@@ -806,6 +904,8 @@ class Exchange:
     def abandon(self) -> None:
         """The client side failed (protocol error, body limit): drop the backend side."""
         self.cancelled = True
+        if self.routing is not None:
+            self.routing.cancel()
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
