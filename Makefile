@@ -23,8 +23,8 @@ demo: install
 	twistd -n --pidfile= nlbproxy --demo
 
 lint:
-	$(PYTHON) -m ruff check nlbproxy tests bench twisted
-	$(PYTHON) -m mypy nlbproxy
+	$(PYTHON) -m ruff check nlbproxy plugins tests bench twisted
+	$(PYTHON) -m mypy nlbproxy plugins
 
 pytest:
 	$(PYTHON) -m pytest -q -p no:cacheprovider

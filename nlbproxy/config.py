@@ -24,7 +24,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -56,15 +56,25 @@ class HeaderMatch:
 
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
-    """One ``[[listener.route]]``: requests matching every given key go to ``pool``."""
+    """One ``[[listener.route]]``: requests matching every given key go to ``pool``.
 
-    pool: str
+    With ``plugin``, the matching requests are handed to that routing plugin's
+    ``classifier`` (configured from ``options`` when the file is parsed, see
+    :mod:`nlbproxy.plugin`); ``pool``, optional then, is where the route sends
+    what the plugin declines (without it, the next routes are asked).
+    """
+
+    pool: str | None = None
     host: str | None = None
     path_prefix: str | None = None
     path_regex: str | None = None
     method: tuple[bytes, ...] = ()
     header: tuple[HeaderMatch, ...] = ()
     cookie: tuple[HeaderMatch, ...] = ()
+    plugin: str | None = None
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    #: The plugin's IRequestClassifier, built from ``options``.
+    classifier: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,6 +552,8 @@ _ROUTE: dict[str, _Convert] = {
     "method": _methods,
     "header": _tables,
     "cookie": _tables,
+    "plugin": _name,
+    "options": _table,
 }
 
 _MATCH: dict[str, _Convert] = {"name": _token, "value": _field_value}
@@ -700,16 +712,39 @@ class _Parser:
         return ListenerConfig(**listener)
 
     def route(self, value: object, where: str) -> RouteConfig:
-        route = self.table(value, where, _ROUTE, required=("pool",))
+        # A plugin's route may leave the pool to the plugin.
+        with_plugin = isinstance(value, dict) and "plugin" in value
+        route = self.table(value, where, _ROUTE, required=() if with_plugin else ("pool",))
         if route.keys() == {"pool"}:
             raise self.error(where, "route matches everything; use the listener's pool")
-        self.check_pool(where, route["pool"])
+        if "pool" in route:
+            self.check_pool(where, route["pool"])
+        if "plugin" in route:
+            route["classifier"] = self.plugin(route["plugin"], route.setdefault("options", {}), where)
+            route["options"] = MappingProxyType(route["options"])
+        elif "options" in route:
+            raise self.error(_join(where, "options"), "options are for a plugin: set plugin too")
         for kind in ("header", "cookie"):
             if kind in route:
                 route[kind] = self.matches(
                     route[kind], _join(where, kind), lower=kind == "header"
                 )
         return RouteConfig(**route)
+
+    def plugin(self, name: str, options: dict[str, Any], where: str) -> Any:
+        """The classifier routing plugin *name* makes of *options* (see :mod:`nlbproxy.plugin`)."""
+        # Imported here: plugins import routing, which imports this module.
+        from nlbproxy import plugin
+
+        try:
+            return plugin.configure(name, options, frozenset(self.pools))
+        except plugin.PluginError as exc:
+            raise self.error(_join(where, "plugin"), str(exc)) from exc
+        except plugin.OptionError as exc:
+            key = _join(where, "options")
+            for part in exc.key:
+                key = _join(key, part)
+            raise self.error(key, exc.reason) from exc
 
     def matches(
         self, value: dict[str, Any] | list[Any], where: str, *, lower: bool

@@ -139,7 +139,8 @@ class Rule:
 
     def __init__(self, route: RouteConfig) -> None:
         self.pool = route.pool
-        self.decision = Decision(route.pool)
+        # Only a plugin's route may have no pool (the config parser sees to it).
+        self.decision = Decision(route.pool) if route.pool is not None else None
         host = route.host.encode("idna") if route.host else None
         self._wildcard = host is not None and host.startswith(b"*.")
         self._host = host[1:] if self._wildcard and host else host  # ".example.com"
@@ -184,6 +185,43 @@ class Rule:
         return True
 
 
+class PluginRule(Rule):
+    """A route with ``plugin = NAME``: its classifier decides the requests
+    that match the route's other keys.
+
+    A classifier's decline is the route's ``pool`` if it has one, else no
+    match (the next rules are asked).  An answer that is not a Decision or
+    None is a bug of the plugin's and raises, which the router answers 502.
+    """
+
+    __slots__ = ("plugin", "classifier", "body_prefix")
+
+    def __init__(self, route: RouteConfig) -> None:
+        super().__init__(route)
+        self.plugin = route.plugin
+        self.classifier = route.classifier
+        self.body_prefix = route.classifier.body_prefix
+
+    def decide(self, view: RequestView) -> MaybeDecision:
+        if not self.matches(view.method, view.path, view.headers):
+            return None
+        answer = self.classifier.classify(view)
+        if isinstance(answer, Deferred):
+            return answer.addCallback(self._checked)
+        return self._checked(answer)
+
+    def _checked(self, answer: object) -> Decision | None:
+        if answer is None:
+            return self.decision
+        if not isinstance(answer, Decision):
+            raise TypeError(f"routing plugin {self.plugin!r} answered {answer!r}, not a Decision or None")
+        return answer
+
+
+def compile_rule(route: RouteConfig) -> Rule:
+    return PluginRule(route) if route.plugin is not None else Rule(route)
+
+
 def path_of(target: bytes) -> bytes:
     """The path of a request target (origin or absolute form), without the query."""
     if not target.startswith(b"/"):
@@ -206,7 +244,7 @@ class RouteTable:
     __slots__ = ("rules", "default_pool", "default", "body_prefix")
 
     def __init__(self, routes: Sequence[RouteConfig], default_pool: str) -> None:
-        self.rules = tuple(Rule(route) for route in routes)
+        self.rules = tuple(compile_rule(route) for route in routes)
         self.default_pool = default_pool
         self.default = Decision(default_pool)
         #: Request body bytes to hold before deciding: what the hungriest rule wants.
