@@ -83,7 +83,7 @@ def request(
         pairs.insert(0, (b"host", host.encode("idna")))
     if body and not names & {b"content-length", b"transfer-encoding"}:
         pairs.append((b"content-length", b"%d" % len(body)))
-    return RequestView(_bytes(method), _bytes(target), tuple(pairs), client, scheme.encode(), body, True)
+    return RequestView(_bytes(method), _bytes(target), pairs, client, scheme.encode(), body, True)
 
 
 def routed_view(view: RequestView, body_prefix: int) -> RequestView:
@@ -130,7 +130,14 @@ def decide(classifier: IRequestClassifier, view: RequestView) -> Decision | None
     answer = classify(classifier, view)
     if isinstance(answer, Deferred):
         results: list[Any] = []
-        answer.addBoth(results.append)
+
+        def keep(result: Any) -> Any:
+            results.append(result)
+            # A failure is raised below: handled, it must not be logged as
+            # unhandled when the Deferred is collected.
+            return None if isinstance(result, Failure) else result
+
+        answer.addBoth(keep)
         if not results:
             raise AssertionError("the classifier's Deferred has not fired: the router would time out (502)")
         answer = results[0]
