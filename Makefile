@@ -19,6 +19,7 @@ deps:
 install:
 	$(PIP_INSTALL) -e '.[test]' --config-settings editable_mode=compat
 	$(PYTHON) -c "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; list(getPlugins(IPlugin, twisted.plugins))"
+	$(PYTHON) -c "from nlbproxy.plugin import routing_plugins; routing_plugins()"
 
 demo: install
 	twistd -n --pidfile= nlbproxy --demo
