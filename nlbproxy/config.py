@@ -12,7 +12,8 @@ Each table's keys are checked against a spec that maps every allowed key to a
 converter; keys left out of the file take the dataclass defaults, which for
 limits and timeouts come from ``nlbproxy.limits``.  Nothing here touches the
 reactor; the only I/O is reading the config file itself and the token and
-secret files it names.
+secret files it names, and loading the routing plugins its routes name
+(:mod:`nlbproxy.plugin`), whose options are checked here too.
 """
 
 from __future__ import annotations
