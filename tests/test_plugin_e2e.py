@@ -7,6 +7,7 @@ its PYTHONPATH, the way an operator adds one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -167,3 +168,54 @@ def test_a_bad_plugin_route_fails_the_start(farm: Farm, route: str, message: str
                           cwd=farm.tmp, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert f"{path}: {message}" in proc.stdout + proc.stderr
+
+
+def test_soap_calls_routed_by_operation_with_the_body_unchanged(farm: Farm) -> None:
+    (_, app), (_, orders), (_, quotes) = farm.backend("app"), farm.backend("orders"), farm.backend("quotes")
+    routes = textwrap.dedent("""
+        [[listener.route]]
+        path_prefix = "/shop"
+        plugin = "soap-operation"
+        options = { operations = { "{urn:example:shop}PlaceOrder" = "orders", GetQuote = "quotes" } }
+    """)
+    pools = f'[pool.orders]\nhosts = ["{orders}"]\n[pool.quotes]\nhosts = ["{quotes}"]\n'
+    unit = farm.unit(unit_config([app], routes=routes, pools=pools))
+
+    def call(operation: str, version: str = "1.1", filler: int = 0) -> tuple[str, bytes]:
+        ns = "http://schemas.xmlsoap.org/soap/envelope/" if version == "1.1" else "http://www.w3.org/2003/05/soap-envelope"
+        body = (
+            f'<?xml version="1.0"?><e:Envelope xmlns:e="{ns}"><e:Body>'
+            f'<m:{operation} xmlns:m="urn:example:shop"><m:note>{"x" * filler}</m:note></m:{operation}>'
+            "</e:Body></e:Envelope>"
+        ).encode()
+        ctype = ["-H", "Content-Type: text/xml", "-H", 'SOAPAction: ""'] if version == "1.1" else [
+            "-H", "Content-Type: application/soap+xml"]
+        path = farm.tmp / "envelope.xml"
+        path.write_bytes(body)
+        result = curl(*ctype, "--data-binary", f"@{path}", unit.url() + "shop/sha256")
+        return result.stdout, body
+
+    def served() -> dict[str, int]:
+        pools = state(unit.admin)["pools"]
+        return {name: sum(h["requests"] for h in pools[name]["hosts"].values()) for name in ("app", "orders", "quotes")}
+
+    for operation, version, filler, pool in [
+        ("PlaceOrder", "1.1", 0, "orders"), ("GetQuote", "1.2", 0, "quotes"),
+        ("PlaceOrder", "1.2", 1_000_000, "orders"),  # a body far past the prefix streams on unchanged
+        ("Cancel", "1.1", 0, "app"),  # declined: the listener's pool
+    ]:
+        before = served()
+        answer, body = call(operation, version, filler)
+        assert answer == f"{len(body)} {hashlib.sha256(body).hexdigest()}\n", answer
+        after = served()
+        assert {name: after[name] - before[name] for name in after} == {
+            name: int(name == pool) for name in after
+        }, (operation, before, after)
+    # A malformed envelope: a SOAP fault from the unit, no host involved.
+    before = served()
+    path = farm.tmp / "bad.xml"
+    path.write_bytes(b"<e:Envelope xmlns:e='http://schemas.xmlsoap.org/soap/envelope/'><e:Body><unclosed")
+    result = curl("-w", "\n%{http_code}", "-H", "Content-Type: text/xml", "-H", 'SOAPAction: ""',
+                  "--data-binary", f"@{path}", unit.url() + "shop/x")
+    assert result.stdout.endswith("\n500") and "faultcode" in result.stdout, result.stdout
+    assert served() == before
