@@ -65,6 +65,12 @@ class RouteConfig:
     method: tuple[bytes, ...] = ()
     header: tuple[HeaderMatch, ...] = ()
     cookie: tuple[HeaderMatch, ...] = ()
+    #: SOAP listeners only: the request's action (SOAP 1.1 ``SOAPAction``,
+    #: SOAP 1.2 ``action`` parameter, else WS-Addressing ``Action``).
+    soap_action: str | None = None
+    #: SOAP listeners only: the first child of ``Body``, as ``{namespace}local``
+    #: or a bare local name (any namespace).
+    soap_operation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +498,27 @@ def _admin_endpoint(value: object) -> str:
     return text
 
 
+def _soap_action(value: object) -> str:
+    text = _string(value)
+    if not _FIELD_VALUE.fullmatch(text):
+        raise ValueError(f"expected printable ASCII, got {text!r}")
+    return text
+
+
+# An XML name without a colon (XML Namespaces 1.0 NCName), ASCII and beyond.
+_NCNAME = re.compile(r"[^\W\d.-][\w.-]*")
+
+
+def _soap_operation(value: object) -> str:
+    text = _string(value)
+    ns, brace, local = text[1:].partition("}") if text.startswith("{") else ("", "", text)
+    if text.startswith("{") and not (brace and ns):
+        raise ValueError(f"expected '{{namespace}}local' or 'local', got {text!r}")
+    if not _NCNAME.fullmatch(local):
+        raise ValueError(f"expected an XML local name after the namespace, got {local!r}")
+    return text
+
+
 # --- the tables and their keys ------------------------------------------------
 
 _TOP: dict[str, _Convert] = {"unit": _table, "listener": _array, "pool": _table}
@@ -516,11 +543,7 @@ _UNIT: dict[str, _Convert] = {
 _LISTENER: dict[str, _Convert] = {
     "name": _name,
     "endpoint": _endpoint,
-    "protocol": _not_yet(
-        _choice("http", "soap"),
-        lambda p: p == "soap",
-        "protocol 'soap' is not supported yet",
-    ),
+    "protocol": _choice("http", "soap"),
     "pool": _string,
     "route": _array,
     "handoff": _not_yet(_boolean, bool, "handoff is not supported yet"),
@@ -542,6 +565,8 @@ _ROUTE: dict[str, _Convert] = {
     "method": _methods,
     "header": _tables,
     "cookie": _tables,
+    "soap_action": _soap_action,
+    "soap_operation": _soap_operation,
 }
 
 _MATCH: dict[str, _Convert] = {"name": _token, "value": _field_value}
@@ -697,6 +722,13 @@ class _Parser:
         listener["routes"] = tuple(
             self.route(route, f"{where}.route[{i}]") for i, route in enumerate(routes)
         )
+        if listener.get("protocol", "http") != "soap":
+            for i, route in enumerate(listener["routes"]):
+                for key in ("soap_action", "soap_operation"):
+                    if getattr(route, key) is not None:
+                        raise self.error(
+                            f"{where}.route[{i}].{key}", 'needs the listener\'s protocol = "soap"'
+                        )
         return ListenerConfig(**listener)
 
     def route(self, value: object, where: str) -> RouteConfig:
