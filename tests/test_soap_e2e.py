@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import socket
+import subprocess
 import sys
 import threading
 import urllib.request
@@ -248,3 +249,20 @@ def test_a_version_mismatch_between_binding_and_envelope(farm: Farm) -> None:
     status, ctype, answer = post(unit, envelope("12"), CONTENT_TYPE["11"], '"whoami"')
     assert (status, ctype) == (500, CONTENT_TYPE["12"])
     assert fault_of(answer)[0] == "env:VersionMismatch"
+
+
+def test_a_client_waiting_for_100_continue_gets_it(farm: Farm) -> None:
+    # Many SOAP stacks send "Expect: 100-continue"; the unit must read the
+    # envelope before it picks a host, so it gives the go-ahead itself.
+    unit = soap_unit(farm, {"calc": [soap_backend(farm, "11", "h")]})
+    body = farm.tmp / "call.xml"
+    body.write_bytes(envelope("11"))
+    result = subprocess.run(
+        ["curl", "-sS", "-v", "--expect100-timeout", "30", "-H", "Content-Type: text/xml",
+         "-H", 'SOAPAction: "whoami"', "-H", "Expect: 100-continue", "--data-binary", f"@{body}",
+         unit.url("soap")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "< HTTP/1.1 100 Continue" in result.stderr
+    assert ">h</" in result.stdout
