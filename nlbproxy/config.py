@@ -91,6 +91,11 @@ class ListenerConfig:
     client_timeout: float = limits.CLIENT_TIMEOUT
     max_requests_per_connection: int = limits.MAX_REQUESTS_PER_CONNECTION
     max_connections: int = limits.MAX_CONNECTIONS
+    max_soap_prefix: int = limits.MAX_SOAP_PREFIX
+    max_soap_depth: int = limits.MAX_SOAP_DEPTH
+    max_soap_attributes: int = limits.MAX_SOAP_ATTRIBUTES
+    max_soap_name: int = limits.MAX_SOAP_NAME
+    max_soap_header_text: int = limits.MAX_SOAP_HEADER_TEXT
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,6 +560,13 @@ _LISTENER: dict[str, _Convert] = {
     "client_timeout": _seconds(),
     "max_requests_per_connection": _integer(1),
     "max_connections": _integer(1),
+    # Envelope, Body and the operation are 3 levels; a name needs room for a
+    # namespace URI.
+    "max_soap_prefix": _integer(256, 16 * limits.MiB),
+    "max_soap_depth": _integer(3, 1000),
+    "max_soap_attributes": _integer(1, 10_000),
+    "max_soap_name": _integer(64, 64 * limits.KiB),
+    "max_soap_header_text": _integer(0, limits.MiB),
 }
 
 _ROUTE: dict[str, _Convert] = {

@@ -30,7 +30,7 @@ from typing import Union
 
 from twisted.internet.defer import Deferred
 
-from nlbproxy.config import HeaderMatch, RouteConfig
+from nlbproxy.config import HeaderMatch, ListenerConfig, RouteConfig
 from nlbproxy.routers.soap import SnifferLimits, SoapCall, SoapError, read_request
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -263,15 +263,28 @@ class RouteTable:
 
     __slots__ = ("rules", "default_pool", "default", "body_prefix")
 
-    def __init__(self, routes: Sequence[RouteConfig], default_pool: str, protocol: str = "http") -> None:
+    def __init__(
+        self, routes: Sequence[RouteConfig], default_pool: str, soap: SnifferLimits | None = None
+    ) -> None:
+        """*soap*: the listener speaks SOAP; read each POST's call within these bounds."""
         rules: tuple[Rule | SoapCheck, ...] = tuple(Rule(route) for route in routes)
-        if protocol == "soap":
-            rules = (SoapCheck(), *rules)
+        if soap is not None:
+            rules = (SoapCheck(soap), *rules)
         self.rules = rules
         self.default_pool = default_pool
         self.default = Decision(default_pool)
         #: Request body bytes to hold before deciding: what the hungriest rule wants.
         self.body_prefix = max((rule.body_prefix for rule in self.rules), default=0)
+
+    @classmethod
+    def for_listener(cls, config: ListenerConfig) -> RouteTable:
+        soap = None
+        if config.protocol == "soap":
+            soap = SnifferLimits(
+                config.max_soap_prefix, config.max_soap_depth, config.max_soap_attributes,
+                config.max_soap_name, config.max_soap_header_text,
+            )
+        return cls(config.routes, config.pool, soap)
 
     def decide(self, view: RequestView) -> Decision | Deferred[Decision]:
         """The first matching rule's decision, else the default pool's.

@@ -454,8 +454,7 @@ class SoapRoutingTests(SynchronousTestCase):
             '[[listener.route]]\nsoap_operation = "{urn:calc}sub"\npool = "sub"\n'
             '[[listener.route]]\nsoap_operation = "mul"\npath_prefix = "/calc"\npool = "sub"\n'
         )
-        listener = config.listeners[0]  # type: ignore[attr-defined]
-        return RouteTable(listener.routes, listener.pool, listener.protocol)
+        return RouteTable.for_listener(config.listeners[0])  # type: ignore[attr-defined]
 
     def decide(self, headers: list[tuple[bytes, bytes]], body: bytes, method: bytes = b"POST",
                target: bytes = b"/calc") -> object:
@@ -465,7 +464,7 @@ class SoapRoutingTests(SynchronousTestCase):
         table = self.table()
         self.assertIsInstance(table.rules[0], SoapCheck)
         self.assertEqual(table.body_prefix, limits.MAX_SOAP_PREFIX)
-        self.assertEqual(RouteTable([], "app", "soap").body_prefix, limits.MAX_SOAP_PREFIX)
+        self.assertEqual(RouteTable([], "app", SnifferLimits()).body_prefix, limits.MAX_SOAP_PREFIX)
         self.assertEqual(RouteTable([], "app").rules, ())
 
     def test_routes_by_action_and_operation(self) -> None:
@@ -481,7 +480,7 @@ class SoapRoutingTests(SynchronousTestCase):
 
     def test_a_view_keeps_the_call(self) -> None:
         view = RequestView(b"POST", b"/", SOAP12_HEADERS, body=envelope(V12), body_complete=True)
-        self.assertEqual(RouteTable([], "app", "soap").decide(view), Decision("app"))
+        self.assertEqual(RouteTable([], "app", SnifferLimits()).decide(view), Decision("app"))
         self.assertEqual(view.soap.operation, "{urn:calc}add")  # type: ignore[union-attr]
 
     def test_malformed_envelopes_are_refused_with_a_fault_of_their_version(self) -> None:
@@ -516,6 +515,21 @@ class SoapConfigTests(SynchronousTestCase):
                 soap_config(f'[[listener.route]]\n{key} = {value}\npool = "add"\n')
             self.assertEqual(caught.exception.key, f"listener[0].route[0].{key}")
             self.assertIn(reason, caught.exception.reason)
+
+    def test_listener_soap_limits(self) -> None:
+        config = parse_config(tomllib.loads(
+            '[[listener]]\nname = "soap"\nendpoint = "tcp:0"\nprotocol = "soap"\npool = "app"\n'
+            'max_soap_prefix = 1024\nmax_soap_depth = 5\n[pool.app]\n'), "unit.toml")
+        table = RouteTable.for_listener(config.listeners[0])
+        self.assertEqual(table.body_prefix, 1024)
+        deep = envelope(header="<h:a xmlns:h='urn:h'><h:b><h:c><h:d/></h:c></h:b></h:a>")
+        with self.assertRaises(Refusal) as caught:
+            table.decide(RequestView(b"POST", b"/", SOAP11_HEADERS, body=deep, body_complete=True))
+        self.assertIn(b"deeper than 5 elements", caught.exception.body)
+        with self.assertRaises(ConfigError) as bad:
+            parse_config(tomllib.loads(
+                '[[listener]]\nname = "s"\nendpoint = "tcp:0"\npool = "app"\nmax_soap_depth = 2\n[pool.app]\n'))
+        self.assertEqual(bad.exception.key, "listener[0].max_soap_depth")
 
     def test_soap_keys_need_a_soap_listener(self) -> None:
         text = ('[[listener]]\nname = "web"\nendpoint = "tcp:0"\npool = "app"\n'

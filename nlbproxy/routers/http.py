@@ -102,7 +102,7 @@ class Listener:
     ) -> None:
         self.config = config
         self.name = config.name
-        self.routes = RouteTable(config.routes, config.pool, config.protocol)
+        self.routes = RouteTable.for_listener(config)
         self.farm = farm
         #: Where a request goes until routing has decided (and if it never does).
         self.default_pool = farm.pools[config.pool]
