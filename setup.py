@@ -20,7 +20,11 @@ setup(
         "zope.interface>=6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "ruff", "mypy", "mypy-zope"],
+        "test": [
+            "pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "ruff", "mypy", "mypy-zope",
+            # real SOAP services and client for the SOAP router's end-to-end tests
+            "spyne>=2.14", "zeep>=4.2", "lxml>=5",
+        ],
         "bench": ["pyinstrument"],
     },
     entry_points={"console_scripts": ["nlbctl = nlbproxy.ctl:main"]},

@@ -72,6 +72,12 @@ class RouteConfig:
     method: tuple[bytes, ...] = ()
     header: tuple[HeaderMatch, ...] = ()
     cookie: tuple[HeaderMatch, ...] = ()
+    #: SOAP listeners only: the request's action (SOAP 1.1 ``SOAPAction``,
+    #: SOAP 1.2 ``action`` parameter, else WS-Addressing ``Action``).
+    soap_action: str | None = None
+    #: SOAP listeners only: the first child of ``Body``, as ``{namespace}local``
+    #: or a bare local name (any namespace).
+    soap_operation: str | None = None
     plugin: str | None = None
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     #: The plugin's IRequestClassifier, built from ``options``.
@@ -96,6 +102,11 @@ class ListenerConfig:
     client_timeout: float = limits.CLIENT_TIMEOUT
     max_requests_per_connection: int = limits.MAX_REQUESTS_PER_CONNECTION
     max_connections: int = limits.MAX_CONNECTIONS
+    max_soap_prefix: int = limits.MAX_SOAP_PREFIX
+    max_soap_depth: int = limits.MAX_SOAP_DEPTH
+    max_soap_attributes: int = limits.MAX_SOAP_ATTRIBUTES
+    max_soap_name: int = limits.MAX_SOAP_NAME
+    max_soap_header_text: int = limits.MAX_SOAP_HEADER_TEXT
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,6 +514,27 @@ def _admin_endpoint(value: object) -> str:
     return text
 
 
+def _soap_action(value: object) -> str:
+    text = _string(value)
+    if not _FIELD_VALUE.fullmatch(text):
+        raise ValueError(f"expected printable ASCII, got {text!r}")
+    return text
+
+
+# An XML name without a colon (XML Namespaces 1.0 NCName), ASCII and beyond.
+_NCNAME = re.compile(r"[^\W\d.-][\w.-]*")
+
+
+def _soap_operation(value: object) -> str:
+    text = _string(value)
+    ns, brace, local = text[1:].partition("}") if text.startswith("{") else ("", "", text)
+    if text.startswith("{") and not (brace and ns):
+        raise ValueError(f"expected '{{namespace}}local' or 'local', got {text!r}")
+    if not _NCNAME.fullmatch(local):
+        raise ValueError(f"expected an XML local name after the namespace, got {local!r}")
+    return text
+
+
 # --- the tables and their keys ------------------------------------------------
 
 _TOP: dict[str, _Convert] = {"unit": _table, "listener": _array, "pool": _table}
@@ -527,11 +559,7 @@ _UNIT: dict[str, _Convert] = {
 _LISTENER: dict[str, _Convert] = {
     "name": _name,
     "endpoint": _endpoint,
-    "protocol": _not_yet(
-        _choice("http", "soap"),
-        lambda p: p == "soap",
-        "protocol 'soap' is not supported yet",
-    ),
+    "protocol": _choice("http", "soap"),
     "pool": _string,
     "route": _array,
     "handoff": _not_yet(_boolean, bool, "handoff is not supported yet"),
@@ -543,6 +571,13 @@ _LISTENER: dict[str, _Convert] = {
     "client_timeout": _seconds(),
     "max_requests_per_connection": _integer(1),
     "max_connections": _integer(1),
+    # Envelope, Body and the operation are 3 levels; a name needs room for a
+    # namespace URI.
+    "max_soap_prefix": _integer(256, 16 * limits.MiB),
+    "max_soap_depth": _integer(3, 1000),
+    "max_soap_attributes": _integer(1, 10_000),
+    "max_soap_name": _integer(64, 64 * limits.KiB),
+    "max_soap_header_text": _integer(0, limits.MiB),
 }
 
 _ROUTE: dict[str, _Convert] = {
@@ -553,6 +588,8 @@ _ROUTE: dict[str, _Convert] = {
     "method": _methods,
     "header": _tables,
     "cookie": _tables,
+    "soap_action": _soap_action,
+    "soap_operation": _soap_operation,
     "plugin": _name,
     "options": _table,
 }
@@ -710,6 +747,13 @@ class _Parser:
         listener["routes"] = tuple(
             self.route(route, f"{where}.route[{i}]") for i, route in enumerate(routes)
         )
+        if listener.get("protocol", "http") != "soap":
+            for i, route in enumerate(listener["routes"]):
+                for key in ("soap_action", "soap_operation"):
+                    if getattr(route, key) is not None:
+                        raise self.error(
+                            f"{where}.route[{i}].{key}", 'needs the listener\'s protocol = "soap"'
+                        )
         return ListenerConfig(**listener)
 
     def route(self, value: object, where: str) -> RouteConfig:

@@ -102,7 +102,9 @@ def routed_view(view: RequestView, body_prefix: int) -> RequestView:
         body, complete = b"", False
     else:
         body, complete = body[:body_prefix], view.body_complete and len(body) < body_prefix
-    return RequestView(view.method, view.target, view.headers, view.client_ip, view.scheme, body, complete)
+    routed = RequestView(view.method, view.target, view.headers, view.client_ip, view.scheme, body, complete)
+    routed.soap = view.soap
+    return routed
 
 
 def configure(

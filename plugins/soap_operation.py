@@ -71,11 +71,14 @@ class SoapOperationClassifier:
         return cls(operations, actions, default, max_prefix)
 
     def classify(self, request: RequestView) -> Decision | None:
-        try:
-            call = read_request(request.headers, request.body, request.body_complete, self.bounds)
-        except SoapError as error:
-            fault = error.fault()
-            raise Refusal(fault.status, fault.body, fault.headers) from error
+        # A SOAP listener (protocol = "soap") has read the call already.
+        call = request.soap
+        if call is None:
+            try:
+                call = read_request(request.headers, request.body, request.body_complete, self.bounds)
+            except SoapError as error:
+                fault = error.fault()
+                raise Refusal(fault.status, fault.body, fault.headers) from error
         if call is None:
             return None
         operation = call.operation

@@ -9,7 +9,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy import limits
 from nlbproxy.plugin import OptionError
-from nlbproxy.routing import RequestView
+from nlbproxy.routers.soap import Envelope, SnifferLimits, SoapCall, SoapVersion
+from nlbproxy.routing import Decision, RequestView, RouteTable
 from nlbproxy.config import RouteConfig
 from nlbproxy.testing import FakeFarm, RoutingAssertions, assert_refuses, assert_routes, configure, request
 from tests.fakes import Harness, pool
@@ -145,3 +146,23 @@ def test_soap_operation_with_plain_assertions() -> None:
     classifier = f.configure("soap-operation", OPTIONS)
     assert_routes(classifier, soap12("GetQuote"), pool="quotes", host="10.0.0.3:80", farm=f)
     assert assert_refuses(classifier, request("POST", "/", {"Content-Type": "text/xml", "SOAPAction": "x"}, body=b"<a")).status == 500
+
+
+class SoapListenerTests(SynchronousTestCase):
+    """On a ``protocol = "soap"`` listener the call is read once, before the rules."""
+
+    def test_the_plugin_uses_the_call_the_listener_read(self) -> None:
+        classifier = configure("soap-operation", OPTIONS, {"app", "orders", "quotes"})
+        table = RouteTable([RouteConfig(plugin="soap-operation", classifier=classifier)], "app", SnifferLimits())
+        self.assertEqual(table.decide(soap11("PlaceOrder")), Decision("orders"))
+        # The listener's read is the one used: a call it made of the body.
+        view = soap11("PlaceOrder")
+        view.soap = SoapCall(SoapVersion.SOAP11, None, f"{{{SHOP}}}GetQuote", Envelope(SoapVersion.SOAP11, None))
+        self.assertEqual(classifier.classify(view), Decision("quotes"))
+
+    def test_the_routes_soap_keys_select_what_the_plugin_sees(self) -> None:
+        classifier = configure("soap-operation", {"default": "orders"}, {"app", "orders"})
+        route = RouteConfig(plugin="soap-operation", classifier=classifier, soap_operation="PlaceOrder")
+        table = RouteTable([route], "app", SnifferLimits())
+        self.assertEqual(table.decide(soap12("PlaceOrder")), Decision("orders"))
+        self.assertEqual(table.decide(soap12("GetQuote")), Decision("app"))

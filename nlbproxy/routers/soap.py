@@ -131,8 +131,10 @@ class HttpBinding:
 
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _MEDIA_TYPE = re.compile(rb"[ \t]*(" + _TOKEN + rb"/" + _TOKEN + rb")[ \t]*")
+# Unquoted values are read up to the next ';' or blank, not only as tokens:
+# clients send action=urn:x (':' is no token character) and mean it.
 _PARAMETER = re.compile(
-    rb";[ \t]*(" + _TOKEN + rb")=(" + _TOKEN + rb'|"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t\x20-\x7e\x80-\xff])*")[ \t]*'
+    rb";[ \t]*(" + _TOKEN + rb")=(" + rb'[\x21\x23-\x3a\x3c-\x7e]+|"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t\x20-\x7e\x80-\xff])*")[ \t]*'
 )
 _OWS = re.compile(rb"[ \t]*;?[ \t]*")
 
