@@ -345,8 +345,6 @@ class EnvelopeSniffer:
             raise
         except expat.ExpatError as exc:
             self._fail(f"malformed XML: {expat.ErrorString(exc.code)} at line {exc.lineno}")
-        except RecursionError:  # cannot happen: no handler recurses; kept for safety
-            self._fail("SOAP envelope too deep")
         finally:
             if self._result is not None or self._error is not None:
                 self._release()
@@ -387,8 +385,8 @@ class EnvelopeSniffer:
         if len(attributes) // 2 + self._declared > bounds.max_attributes:
             self._fail(f"more than {bounds.max_attributes} attributes on one element")
         self._declared = 0
-        if len(name) + 2 > bounds.max_name or any(
-            len(a) + 2 > bounds.max_name for a in attributes[::2]
+        if len(name) + 2 > bounds.max_name or (
+            attributes and max(map(len, attributes[::2])) + 2 > bounds.max_name
         ):
             self._fail(f"name longer than {bounds.max_name} characters")
         qname = _clark(name)
