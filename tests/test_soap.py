@@ -318,6 +318,14 @@ class HostileEnvelopeTests(SynchronousTestCase):
         self.assertRefused(envelope()[:120], "malformed XML", V11)
         self.assertRefused(b"\xff\xfe\x00<", "malformed XML")
 
+    def test_encodings(self) -> None:
+        for encoding in ("xtf-8", "cp037", "utf-7"):
+            self.assertRefused(envelope(prolog=f'<?xml version="1.0" encoding="{encoding}"?>'),
+                               "unsupported character encoding")
+        self.assertEqual(sniff(envelope(prolog='<?xml version="1.0" encoding="ISO-8859-1"?>')).version, V11)
+        utf16 = envelope(prolog='<?xml version="1.0" encoding="UTF-16"?>').decode().encode("utf-16")
+        self.assertEqual(sniff(utf16).operation, "{urn:calc}add")
+
     def test_wrong_namespace_is_a_version_mismatch(self) -> None:
         self.assertRefused(b"<s:Envelope xmlns:s='urn:other'><s:Body/></s:Envelope>", "unknown SOAP envelope namespace",
                            None, FaultCode.VERSION_MISMATCH)

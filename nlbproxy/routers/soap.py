@@ -245,6 +245,9 @@ class _Found(Exception):
 _CHUNK = 1024
 
 
+_ENCODINGS = frozenset({"utf-8", "utf-16", "iso-8859-1", "us-ascii"})
+
+
 def _clark(name: str) -> str:
     # expat joins namespace and local name with the separator given below.
     ns, sep, local = name.rpartition(" ")
@@ -287,6 +290,7 @@ class EnvelopeSniffer:
         parser = expat.ParserCreate(namespace_separator=" ")
         parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
         parser.ordered_attributes = True
+        parser.XmlDeclHandler = self._declaration
         parser.StartDoctypeDeclHandler = self._refuse_dtd
         parser.EntityDeclHandler = self._refuse_entity
         parser.UnparsedEntityDeclHandler = self._refuse_entity
@@ -345,8 +349,6 @@ class EnvelopeSniffer:
             raise
         except expat.ExpatError as exc:
             self._fail(f"malformed XML: {expat.ErrorString(exc.code)} at line {exc.lineno}")
-        except RecursionError:  # cannot happen: no handler recurses; kept for safety
-            self._fail("SOAP envelope too deep")
         finally:
             if self._result is not None or self._error is not None:
                 self._release()
@@ -361,6 +363,13 @@ class EnvelopeSniffer:
         raise self._error
 
     # -- expat handlers -------------------------------------------------------------
+
+    def _declaration(self, version: str, encoding: str | None, standalone: int) -> None:
+        # Other encodings would go through Python's codecs (pyexpat's
+        # unknown-encoding handler); the four expat knows itself suffice for
+        # SOAP, which asks for UTF-8 or UTF-16.
+        if encoding is not None and encoding.lower() not in _ENCODINGS:
+            self._fail(f"unsupported character encoding {encoding[:40]!r}")
 
     def _refuse_dtd(self, *_: object) -> NoReturn:
         self._fail("SOAP envelope must not have a document type declaration")
@@ -387,8 +396,8 @@ class EnvelopeSniffer:
         if len(attributes) // 2 + self._declared > bounds.max_attributes:
             self._fail(f"more than {bounds.max_attributes} attributes on one element")
         self._declared = 0
-        if len(name) + 2 > bounds.max_name or any(
-            len(a) + 2 > bounds.max_name for a in attributes[::2]
+        if len(name) + 2 > bounds.max_name or (
+            attributes and max(map(len, attributes[::2])) + 2 > bounds.max_name
         ):
             self._fail(f"name longer than {bounds.max_name} characters")
         qname = _clark(name)
