@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy.classifier import DRAINING, INACTIVE
@@ -65,6 +67,28 @@ class TenantTests(RoutingAssertions, SynchronousTestCase):
                 self.assertIs(after[name], host, name)
         self.farm.up("app", gone.key)
         self.assertEqual({name: self.farm.route(self.classifier, tenant(name))[1] for name in before}, before)
+
+    @settings(derandomize=True, max_examples=50, deadline=None)
+    @given(
+        st.sets(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=20), max_size=30),
+        st.sampled_from(HOSTS),
+    )
+    def test_any_tenants_stick_and_only_a_leaving_hosts_tenants_move(self, tenants: set[str], leaving: str) -> None:
+        farm = FakeFarm({"app": HOSTS})
+        classifier = farm.configure("tenant", {"header": "X-Tenant", "default": "app"})
+
+        def hosts() -> dict[str, str | None]:
+            return {name: getattr(farm.route(classifier, tenant(name))[1], "key", None) for name in tenants}
+
+        before = hosts()
+        self.assertEqual(hosts(), before)
+        farm.down("app", leaving)
+        after = hosts()
+        for name in tenants:
+            if before[name] == leaving:
+                self.assertNotIn(after[name], (leaving, None))
+            else:
+                self.assertEqual(after[name], before[name])
 
     def test_a_draining_or_inactive_host_takes_no_tenant(self) -> None:
         host = self.farm.route(self.classifier, tenant("t1"))[1]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -73,6 +75,25 @@ class RequestTests(SynchronousTestCase):
             router, ours = classifier.seen
             self.assertEqual((router.body, router.body_complete), (ours.body, ours.body_complete), prefix)
             self.assertEqual(router.headers, ours.headers)
+
+
+    @settings(derandomize=True, max_examples=60, deadline=None)
+    @given(st.integers(0, 40), st.integers(0, 50), st.integers(1, 40))
+    def test_any_body_and_prefix_match_the_router(self, size: int, prefix: int, split: int) -> None:
+        """Whatever the body's length, the prefix wanted and how the body
+        arrives, the router and routed_view hand the classifier the same."""
+        body = bytes(range(65, 65 + size)) if size <= 26 else b"x" * size
+        classifier = Answers(Decision("web"), prefix)
+        h = Harness(pools=[pool("web", HOSTS[0])], routes=[RouteConfig(plugin="p", classifier=classifier)])
+        c = h.client()
+        wire = b"POST / HTTP/1.1\r\nHost: example.com\r\nContent-Length: %d\r\n\r\n" % size + body
+        cut = len(wire) - size + min(split, size)
+        c.send(wire[:cut])
+        if cut < len(wire):
+            c.send(wire[cut:])
+        decide(classifier, request("POST", body=body))
+        router, ours = classifier.seen
+        self.assertEqual((router.body, router.body_complete), (ours.body, ours.body_complete))
 
 
 class DecideTests(SynchronousTestCase):
