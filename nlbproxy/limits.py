@@ -59,6 +59,13 @@ MAX_SOAP_NAME = 1024
 MAX_SOAP_HEADER_TEXT = 4 * KiB
 
 # --- backend side (per pool) ------------------------------------------------
+#: A host's response status line and fields; larger is the host's error (502).
+#: (HAProxy's tune.bufsize is 16 KiB; big cookies need more.)
+MAX_RESPONSE_HEAD = 64 * KiB
+#: A chunk-size line of a host's chunked body, extensions included.
+MAX_CHUNK_LINE = 1 * KiB
+#: The trailer section of a host's chunked body.
+MAX_TRAILER_BYTES = 16 * KiB
 #: TCP connect to a host; failing it tries another host, then answers 502
 #: (refused) or 504 (timed out).
 CONNECT_TIMEOUT = 5.0

@@ -407,3 +407,52 @@ class InMemoryTests(SynchronousTestCase):
         self.assertEqual(intruder.stats["auth_failed"], 1)
         self.assertEqual((client.stage, server.stage), ("closed", "closed"))
         self.assertEqual((intruder.peers, self.b.peers), (frozenset(), frozenset()))
+
+    # --- boxes after the handshake are authenticated ---------------------------------------
+
+    def injected(self, into: PeerProtocol, box: amp.AmpBox) -> None:
+        """``box`` arrives on ``into``'s connection as if written by an attacker on the path."""
+        into.dataReceived(box.serialize())
+
+    def test_an_injected_call_is_dropped_and_counted(self) -> None:
+        client, server, pump = self.connect(self.a, self.b)
+        forged = amp.AmpBox(_command=b"AddAtoms", atoms=encode_atoms((Atom("evil", H1, "session", "a", 99),)),
+                            refresh=b"False")
+        self.injected(server, forged)
+        self.settle(pump)
+        self.assertEqual(self.b.stats["bad_mac"], 1)
+        self.assertIsNone(self.b.dam.get("evil"))
+        self.assertEqual((client.stage, server.stage), ("closed", "closed"))
+
+    def test_a_replayed_call_is_dropped(self) -> None:
+        client, server, pump = self.connect(self.a, self.b)
+        sent: list[bytes] = []
+        write = client.transport.write
+        client.transport.write = lambda data: (sent.append(data), write(data))  # type: ignore[method-assign]
+        self.a.dam.add("k1", H1)
+        self.settle(pump)
+        self.assertIsNotNone(self.b.dam.get("k1"))
+        self.b.dam.delete("k1")  # were the replay accepted, k1 would come back
+        self.settle(pump)
+        server.dataReceived(b"".join(sent))
+        self.settle(pump)
+        self.assertEqual(self.b.stats["bad_mac"], 1)
+        self.assertIsNone(self.b.dam.get("k1"))
+
+    def test_box_macs_bind_key_sequence_and_every_field(self) -> None:
+        box = {b"_command": b"QueryAtom", b"key": b"k", b"qid": b"1"}
+        mac = peering.box_mac(b"k" * 32, 0, box)
+        self.assertEqual(len(mac), peering.MAC_SIZE)
+        self.assertEqual(mac, peering.box_mac(b"k" * 32, 0, dict(reversed(list(box.items())))))
+        self.assertEqual(mac, peering.box_mac(b"k" * 32, 0, {**box, b"_mac": b"ignored"}))
+        self.assertNotEqual(mac, peering.box_mac(b"j" * 32, 0, box))
+        self.assertNotEqual(mac, peering.box_mac(b"k" * 32, 1, box))
+        self.assertNotEqual(mac, peering.box_mac(b"k" * 32, 0, {**box, b"qid": b"2"}))
+        # Length prefixes: moving bytes between key and value changes the MAC.
+        self.assertNotEqual(peering.box_mac(b"k", 0, {b"ab": b"c"}), peering.box_mac(b"k", 0, {b"a": b"bc"}))
+
+    def test_each_direction_has_its_own_key(self) -> None:
+        client, server, pump = self.connect(self.a, self.b)
+        self.assertEqual(client._send_key, server._recv_key)
+        self.assertEqual(client._recv_key, server._send_key)
+        self.assertNotEqual(client._send_key, client._recv_key)

@@ -93,7 +93,10 @@ class RequestHeadersTests(SynchronousTestCase):
         )
 
     def test_missing_host_added(self) -> None:
-        self.assertEqual(rq([(b"accept", b"*/*")]), [(b"accept", b"*/*"), (b"host", b"10.0.0.1:80")] + OURS)
+        self.assertEqual(rq([(b"accept", b"*/*")]), [(b"host", b"10.0.0.1:80"), (b"accept", b"*/*")] + OURS)
+
+    def test_host_goes_first(self) -> None:
+        self.assertEqual(rq([(b"accept", b"*/*"), (b"host", b"h")]), [(b"host", b"h"), (b"accept", b"*/*")] + OURS)
 
     def test_framing(self) -> None:
         self.assertEqual(
@@ -185,8 +188,8 @@ class RawCasingTests(SynchronousTestCase):
             [(b"Content-Type", b"content-type", b"text/plain"), (b"X-Custom-ID", b"x-custom-id", b"7")],
             "192.0.2.10", b"http", VIA, b"10.0.0.1:80", None,
         )
-        self.assertEqual(out[:2], [(b"Content-Type", b"content-type", b"text/plain"),
-                                   (b"X-Custom-ID", b"x-custom-id", b"7")])
+        self.assertEqual(out[1:3], [(b"Content-Type", b"content-type", b"text/plain"),
+                                    (b"X-Custom-ID", b"x-custom-id", b"7")])
         back = H.response_headers([(b"ETag", b"etag", b'"x"'), (b"Connection", b"connection", b"ETag")], VIA, False)
         self.assertEqual(back, ([(b"via", b"via", VIA)], False))
 

@@ -114,15 +114,17 @@ def request_headers(
             viav = value if viav is None else viav + b", " + value
         elif name == b"x-forwarded-proto":
             pass  # replaced by ours
+        elif name == b"host":
+            # RFC 9110 section 7.2: Host goes first.
+            have_host = True
+            out.insert(0, item)
         else:
-            if name == b"host":
-                have_host = True
             out.append(item)
     if tokens:
         out = _without(out, tokens)
     if not have_host:
         # An HTTP/1.0 client may omit Host; the host gets HTTP/1.1, which needs one.
-        out.append((b"host", b"host", default_host))
+        out.insert(0, (b"host", b"host", default_host))
     if chunked:
         out.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
     if upgrade is not None:

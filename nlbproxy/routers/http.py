@@ -50,6 +50,7 @@ from nlbproxy.config import ListenerConfig
 from nlbproxy.flow import Deadline, Pauser
 from nlbproxy.metrics import ListenerStats
 from nlbproxy.routers import headers as hdrs
+from nlbproxy.routers.hostside import Head
 from nlbproxy.routers.upstream import HostConnections, UpstreamConnection, Upstreams
 from nlbproxy.routing import Decision, Refusal, RequestView, RouteTable, cookies_of
 from nlbproxy.session.tracker import SessionTracker
@@ -673,11 +674,10 @@ class Exchange:
             self.fields, client.client_ip, client.listener.scheme, client.listener.via,
             conn.owner.host.key.encode(), self.upgrade,
         )
-        # The headers came out of h11's parser or from us: skip re-validation.
-        conn.send(_Request(method=request.method, target=request.target, headers=hdrs.wrap(headers), _parsed=True))
+        conn.send_request(request.method, request.target, headers)
         if self.pending is not None:
             for chunk in self.pending:
-                conn.send(_Data(data=chunk))
+                conn.send_data(chunk)
             self.body_forwarded = True
             self.pending = None
             self.pending_bytes = 0
@@ -686,7 +686,7 @@ class Exchange:
         # before h11 hands us the client's end of message.
         self.sent_end = self.request_complete or not self.has_body
         if self.sent_end:
-            conn.send(_EndOfMessage())
+            conn.send_end()
         else:
             conn.transport.registerProducer(client.pauser, True)
         conn.arm()
@@ -707,7 +707,7 @@ class Exchange:
         upstream = self.upstream
         if upstream is not None:
             self.body_forwarded = True
-            upstream.send(_Data(data=data))
+            upstream.send_data(data)
             upstream.arm()
             return
         if self.pending is None:
@@ -737,53 +737,56 @@ class Exchange:
             # A full host socket no longer holds back the client: what it
             # sends next is the next request, not this body.
             client.pauser.resume("backpressure")
-            upstream.send(_EndOfMessage())
+            upstream.send_end()
         elif self.prefix_wanted:
             self.decide()  # the whole body is shorter than the prefix the rules want
 
     # -- response from the host ----------------------------------------------------
-    def upstream_event(self, conn: UpstreamConnection, event: Any) -> None:
-        kind = type(event)
+    def upstream_data(self, data: bytes) -> None:
+        self.bytes_sent += len(data)
+        self.client.send(_Data(data=data))
+
+    def upstream_head(self, conn: UpstreamConnection, head: Head) -> None:
         client = self.client
-        if kind is _Data:
-            data = event.data
-            self.bytes_sent += len(data)
-            client.send(event)
-        elif kind is _Response:
-            self.response_started = True
-            self.status = event.status_code
-            headers, ambiguous = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, False)
-            if ambiguous:
-                conn.reusable = False
-            if self.set_cookie is not None:
-                headers.append((b"set-cookie", b"set-cookie", self.set_cookie))
-            if client.closing or client.requests >= client.config.max_requests_per_connection:
-                # Tell the client this is the connection's last answer.
-                headers.append((b"connection", b"connection", b"close"))
-            if self.pool.config.affinity == "session":
-                self._learn_session(headers)
-            client.send(_Response(status_code=event.status_code, headers=hdrs.wrap(headers), reason=event.reason, _parsed=True))
-            conn.pauser.on_backpressure = client.backpressure
-            client.transport.registerProducer(conn.pauser, True)
-            if self.request_complete:
-                client.phase = _RESPONSE
-        elif kind is _EndOfMessage:
-            if event.headers and client.h11.their_http_version != b"1.1":
-                # Only a chunked body carries trailers; an HTTP/1.0 client
-                # gets a read-until-close body, and h11 refuses to send them.
-                event = _EndOfMessage()
-            client.send(event)
-            self._response_done(conn)
-        elif kind is _InformationalResponse:
-            if event.status_code == 101 and self.upgrade is not None:
-                self._switch_protocols(conn, event)
+        status = head.status
+        if status < 200:
+            if status == 101 and self.upgrade is not None:
+                self._switch_protocols(conn, head)
             elif client.h11.their_http_version == b"1.1":
                 # RFC 9110 section 15.2: never a 1xx to an HTTP/1.0 client.
                 # Its hop-by-hop headers are the host's, like a final response's.
-                headers, _ = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, False)
+                headers, _ = hdrs.response_headers(head.headers, client.listener.via, False)
                 client.send(_InformationalResponse(
-                    status_code=event.status_code, headers=hdrs.wrap(headers), reason=event.reason, _parsed=True,
+                    status_code=status, headers=hdrs.wrap(headers), reason=head.reason, _parsed=True,
                 ))
+            return
+        self.response_started = True
+        self.status = status
+        headers, ambiguous = hdrs.response_headers(head.headers, client.listener.via, False)
+        if ambiguous:
+            conn.reusable = False
+        if self.set_cookie is not None:
+            headers.append((b"set-cookie", b"set-cookie", self.set_cookie))
+        if client.closing or client.requests >= client.config.max_requests_per_connection:
+            # Tell the client this is the connection's last answer.
+            headers.append((b"connection", b"connection", b"close"))
+        if self.pool.config.affinity == "session":
+            self._learn_session(headers)
+        client.send(_Response(status_code=status, headers=hdrs.wrap(headers), reason=head.reason, _parsed=True))
+        conn.pauser.on_backpressure = client.backpressure
+        client.transport.registerProducer(conn.pauser, True)
+        if self.request_complete:
+            client.phase = _RESPONSE
+
+    def upstream_end(self, conn: UpstreamConnection, trailers: list[hdrs.Field]) -> None:
+        client = self.client
+        if trailers and client.h11.their_http_version == b"1.1":
+            # Only a chunked body carries trailers; an HTTP/1.0 client gets a
+            # read-until-close body, and h11 refuses to send them.
+            client.send(_EndOfMessage(headers=hdrs.wrap(trailers), _parsed=True))
+        else:
+            client.send(_EndOfMessage())
+        self._response_done(conn)
 
     def _learn_session(self, headers: list[hdrs.Field]) -> None:
         """The application set or cleared its session cookie: follow it."""
@@ -831,11 +834,11 @@ class Exchange:
             stats.bytes_out += self.body_bytes
             self.host = None
 
-    def _switch_protocols(self, conn: UpstreamConnection, event: Any) -> None:
+    def _switch_protocols(self, conn: UpstreamConnection, head: Head) -> None:
         client = self.client
         self.status = 101
-        headers, _ = hdrs.response_headers(hdrs.fields(event.headers), client.listener.via, True)
-        client.send(_InformationalResponse(status_code=101, headers=hdrs.wrap(headers), reason=event.reason, _parsed=True))
+        headers, _ = hdrs.response_headers(head.headers, client.listener.via, True)
+        client.send(_InformationalResponse(status_code=101, headers=hdrs.wrap(headers), reason=head.reason, _parsed=True))
         # The exchange is over; the tunnel's inactivity is timed by the
         # client connection's deadline, in both directions.
         self.response_complete = True
@@ -844,7 +847,7 @@ class Exchange:
         conn.transport.registerProducer(client.pauser, True)
         client.transport.registerProducer(conn.pauser, True)
         client.start_tunnel(conn)
-        data, _closed = conn.h11.trailing_data
+        data, conn.reader.trailing = conn.reader.trailing, b""
         if data:
             client.transport.write(data)
         self._finish_host()

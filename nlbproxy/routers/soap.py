@@ -206,6 +206,9 @@ class SnifferLimits:
     headers: frozenset[str] = WSA_HEADERS
 
 
+_DEFAULT_LIMITS = SnifferLimits()
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """What the start of an envelope says."""
@@ -269,7 +272,7 @@ class EnvelopeSniffer:
     """
 
     def __init__(self, bounds: SnifferLimits | None = None, expect: SoapVersion | None = None) -> None:
-        self.bounds = bounds or SnifferLimits()
+        self.bounds = bounds or _DEFAULT_LIMITS
         self.version = expect
         self._result: Envelope | None = None
         self._error: SoapError | None = None

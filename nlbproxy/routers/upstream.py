@@ -5,12 +5,12 @@ A :class:`HostConnections` owns every connection the unit has to one host:
 idle ones are reused last-in first-out (the warmest first), new ones are
 opened up to ``max_conns_per_host``, and requests beyond that wait in a
 bounded queue.  A connection carries at most one request at a time; it goes
-back to the idle list only when both h11 sides finished the exchange cleanly.
+back to the idle list only when both sides finished the exchange cleanly.
 
-:class:`UpstreamConnection` is a thin protocol: it turns bytes into h11
-events for the exchange that holds it and turns the exchange's events into
-bytes.  What to do with those events is the exchange's business
-(``nlbproxy.routers.http``).
+:class:`UpstreamConnection` is a thin protocol: it writes the exchange's
+request and turns the host's bytes into response events with the sans-I/O
+codec of :mod:`nlbproxy.routers.hostside`.  What to do with those events is
+the exchange's business (``nlbproxy.routers.http``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-import h11
 from twisted.internet import error as neterror
 from twisted.internet.protocol import connectionDone, ClientFactory, Protocol
 from twisted.python.failure import Failure
@@ -26,12 +25,20 @@ from twisted.python.failure import Failure
 from nlbproxy.classifier import Host
 from nlbproxy.config import PoolConfig
 from nlbproxy.flow import Deadline, Pauser
+from nlbproxy.routers.hostside import (
+    DONE,
+    LAST_CHUNK,
+    Body,
+    Field,
+    Head,
+    ResponseError,
+    ResponseReader,
+    chunk,
+    request_head,
+)
 
 if TYPE_CHECKING:
     from nlbproxy.routers.http import Exchange
-
-_NEED_DATA = h11.NEED_DATA
-_PAUSED = h11.PAUSED
 
 
 class UpstreamConnection(Protocol):
@@ -45,7 +52,11 @@ class UpstreamConnection(Protocol):
         self.owner = owner
         self.connector = connector
         self.exchange: Exchange | None = None
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.reader = ResponseReader()
+        #: The request being sent has a chunked body (else a Content-Length or none).
+        self.chunked = False
+        #: The whole request (body included) has been written.
+        self.request_sent = False
         #: Pauses reading from the host; its transport is set on connect.
         self.pauser = Pauser(None)
         self.deadline = Deadline(owner.clock, self._timed_out)
@@ -78,25 +89,29 @@ class UpstreamConnection(Protocol):
             # both directions; the host's silence alone is no failure.
             exchange.tunnel_from_upstream(data)
             return
-        conn = self.h11
-        conn.receive_data(data)
-        while self.exchange is exchange:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                # h11 is in its ERROR state: the connection is useless, and
-                # left open it would count against max_conns_per_host.
-                self.exchange = None
-                self.deadline.cancel()
-                self.transport.abortConnection()
-                exchange.upstream_error(self, "bad_response", str(exc))
+        try:
+            events = self.reader.feed(data)
+        except ResponseError as exc:
+            # The connection is useless, and left open it would count
+            # against max_conns_per_host.
+            self.exchange = None
+            self.deadline.cancel()
+            self.transport.abortConnection()
+            exchange.upstream_error(self, "bad_response", str(exc))
+            return
+        for event in events:
+            if self.exchange is not exchange:
                 return
-            if event is _NEED_DATA or event is _PAUSED:
-                if not self.tunnel:
-                    # The response goes on: the host was active just now.
-                    self.deadline.set(self.owner.config.server_timeout)
-                return
-            exchange.upstream_event(self, event)
+            kind = type(event)
+            if kind is Body:
+                exchange.upstream_data(event.data)  # type: ignore[union-attr]
+            elif kind is Head:
+                exchange.upstream_head(self, event)  # type: ignore[arg-type]
+            else:
+                exchange.upstream_end(self, event.trailers)  # type: ignore[union-attr]
+        if self.exchange is exchange and not self.tunnel:
+            # The response goes on: the host was active just now.
+            self.deadline.set(self.owner.config.server_timeout)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.deadline.stop()
@@ -107,45 +122,64 @@ class UpstreamConnection(Protocol):
             if self.tunnel:
                 exchange.tunnel_closed()
                 return
-            # h11 may still complete a read-until-close body at EOF.
-            if self.h11.their_state is h11.SEND_BODY:
-                try:
-                    self.h11.receive_data(b"")
-                    event = self.h11.next_event()
-                except h11.RemoteProtocolError:
-                    event = None
-                if type(event) is h11.EndOfMessage:
-                    exchange.upstream_event(self, event)
-                    return
+            # The end of a read-until-close body is the host closing.
+            try:
+                ended = self.reader.eof()
+            except ResponseError:
+                ended = []
+            if ended:
+                exchange.upstream_end(self, [])
+                return
             exchange.upstream_error(self, "reset", reason.getErrorMessage())
 
     # -- used by the exchange -------------------------------------------------
-    def send(self, event: Any) -> None:
-        data = self.h11.send(event)
-        if data:
+    def send_request(self, method: bytes, target: bytes, headers: list[Field]) -> None:
+        """Write a request's head; its body follows with :meth:`send_data`."""
+        self.chunked = False
+        for _raw, name, _value in headers:
+            if name == b"transfer-encoding":
+                self.chunked = True
+        self.request_sent = False
+        self.reader.expect(method)
+        self.transport.write(request_head(method, target, headers))
+
+    def send_data(self, data: bytes | bytearray) -> None:
+        if not data:
+            return  # an empty chunk would end a chunked body
+        if type(data) is not bytes:
+            data = bytes(data)  # h11's parser hands out bytearrays; transports take bytes
+        if self.chunked:
+            self.transport.writeSequence(chunk(data))
+        else:
             self.transport.write(data)
+
+    def send_end(self) -> None:
+        """The request body is complete."""
+        self.request_sent = True
+        if self.chunked:
+            self.transport.write(LAST_CHUNK)
 
     def arm(self) -> None:
         """Start counting the host's silence (a request is on its way)."""
         self.deadline.set(self.owner.config.server_timeout)
 
     def done(self) -> None:
-        """The exchange finished; keep the connection if h11 says it is clean."""
+        """The exchange finished; keep the connection if both sides ended cleanly."""
         self.exchange = None
         self.deadline.cancel()
-        conn = self.h11
         # The client transport that paused us is no longer our consumer:
         # a "backpressure" reason left behind would stall the next user.
         self.pauser.on_backpressure = None
         self.pauser.resume("backpressure")
-        data, closed = conn.trailing_data
-        # ``closed``: the host ended a read-until-close body; the connection
-        # is gone even though h11 would start a next cycle.
+        reader = self.reader
+        # Not after an early answer (the rest of the request body was never
+        # sent), a response the host framed by closing or asked to close
+        # with, or bytes the host sent beyond its response.
         if (
-            self.reusable and conn.our_state is h11.DONE and conn.their_state is h11.DONE
-            and not data and not closed
+            self.reusable and self.request_sent and reader.state == DONE and reader.keep_alive
+            and not reader.trailing
         ):
-            conn.start_next_cycle()
+            reader.reset()
             self.received_any = False
             self.owner.release(self)
         else:

@@ -36,10 +36,23 @@ a unit *name*, the one it proved with: calls are routed by name, not by
 address.  Anything but Hello and Prove before the handshake completes, a
 wrong proof, another protocol version, or no completion within
 :data:`HANDSHAKE_TIMEOUT` drops the connection and is counted in
-:attr:`DamService.stats`.  The handshake authenticates the peer when it
-connects; it does not protect what follows from an attacker on the path, so
-the ``dam`` endpoint belongs on the farm's private network (or use a TLS
-endpoint string).
+:attr:`DamService.stats`.
+
+Every box after the handshake is authenticated too, so that an attacker on
+the path can neither inject, alter, replay, reorder nor drop a DAM call
+unnoticed: each direction has its own key derived from the secret, both
+names and both challenges (:func:`session_key`), and each box carries
+``_mac`` = HMAC-SHA256(key, sequence number || the box's other keys and
+values, sorted and length-prefixed), truncated to :data:`MAC_SIZE` bytes.
+The sequence numbers are implicit (0, 1, 2 ... per direction; TCP keeps the
+order), so any box added or lost breaks every MAC after it.  A box with a
+missing or wrong MAC drops the connection and is counted (``bad_mac``); the
+DAM resyncs with the peer when it comes back.  A side authenticates what it
+sends once it is ``ready``, and requires it from the first box the other
+side sends after it became ready: the initiator after the answer to Prove,
+the responder after it wrote that answer.  (Confidentiality is not a goal:
+session keys and host addresses are not secrets worth a TLS layer here; use
+a TLS endpoint string for ``dam`` if they are.)
 
 Connections
 -----------
@@ -140,7 +153,10 @@ log = Logger()
 # --- named limits ---------------------------------------------------------------
 
 #: Version of this handshake and command set; a peer with another is refused.
-PROTOCOL_VERSION = 1
+#: (2: every box after the handshake carries a MAC.)
+PROTOCOL_VERSION = 2
+#: Bytes of the truncated HMAC-SHA256 on each box after the handshake.
+MAC_SIZE = 16
 #: Bytes of each side's random challenge.
 CHALLENGE_SIZE = 32
 #: From TCP connect until both sides proved the secret; then the connection is dropped.
@@ -168,7 +184,14 @@ TICK = 0.02
 RESYNC_DEADLINE = 10.0
 
 _PROOF_LABEL = b"nlbproxy-dam-v1"
+_KEY_LABEL = b"nlbproxy-dam-v2-box-key"
+_MAC_KEY = b"_mac"
 _CALL_OVERHEAD = 64  # bytes of AMP framing counted per queued command
+
+
+def _prefixed(parts: Iterable[bytes]) -> bytes:
+    """Each part length-prefixed, so that no two lists of parts collide."""
+    return b"".join(len(part).to_bytes(4, "big") + part for part in parts)
 
 
 def proof(secret: bytes, role: bytes, initiator: str, responder: str, c_init: bytes, c_resp: bytes) -> bytes:
@@ -177,6 +200,19 @@ def proof(secret: bytes, role: bytes, initiator: str, responder: str, c_init: by
     parts = [_PROOF_LABEL, role, initiator.encode(), responder.encode(), c_init, c_resp]
     message = b"".join(len(part).to_bytes(2, "big") + part for part in parts)
     return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def session_key(secret: bytes, sender: bytes, initiator: str, responder: str, c_init: bytes, c_resp: bytes) -> bytes:
+    """The key for boxes sent by ``sender`` (b"initiator" or b"responder") on one connection."""
+    parts = [_KEY_LABEL, sender, initiator.encode(), responder.encode(), c_init, c_resp]
+    return hmac.new(secret, _prefixed(parts), hashlib.sha256).digest()
+
+
+def box_mac(key: bytes, sequence: int, box: dict[bytes, bytes]) -> bytes:
+    """The MAC of the ``sequence``-th box sent with ``key`` (``_mac`` itself left out)."""
+    items = sorted((k, v) for k, v in box.items() if k != _MAC_KEY)
+    message = sequence.to_bytes(8, "big") + _prefixed(part for item in items for part in item)
+    return hmac.new(key, message, hashlib.sha256).digest()[:MAC_SIZE]
 
 
 def parse_peer(peer: str | tuple[str, int]) -> tuple[str, int]:
@@ -351,6 +387,11 @@ class PeerProtocol(amp.AMP):
         self.to_self = False
         self._challenge = b""
         self._expected = b""
+        #: Per-direction box keys and sequence numbers, set by the handshake.
+        self._send_key = b""
+        self._recv_key = b""
+        self._send_seq = 0
+        self._recv_seq = 0
         self._timer: Any = None
         self._paused = False
         self._queue: deque[tuple[type[amp.Command], dict[str, Any], int]] = deque()
@@ -428,6 +469,9 @@ class PeerProtocol(amp.AMP):
             self.abort("self_connection")
             return
         self.peer = unit
+        secret, me = self.owner.secret, self.owner.me
+        self._send_key = session_key(secret, b"initiator", me, unit, self._challenge, challenge)
+        self._recv_key = session_key(secret, b"responder", me, unit, self._challenge, challenge)
         mine = proof(self.owner.secret, b"initiator", self.owner.me, unit, self._challenge, challenge)
         self.callRemote(Prove, proof=mine).addCallbacks(lambda _: self._ready(), self._handshake_failed)
 
@@ -457,6 +501,8 @@ class PeerProtocol(amp.AMP):
         self._challenge = os.urandom(CHALLENGE_SIZE)
         self._expected = proof(self.owner.secret, b"initiator", unit, self.owner.me, challenge, self._challenge)
         mine = proof(self.owner.secret, b"responder", unit, self.owner.me, challenge, self._challenge)
+        self._send_key = session_key(self.owner.secret, b"responder", unit, self.owner.me, challenge, self._challenge)
+        self._recv_key = session_key(self.owner.secret, b"initiator", unit, self.owner.me, challenge, self._challenge)
         return {"unit": self.owner.me, "challenge": self._challenge, "proof": mine}
 
     @Prove.responder
@@ -484,6 +530,26 @@ class PeerProtocol(amp.AMP):
         self._timer = None
         self.stage = "ready"
         self.owner._ready(self)
+
+    # --- box authentication ---------------------------------------------------------------
+
+    def sendBox(self, box: amp.AmpBox) -> None:
+        if self.stage == "ready":
+            box[_MAC_KEY] = box_mac(self._send_key, self._send_seq, box)
+            self._send_seq += 1
+        super().sendBox(box)
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        if self.stage == "ready" or (self.stage == "proved" and not self.initiator):
+            mac = box.pop(_MAC_KEY, b"")
+            if not hmac.compare_digest(mac, box_mac(self._recv_key, self._recv_seq, box)):
+                self.abort("bad_mac")
+                return
+            self._recv_seq += 1
+        elif _MAC_KEY in box:
+            self.abort("handshake_malformed")  # a MAC before the keys exist
+            return
+        super().ampBoxReceived(box)
 
     def locateResponder(self, name: bytes) -> Callable[[amp.AmpBox], defer.Deferred[amp.AmpBox]] | None:
         if name not in _HANDSHAKE and self.stage != "ready":
