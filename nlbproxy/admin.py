@@ -17,6 +17,9 @@ tests) relies on; extend it, do not change it:
     needs in most clients.
 ``GET /metrics``
     Prometheus text format 0.0.4, rendered on demand by :func:`render_metrics`.
+``GET /`` and ``GET /status``
+    The status page (:mod:`nlbproxy.statuspage`): HTML that holds no farm
+    data and reads everything it shows from ``/api/v1/state``.
 
 Every error is JSON ``{"error": "..."}``: 401 (with ``WWW-Authenticate:
 Bearer``) when a token is configured and the request does not carry it, 404
@@ -25,7 +28,8 @@ the wrong method, 400 for a bad directive, 413 for a body over
 :data:`nlbproxy.limits.MAX_ADMIN_BODY` and 500 (logged with its traceback)
 for a bug of ours.  The token guards every path,
 ``/metrics`` included, and is checked before the path so that an
-unauthenticated client learns nothing about the pools.
+unauthenticated client learns nothing about the pools; the one exception is
+``GET`` of the status page itself, which is the same bytes on every unit.
 
 Everything here runs in the reactor thread, like the router that mutates the
 same :class:`~nlbproxy.classifier.Farm`, so reading and changing it needs no
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -47,6 +52,7 @@ from nlbproxy.config import format_host_port, parse_host_port
 from nlbproxy.health.cache import ConsolidatedCache
 from nlbproxy.health.udp import HealthSocket
 from nlbproxy.session.tracker import SessionTracker
+from nlbproxy import statuspage
 from nlbproxy.limits import MAX_ADMIN_BODY
 from nlbproxy.metrics import ListenerStats, PrometheusWriter, status_classes
 from nlbproxy.webapi import Answer, BoundedRequest, JsonApiResource, Refusal, json_answer, one_of, read_body
@@ -55,6 +61,8 @@ log = Logger()
 
 #: Most sessions one ``GET .../sessions`` page lists.
 MAX_SESSIONS_PAGE = 1000
+#: The latency percentiles of each host in the state document.
+LATENCY_QUANTILES = (0.5, 0.9, 0.99)
 PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -97,9 +105,13 @@ def host_state(host: Host, upstreams: UpstreamCounts, now: float, sessions: int 
 
     ``load`` is the load the host's agent reported (0-100; 0 for a host
     without an agent); ``capacity`` its relative capacity.  ``requests``
-    counts responses relayed from the host.
+    counts responses relayed from the host.  ``latency`` has the ``count``
+    of timed responses and their percentiles ``p50``, ``p90`` and ``p99``
+    in seconds, each the upper bound of a histogram bucket (None before the
+    first response, and for a percentile above the largest bucket).
     """
     open_, idle = upstreams.counts(host)
+    latency = host.stats.latency
     return {
         "health": host.health(now),
         "health_reason": host.health_reason(now),
@@ -113,7 +125,14 @@ def host_state(host: Host, upstreams: UpstreamCounts, now: float, sessions: int 
         "requests": host.stats.requests,
         "connections": {"open": open_, "idle": idle},
         "sessions": sessions,
+        "latency": {"count": latency.count, **{
+            f"p{round(q * 100)}": _finite(latency.quantile(q)) for q in LATENCY_QUANTILES}},
     }
+
+
+def _finite(value: float | None) -> float | None:
+    # JSON has no infinity: a percentile in the +Inf bucket is unknown.
+    return value if value is not None and math.isfinite(value) else None
 
 
 def listener_state(stats: ListenerStats) -> dict[str, Any]:
@@ -328,9 +347,10 @@ class AdminResource(JsonApiResource):
             (("api", "v1", "pools", None, "sessions", None), {b"DELETE": self.delete_session}),
             (("metrics",), {b"GET": self.get_metrics}),
         ]
+        self.routes += [(path, {b"GET": self.get_page}) for path in statuspage.PATHS]
 
     def authorize(self, request: Request) -> None:
-        if self._token is None:
+        if self._token is None or self._is_page(request):
             return
         header = request.getHeader(b"Authorization") or b""
         scheme, _, credentials = header.partition(b" ")
@@ -338,7 +358,17 @@ class AdminResource(JsonApiResource):
             request.setHeader(b"WWW-Authenticate", b"Bearer")
             raise Refusal(401, "missing or wrong bearer token")
 
+    @staticmethod
+    def _is_page(request: Request) -> bool:
+        segments = tuple(s.decode("utf-8", "replace") for s in request.postpath or ())
+        return request.method in (b"GET", b"HEAD") and segments in statuspage.PATHS
+
     # -- handlers ------------------------------------------------------------------
+    def get_page(self, request: Request, params: list[str]) -> Answer:
+        for name, value in statuspage.HEADERS:
+            request.setHeader(name, value)
+        return Answer(200, statuspage.PAGE, statuspage.CONTENT_TYPE)
+
     def get_state(self, request: Request, params: list[str]) -> Answer:
         return json_answer(200, state_document(
             self.farm, self.listeners, self.upstreams, self.unit_name, self.clock.seconds(), self.sessions))
