@@ -9,7 +9,9 @@ TRIAL_MODULES = tests.test_config tests.test_metrics tests.test_router tests.tes
 	tests.test_routing tests.test_hostside tests.test_classifier tests.test_flow tests.test_admin \
 	tests.test_health_codec tests.test_health_table tests.test_health_agent tests.test_agent_config \
 	tests.test_health_cache tests.test_allotment tests.test_dam tests.test_session_agent tests.test_session_tracker \
-	tests.test_statuspage tests.test_filtering tests.test_cache
+	tests.test_statuspage tests.test_filtering tests.test_cache \
+	tests.test_plugin tests.test_plugin_tenant tests.test_plugin_soap tests.test_testing \
+	tests.test_soap
 
 # System packages the tests drive as real clients and servers; Chromium (and
 # its chromedriver) for the status page, systemd-analyze for the unit files.
@@ -22,13 +24,14 @@ deps:
 install:
 	$(PIP_INSTALL) -e '.[test]' --config-settings editable_mode=compat
 	$(PYTHON) -c "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; list(getPlugins(IPlugin, twisted.plugins))"
+	$(PYTHON) -c "from nlbproxy.plugin import routing_plugins; routing_plugins()"
 
 demo: install
 	twistd -n --pidfile= nlbproxy --demo
 
 lint:
-	$(PYTHON) -m ruff check nlbproxy tests bench twisted
-	$(PYTHON) -m mypy nlbproxy
+	$(PYTHON) -m ruff check nlbproxy plugins tests bench twisted
+	$(PYTHON) -m mypy nlbproxy plugins
 
 pytest:
 	$(PYTHON) -m pytest -q -p no:cacheprovider

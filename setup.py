@@ -8,8 +8,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     # twisted/plugins has no __init__.py (twistd scans it as a namespace), so
-    # find_packages() leaves it out; it must be listed by hand.
-    packages=find_packages(include=["nlbproxy", "nlbproxy.*"]) + ["twisted.plugins"],
+    # find_packages() leaves it out; it must be listed by hand.  plugins/ holds
+    # the routing plugins (nlbproxy.plugin), found with twisted.plugin too.
+    packages=find_packages(include=["nlbproxy", "nlbproxy.*"]) + ["twisted.plugins", "plugins"],
     package_data={"nlbproxy": ["py.typed"], "twisted.plugins": ["nlbproxy_plugins.py"]},
     install_requires=[
         "twisted>=24.7",
@@ -19,7 +20,11 @@ setup(
         "zope.interface>=6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "ruff", "mypy", "mypy-zope", "selenium>=4.20"],
+        "test": [
+            "pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "ruff", "mypy", "mypy-zope", "selenium>=4.20",
+            # real SOAP services and client for the SOAP router's end-to-end tests
+            "spyne>=2.14", "zeep>=4.2", "lxml>=5",
+        ],
         "bench": ["pyinstrument"],
     },
     entry_points={"console_scripts": ["nlbctl = nlbproxy.ctl:main"]},

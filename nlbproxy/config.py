@@ -12,7 +12,8 @@ Each table's keys are checked against a spec that maps every allowed key to a
 converter; keys left out of the file take the dataclass defaults, which for
 limits and timeouts come from ``nlbproxy.limits``.  Nothing here touches the
 reactor; the only I/O is reading the config file itself and the token and
-secret files it names.
+secret files it names, and loading the routing plugins its routes name
+(:mod:`nlbproxy.plugin`), whose options are checked here too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -56,15 +57,31 @@ class HeaderMatch:
 
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
-    """One ``[[listener.route]]``: requests matching every given key go to ``pool``."""
+    """One ``[[listener.route]]``: requests matching every given key go to ``pool``.
 
-    pool: str
+    With ``plugin``, the matching requests are handed to that routing plugin's
+    ``classifier`` (configured from ``options`` when the file is parsed, see
+    :mod:`nlbproxy.plugin`); ``pool``, optional then, is where the route sends
+    what the plugin declines (without it, the next routes are asked).
+    """
+
+    pool: str | None = None
     host: str | None = None
     path_prefix: str | None = None
     path_regex: str | None = None
     method: tuple[bytes, ...] = ()
     header: tuple[HeaderMatch, ...] = ()
     cookie: tuple[HeaderMatch, ...] = ()
+    #: SOAP listeners only: the request's action (SOAP 1.1 ``SOAPAction``,
+    #: SOAP 1.2 ``action`` parameter, else WS-Addressing ``Action``).
+    soap_action: str | None = None
+    #: SOAP listeners only: the first child of ``Body``, as ``{namespace}local``
+    #: or a bare local name (any namespace).
+    soap_operation: str | None = None
+    plugin: str | None = None
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    #: The plugin's IRequestClassifier, built from ``options``.
+    classifier: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +135,11 @@ class ListenerConfig:
     max_connections: int = limits.MAX_CONNECTIONS
     deny: tuple[DenyConfig, ...] = ()
     rate_limit: RateLimitConfig | None = None
+    max_soap_prefix: int = limits.MAX_SOAP_PREFIX
+    max_soap_depth: int = limits.MAX_SOAP_DEPTH
+    max_soap_attributes: int = limits.MAX_SOAP_ATTRIBUTES
+    max_soap_name: int = limits.MAX_SOAP_NAME
+    max_soap_header_text: int = limits.MAX_SOAP_HEADER_TEXT
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,6 +577,27 @@ def _admin_endpoint(value: object) -> str:
     return text
 
 
+def _soap_action(value: object) -> str:
+    text = _string(value)
+    if not _FIELD_VALUE.fullmatch(text):
+        raise ValueError(f"expected printable ASCII, got {text!r}")
+    return text
+
+
+# An XML name without a colon (XML Namespaces 1.0 NCName), ASCII and beyond.
+_NCNAME = re.compile(r"[^\W\d.-][\w.-]*")
+
+
+def _soap_operation(value: object) -> str:
+    text = _string(value)
+    ns, brace, local = text[1:].partition("}") if text.startswith("{") else ("", "", text)
+    if text.startswith("{") and not (brace and ns):
+        raise ValueError(f"expected '{{namespace}}local' or 'local', got {text!r}")
+    if not _NCNAME.fullmatch(local):
+        raise ValueError(f"expected an XML local name after the namespace, got {local!r}")
+    return text
+
+
 # --- the tables and their keys ------------------------------------------------
 
 _TOP: dict[str, _Convert] = {"unit": _table, "listener": _array, "pool": _table}
@@ -579,11 +622,7 @@ _UNIT: dict[str, _Convert] = {
 _LISTENER: dict[str, _Convert] = {
     "name": _name,
     "endpoint": _endpoint,
-    "protocol": _not_yet(
-        _choice("http", "soap"),
-        lambda p: p == "soap",
-        "protocol 'soap' is not supported yet",
-    ),
+    "protocol": _choice("http", "soap"),
     "pool": _string,
     "route": _array,
     "handoff": _not_yet(_boolean, bool, "handoff is not supported yet"),
@@ -597,6 +636,13 @@ _LISTENER: dict[str, _Convert] = {
     "max_connections": _integer(1),
     "deny": _array,
     "rate_limit": _table,
+    # Envelope, Body and the operation are 3 levels; a name needs room for a
+    # namespace URI.
+    "max_soap_prefix": _integer(256, 16 * limits.MiB),
+    "max_soap_depth": _integer(3, 1000),
+    "max_soap_attributes": _integer(1, 10_000),
+    "max_soap_name": _integer(64, 64 * limits.KiB),
+    "max_soap_header_text": _integer(0, limits.MiB),
 }
 
 _ROUTE: dict[str, _Convert] = {
@@ -607,6 +653,10 @@ _ROUTE: dict[str, _Convert] = {
     "method": _methods,
     "header": _tables,
     "cookie": _tables,
+    "soap_action": _soap_action,
+    "soap_operation": _soap_operation,
+    "plugin": _name,
+    "options": _table,
 }
 
 _MATCH: dict[str, _Convert] = {"name": _token, "value": _field_value}
@@ -788,6 +838,13 @@ class _Parser:
         )
         if "rate_limit" in listener:
             listener["rate_limit"] = self.rate_limit(listener["rate_limit"], _join(where, "rate_limit"))
+        if listener.get("protocol", "http") != "soap":
+            for i, route in enumerate(listener["routes"]):
+                for key in ("soap_action", "soap_operation"):
+                    if getattr(route, key) is not None:
+                        raise self.error(
+                            f"{where}.route[{i}].{key}", 'needs the listener\'s protocol = "soap"'
+                        )
         return ListenerConfig(**listener)
 
     def deny(self, value: object, where: str, index: int) -> DenyConfig:
@@ -808,16 +865,39 @@ class _Parser:
         return RateLimitConfig(rate, table.get("burst", max(1, math.ceil(rate))))
 
     def route(self, value: object, where: str) -> RouteConfig:
-        route = self.table(value, where, _ROUTE, required=("pool",))
+        # A plugin's route may leave the pool to the plugin.
+        with_plugin = isinstance(value, dict) and "plugin" in value
+        route = self.table(value, where, _ROUTE, required=() if with_plugin else ("pool",))
         if route.keys() == {"pool"}:
             raise self.error(where, "route matches everything; use the listener's pool")
-        self.check_pool(where, route["pool"])
+        if "pool" in route:
+            self.check_pool(where, route["pool"])
+        if "plugin" in route:
+            route["classifier"] = self.plugin(route["plugin"], route.setdefault("options", {}), where)
+            route["options"] = MappingProxyType(route["options"])
+        elif "options" in route:
+            raise self.error(_join(where, "options"), "options are for a plugin: set plugin too")
         for kind in ("header", "cookie"):
             if kind in route:
                 route[kind] = self.matches(
                     route[kind], _join(where, kind), lower=kind == "header"
                 )
         return RouteConfig(**route)
+
+    def plugin(self, name: str, options: dict[str, Any], where: str) -> Any:
+        """The classifier routing plugin *name* makes of *options* (see :mod:`nlbproxy.plugin`)."""
+        # Imported here: plugins import routing, which imports this module.
+        from nlbproxy import plugin
+
+        try:
+            return plugin.configure(name, options, frozenset(self.pools))
+        except plugin.PluginError as exc:
+            raise self.error(_join(where, "plugin"), str(exc)) from exc
+        except plugin.OptionError as exc:
+            key = _join(where, "options")
+            for part in exc.key:
+                key = _join(key, part)
+            raise self.error(key, exc.reason) from exc
 
     def matches(
         self, value: dict[str, Any] | list[Any], where: str, *, lower: bool

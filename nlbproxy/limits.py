@@ -43,6 +43,21 @@ MAX_PENDING_BODY = 64 * KiB
 #: the request is answered 502 and counted as a routing failure.
 ROUTING_TIMEOUT = 2.0
 
+# --- SOAP envelope sniffing (listeners with protocol = "soap") --------------
+#: Body bytes a SOAP request may carry before the start tag of the first child
+#: of ``Body`` (the operation); a longer envelope prefix is refused with a SOAP
+#: Fault.  The router holds at most this much of one request while routing it.
+MAX_SOAP_PREFIX = 64 * KiB
+#: Element nesting up to and including the operation element (Envelope = 1).
+MAX_SOAP_DEPTH = 32
+#: Attributes plus namespace declarations on one element.
+MAX_SOAP_ATTRIBUTES = 64
+#: Characters of one qualified name in Clark form (``{namespace}local``).
+MAX_SOAP_NAME = 1024
+#: Characters of text kept from one selected header entry (WS-Addressing
+#: ``To``/``Action``); longer text is refused.
+MAX_SOAP_HEADER_TEXT = 4 * KiB
+
 # --- backend side (per pool) ------------------------------------------------
 #: A host's response status line and fields; larger is the host's error (502).
 #: (HAProxy's tune.bufsize is 16 KiB; big cookies need more.)

@@ -13,6 +13,13 @@ that much of the body before calling :meth:`RouteTable.decide` and streams
 it on unchanged afterwards.  A decision is a :class:`Decision` (a pool, and
 optionally an affinity key hashed over the pool's hosts), or a
 :class:`Refusal`: an answer the unit gives itself (a SOAP fault, say).
+
+On a listener with ``protocol = "soap"`` a :class:`SoapCheck` comes before
+the configured rules: it reads every POST's SOAP call from the headers and
+the body prefix (:func:`nlbproxy.routers.soap.read_request`) into
+``view.soap``, where the ``soap_action`` and ``soap_operation`` keys of the
+rules after it look, and refuses a malformed or hostile envelope with a SOAP
+Fault of the request's version.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from typing import Union
 
 from twisted.internet.defer import Deferred
 
-from nlbproxy.config import HeaderMatch, RouteConfig
+from nlbproxy.config import HeaderMatch, ListenerConfig, RouteConfig
+from nlbproxy.routers.soap import SnifferLimits, SoapCall, SoapError, read_request
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -64,10 +72,11 @@ class RequestView:
 
     ``headers`` are (lower-case name, value) pairs; ``body`` is the prefix of
     the request body read before deciding (empty when no rule wants one) and
-    ``body_complete`` says whether it is the whole body.
+    ``body_complete`` says whether it is the whole body.  ``soap`` is the
+    request's SOAP call, once a :class:`SoapCheck` has read it.
     """
 
-    __slots__ = ("method", "target", "path", "headers", "client_ip", "scheme", "body", "body_complete")
+    __slots__ = ("method", "target", "path", "headers", "client_ip", "scheme", "body", "body_complete", "soap")
 
     def __init__(
         self,
@@ -87,6 +96,7 @@ class RequestView:
         self.scheme = scheme
         self.body = body
         self.body_complete = body_complete
+        self.soap: SoapCall | None = None
 
 
 class Decision:
@@ -132,14 +142,18 @@ MaybeDecision = Union[Decision, None, "Deferred[Decision | None]"]
 class Rule:
     """One compiled ``[[listener.route]]``."""
 
-    __slots__ = ("pool", "decision", "_host", "_wildcard", "_prefix", "_regex", "_methods", "_headers", "_cookies")
+    __slots__ = (
+        "pool", "decision", "_host", "_wildcard", "_prefix", "_regex", "_methods", "_headers", "_cookies",
+        "_soap_action", "_soap_operation",
+    )
 
     #: Request body bytes this rule needs before it can match (0: none).
     body_prefix = 0
 
     def __init__(self, route: RouteConfig) -> None:
         self.pool = route.pool
-        self.decision = Decision(route.pool)
+        # Only a plugin's route may have no pool (the config parser sees to it).
+        self.decision = Decision(route.pool) if route.pool is not None else None
         host = route.host.encode("idna") if route.host else None
         self._wildcard = host is not None and host.startswith(b"*.")
         self._host = host[1:] if self._wildcard and host else host  # ".example.com"
@@ -148,6 +162,8 @@ class Rule:
         self._methods = frozenset(route.method)
         self._headers: tuple[HeaderMatch, ...] = route.header
         self._cookies: tuple[HeaderMatch, ...] = route.cookie
+        self._soap_action = route.soap_action
+        self._soap_operation = route.soap_operation
 
     def decide(self, view: RequestView) -> MaybeDecision:
         """This rule's decision for ``view``, or None if it does not match.
@@ -155,7 +171,27 @@ class Rule:
         Rules that ask something else (a plugin) may answer later, with a
         Deferred firing a Decision or None.
         """
-        return self.decision if self.matches(view.method, view.path, view.headers) else None
+        return self.decision if self.selects(view) else None
+
+    def selects(self, view: RequestView) -> bool:
+        """Whether every match key of the rule holds for ``view``."""
+        if not self.matches(view.method, view.path, view.headers):
+            return False
+        soap_keys = self._soap_action is not None or self._soap_operation is not None
+        return not soap_keys or self.soap_matches(view.soap)
+
+    def soap_matches(self, call: SoapCall | None) -> bool:
+        """The ``soap_*`` keys against a request's SOAP call (None: not SOAP)."""
+        if call is None:
+            return False
+        if self._soap_action is not None and call.action != self._soap_action:
+            return False
+        wanted = self._soap_operation
+        if wanted is not None:
+            operation = call.operation if wanted.startswith("{") else call.operation_local
+            if operation != wanted:
+                return False
+        return True
 
     def matches(self, method: bytes, path: bytes, headers: Headers) -> bool:
         if self._methods and method not in self._methods:
@@ -184,6 +220,43 @@ class Rule:
         return True
 
 
+class PluginRule(Rule):
+    """A route with ``plugin = NAME``: its classifier decides the requests
+    that match the route's other keys.
+
+    A classifier's decline is the route's ``pool`` if it has one, else no
+    match (the next rules are asked).  An answer that is not a Decision or
+    None is a bug of the plugin's and raises, which the router answers 502.
+    """
+
+    __slots__ = ("plugin", "classifier", "body_prefix")
+
+    def __init__(self, route: RouteConfig) -> None:
+        super().__init__(route)
+        self.plugin = route.plugin
+        self.classifier = route.classifier
+        self.body_prefix = route.classifier.body_prefix
+
+    def decide(self, view: RequestView) -> MaybeDecision:
+        if not self.selects(view):
+            return None
+        answer = self.classifier.classify(view)
+        if isinstance(answer, Deferred):
+            return answer.addCallback(self._checked)
+        return self._checked(answer)
+
+    def _checked(self, answer: object) -> Decision | None:
+        if answer is None:
+            return self.decision
+        if not isinstance(answer, Decision):
+            raise TypeError(f"routing plugin {self.plugin!r} answered {answer!r}, not a Decision or None")
+        return answer
+
+
+def compile_rule(route: RouteConfig) -> Rule:
+    return PluginRule(route) if route.plugin is not None else Rule(route)
+
+
 def path_of(target: bytes) -> bytes:
     """The path of a request target (origin or absolute form), without the query."""
     if not target.startswith(b"/"):
@@ -200,17 +273,58 @@ def path_of(target: bytes) -> bytes:
     return target if query < 0 else target[:query]
 
 
+class SoapCheck:
+    """The first rule of a SOAP listener: reads, and never matches."""
+
+    __slots__ = ("bounds",)
+
+    def __init__(self, bounds: SnifferLimits | None = None) -> None:
+        self.bounds = bounds or SnifferLimits()
+
+    @property
+    def body_prefix(self) -> int:
+        return self.bounds.max_prefix
+
+    def decide(self, view: RequestView) -> None:
+        # Only POST carries SOAP requests in the HTTP bindings (SOAP 1.2's
+        # GET is the response-only message exchange pattern).
+        if view.method != b"POST":
+            return None
+        try:
+            view.soap = read_request(view.headers, view.body, view.body_complete, self.bounds)
+        except SoapError as exc:
+            fault = exc.fault()
+            raise Refusal(fault.status, fault.body, fault.headers) from exc
+        return None
+
+
 class RouteTable:
     """The ordered rules of one listener and its default pool."""
 
     __slots__ = ("rules", "default_pool", "default", "body_prefix")
 
-    def __init__(self, routes: Sequence[RouteConfig], default_pool: str) -> None:
-        self.rules = tuple(Rule(route) for route in routes)
+    def __init__(
+        self, routes: Sequence[RouteConfig], default_pool: str, soap: SnifferLimits | None = None
+    ) -> None:
+        """*soap*: the listener speaks SOAP; read each POST's call within these bounds."""
+        rules: tuple[Rule | SoapCheck, ...] = tuple(compile_rule(route) for route in routes)
+        if soap is not None:
+            rules = (SoapCheck(soap), *rules)
+        self.rules = rules
         self.default_pool = default_pool
         self.default = Decision(default_pool)
         #: Request body bytes to hold before deciding: what the hungriest rule wants.
         self.body_prefix = max((rule.body_prefix for rule in self.rules), default=0)
+
+    @classmethod
+    def for_listener(cls, config: ListenerConfig) -> RouteTable:
+        soap = None
+        if config.protocol == "soap":
+            soap = SnifferLimits(
+                config.max_soap_prefix, config.max_soap_depth, config.max_soap_attributes,
+                config.max_soap_name, config.max_soap_header_text,
+            )
+        return cls(config.routes, config.pool, soap)
 
     def decide(self, view: RequestView) -> Decision | Deferred[Decision]:
         """The first matching rule's decision, else the default pool's.

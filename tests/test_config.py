@@ -440,12 +440,6 @@ ERRORS: list[tuple[tuple[str | int, ...], object, str, str]] = [
     (("unit",), {"workers": 2}, "unit.workers", "workers > 1 is not supported yet"),
     (
         (*LISTENER, "protocol"),
-        "soap",
-        "listener[0].protocol",
-        "protocol 'soap' is not supported yet",
-    ),
-    (
-        (*LISTENER, "protocol"),
         "ftp",
         "listener[0].protocol",
         "expected one of 'http', 'soap', got 'ftp'",

@@ -107,7 +107,7 @@ class Listener:
     ) -> None:
         self.config = config
         self.name = config.name
-        self.routes = RouteTable(config.routes, config.pool)
+        self.routes = RouteTable.for_listener(config)
         self.farm = farm
         #: Where a request goes until routing has decided (and if it never does).
         self.default_pool = farm.pools[config.pool]
@@ -319,6 +319,11 @@ class ClientConnection(Protocol):
         elif has_body and routes.body_prefix:
             # Rules look into the body: hold its first bytes, then decide.
             exchange.prefix_wanted = routes.body_prefix
+            if self.h11.they_are_waiting_for_100_continue:
+                # No host is chosen before the body comes, and the client
+                # sends none before a go-ahead (RFC 9110 10.1.1): give it
+                # here rather than leave the client to its own timeout.
+                self.send(_InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         else:
             exchange.decide()
 
