@@ -9,12 +9,16 @@ TRIAL_MODULES = tests.test_config tests.test_metrics tests.test_router tests.tes
 	tests.test_routing tests.test_hostside tests.test_classifier tests.test_flow tests.test_admin \
 	tests.test_health_codec tests.test_health_table tests.test_health_agent tests.test_agent_config \
 	tests.test_health_cache tests.test_allotment tests.test_dam tests.test_session_agent tests.test_session_tracker \
-	tests.test_soap
+	tests.test_soap \
+	tests.test_statuspage tests.test_filtering tests.test_cache
 
-# System packages the tests drive as real clients and servers.
+# System packages the tests drive as real clients and servers; Chromium (and
+# its chromedriver) for the status page, systemd-analyze for the unit files.
 deps:
 	@command -v curl >/dev/null && command -v wrk >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl wrk >/dev/null; }
+	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver && command -v systemd-analyze >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver systemd >/dev/null; }
 
 install:
 	$(PIP_INSTALL) -e '.[test]' --config-settings editable_mode=compat

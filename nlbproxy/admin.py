@@ -15,8 +15,16 @@ tests) relies on; extend it, do not change it:
     200 with the host's new ``HOST_STATE`` plus ``pool`` and ``host``.  Path
     segments may be percent-encoded, which an IPv6 key such as ``[::1]:80``
     needs in most clients.
+``POST /api/v1/pools/POOL/cache/purge``
+    JSON body ``{"prefix": "/path"}``: drops the pool's cached responses
+    whose path starts with the prefix (on every host name); answers 200 with
+    ``{"pool": POOL, "prefix": ..., "purged": N}``, 404 for a pool without
+    a cache, 400 for a body that is not such an object.
 ``GET /metrics``
     Prometheus text format 0.0.4, rendered on demand by :func:`render_metrics`.
+``GET /`` and ``GET /status``
+    The status page (:mod:`nlbproxy.statuspage`): HTML that holds no farm
+    data and reads everything it shows from ``/api/v1/state``.
 
 Every error is JSON ``{"error": "..."}``: 401 (with ``WWW-Authenticate:
 Bearer``) when a token is configured and the request does not carry it, 404
@@ -25,7 +33,8 @@ the wrong method, 400 for a bad directive, 413 for a body over
 :data:`nlbproxy.limits.MAX_ADMIN_BODY` and 500 (logged with its traceback)
 for a bug of ours.  The token guards every path,
 ``/metrics`` included, and is checked before the path so that an
-unauthenticated client learns nothing about the pools.
+unauthenticated client learns nothing about the pools; the one exception is
+``GET`` of the status page itself, which is the same bytes on every unit.
 
 Everything here runs in the reactor thread, like the router that mutates the
 same :class:`~nlbproxy.classifier.Farm`, so reading and changing it needs no
@@ -36,17 +45,20 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
+from nlbproxy.cache import ResponseCache
 from nlbproxy.classifier import DIRECTIVES, Farm, Host, Pool
 from nlbproxy.config import format_host_port, parse_host_port
 from nlbproxy.health.cache import ConsolidatedCache
 from nlbproxy.health.udp import HealthSocket
 from nlbproxy.session.tracker import SessionTracker
+from nlbproxy import statuspage
 from nlbproxy.limits import MAX_ADMIN_BODY
 from nlbproxy.metrics import ListenerStats, PrometheusWriter, status_classes
 from nlbproxy.webapi import Answer, BoundedRequest, JsonApiResource, Refusal, json_answer, one_of, read_body
@@ -55,6 +67,8 @@ log = Logger()
 
 #: Most sessions one ``GET .../sessions`` page lists.
 MAX_SESSIONS_PAGE = 1000
+#: The latency percentiles of each host in the state document.
+LATENCY_QUANTILES = (0.5, 0.9, 0.99)
 PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -97,9 +111,13 @@ def host_state(host: Host, upstreams: UpstreamCounts, now: float, sessions: int 
 
     ``load`` is the load the host's agent reported (0-100; 0 for a host
     without an agent); ``capacity`` its relative capacity.  ``requests``
-    counts responses relayed from the host.
+    counts responses relayed from the host.  ``latency`` has the ``count``
+    of timed responses and their percentiles ``p50``, ``p90`` and ``p99``
+    in seconds, each the upper bound of a histogram bucket (None before the
+    first response, and for a percentile above the largest bucket).
     """
     open_, idle = upstreams.counts(host)
+    latency = host.stats.latency
     return {
         "health": host.health(now),
         "health_reason": host.health_reason(now),
@@ -113,7 +131,14 @@ def host_state(host: Host, upstreams: UpstreamCounts, now: float, sessions: int 
         "requests": host.stats.requests,
         "connections": {"open": open_, "idle": idle},
         "sessions": sessions,
+        "latency": {"count": latency.count, **{
+            f"p{round(q * 100)}": _finite(latency.quantile(q)) for q in LATENCY_QUANTILES}},
     }
+
+
+def _finite(value: float | None) -> float | None:
+    # JSON has no infinity: a percentile in the +Inf bucket is unknown.
+    return value if value is not None and math.isfinite(value) else None
 
 
 def listener_state(stats: ListenerStats) -> dict[str, Any]:
@@ -191,6 +216,7 @@ def render_metrics(
     upstreams: UpstreamCounts,
     now: float,
     health: HealthView | None = None,
+    caches: Mapping[str, ResponseCache] | None = None,
 ) -> str:
     """The body of ``GET /metrics``."""
     w = PrometheusWriter()
@@ -254,6 +280,32 @@ def render_metrics(
             w.add("nlbproxy_listener_rejected_total", "counter",
                   "Requests the unit answered itself with an error, by status code.",
                   count, listener=name, code=str(status))
+        fstats = lstats.filter
+        for rule, count in fstats.denied.items():
+            w.add("nlbproxy_filter_denied_total", "counter",
+                  "Requests answered 403 by a deny rule of the listener.", count, listener=name, rule=rule)
+        w.add("nlbproxy_filter_rate_limited_total", "counter",
+              "Requests answered 429 by the listener's per-client rate limit.", fstats.rate_limited, listener=name)
+        w.add("nlbproxy_filter_rate_limit_clients", "gauge",
+              "Client addresses (IPv6: /64s) holding a rate-limit bucket.", fstats.clients, listener=name)
+        w.add("nlbproxy_filter_rate_limit_overflow_total", "counter",
+              "Requests charged to the shared bucket because the bucket table was full.",
+              fstats.overflow, listener=name)
+    for pool_name, cache in (caches or {}).items():
+        cstats = cache.stats
+        for event, count in (("hit", cstats.hits), ("miss", cstats.misses)):
+            w.add("nlbproxy_cache_lookups_total", "counter",
+                  "Cache lookups of the pool, by result.", count, pool=pool_name, result=event)
+        for help_name, help_text, count in (
+            ("stores", "Responses stored.", cstats.stores),
+            ("evictions", "Entries dropped to make room, least recently used first.", cstats.evictions),
+            ("purged", "Entries dropped by purges and by unsafe requests to their URL.", cstats.purged),
+            ("too_big", "Cacheable responses over max_object_bytes, streamed through unkept.", cstats.too_big),
+            ("busy", "Cacheable responses streamed through unkept: bodies in flight held max_bytes.", cstats.busy),
+        ):
+            w.add(f"nlbproxy_cache_{help_name}_total", "counter", help_text, count, pool=pool_name)
+        w.add("nlbproxy_cache_bytes", "gauge", "Bytes the pool's cache holds.", cstats.bytes, pool=pool_name)
+        w.add("nlbproxy_cache_entries", "gauge", "Responses the pool's cache holds.", cstats.entries, pool=pool_name)
     return w.render()
 
 
@@ -272,6 +324,18 @@ def parse_directive(body: bytes) -> str:
             raise ValueError("body is not a valid JSON string")
         text = text.strip()
     return one_of(text, DIRECTIVES, "directive")
+
+
+def parse_purge(body: bytes) -> str:
+    """The path prefix of a purge body ``{"prefix": "/path"}``; raises Refusal(400)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise Refusal(400, 'body must be JSON like {"prefix": "/path"}') from None
+    prefix = document.get("prefix") if isinstance(document, dict) else None
+    if not isinstance(prefix, str) or not prefix.startswith("/") or not prefix.isascii():
+        raise Refusal(400, 'body must be JSON like {"prefix": "/path"}, the prefix an ASCII path')
+    return prefix
 
 
 def find_host(pool: Pool, key: str) -> Host | None:
@@ -307,9 +371,11 @@ class AdminResource(JsonApiResource):
         clock: ReactorTime,
         health: HealthView | None = None,
         sessions: SessionTracker | None = None,
+        caches: Mapping[str, ResponseCache] | None = None,
     ) -> None:
         super().__init__()
         self.health = health
+        self.caches = caches or {}
         self.sessions = sessions
         if token is not None and not token:
             raise ValueError("the admin token is empty")
@@ -326,11 +392,13 @@ class AdminResource(JsonApiResource):
             (("api", "v1", "health"), {b"GET": self.get_health}),
             (("api", "v1", "pools", None, "sessions"), {b"GET": self.get_sessions}),
             (("api", "v1", "pools", None, "sessions", None), {b"DELETE": self.delete_session}),
+            (("api", "v1", "pools", None, "cache", "purge"), {b"POST": self.post_purge}),
             (("metrics",), {b"GET": self.get_metrics}),
         ]
+        self.routes += [(path, {b"GET": self.get_page}) for path in statuspage.PATHS]
 
     def authorize(self, request: Request) -> None:
-        if self._token is None:
+        if self._token is None or self._is_page(request):
             return
         header = request.getHeader(b"Authorization") or b""
         scheme, _, credentials = header.partition(b" ")
@@ -338,7 +406,17 @@ class AdminResource(JsonApiResource):
             request.setHeader(b"WWW-Authenticate", b"Bearer")
             raise Refusal(401, "missing or wrong bearer token")
 
+    @staticmethod
+    def _is_page(request: Request) -> bool:
+        segments = tuple(s.decode("utf-8", "replace") for s in request.postpath or ())
+        return request.method in (b"GET", b"HEAD") and segments in statuspage.PATHS
+
     # -- handlers ------------------------------------------------------------------
+    def get_page(self, request: Request, params: list[str]) -> Answer:
+        for name, value in statuspage.HEADERS:
+            request.setHeader(name, value)
+        return Answer(200, statuspage.PAGE, statuspage.CONTENT_TYPE)
+
     def get_state(self, request: Request, params: list[str]) -> Answer:
         return json_answer(200, state_document(
             self.farm, self.listeners, self.upstreams, self.unit_name, self.clock.seconds(), self.sessions))
@@ -383,8 +461,25 @@ class AdminResource(JsonApiResource):
         return json_answer(200, health_document(self.health))
 
     def get_metrics(self, request: Request, params: list[str]) -> Answer:
-        text = render_metrics(self.farm, self.listeners, self.upstreams, self.clock.seconds(), self.health)
+        text = render_metrics(
+            self.farm, self.listeners, self.upstreams, self.clock.seconds(), self.health, self.caches)
         return Answer(200, text.encode(), PROMETHEUS_TYPE)
+
+    def post_purge(self, request: Request, params: list[str]) -> Answer:
+        """Out-of-band invalidation: drop a pool's cached responses under a path prefix."""
+        pool_name = params[0]
+        body = read_body(request, MAX_ADMIN_BODY)
+        if pool_name not in self.farm.pools:
+            raise Refusal(404, f"no pool {pool_name}")
+        cache = self.caches.get(pool_name)
+        if cache is None:
+            raise Refusal(404, f"pool {pool_name} has no cache")
+        prefix = parse_purge(body)
+        purged = cache.purge(prefix.encode())
+        client = request.getClientAddress()
+        log.info("cache of {pool}: {n} responses under {prefix} purged by {client}",
+                 pool=pool_name, n=purged, prefix=prefix, client=getattr(client, "host", client))
+        return json_answer(200, {"pool": pool_name, "prefix": prefix, "purged": purged})
 
     def put_directive(self, request: Request, params: list[str]) -> Answer:
         pool_name, key = params
@@ -429,13 +524,14 @@ def make_admin_site(
     clock: ReactorTime,
     health: HealthView | None = None,
     sessions: SessionTracker | None = None,
+    caches: Mapping[str, ResponseCache] | None = None,
 ) -> Site:
     """The admin API as a Site, for ``serverFromString(...).listen(site)``.
 
     ``clock`` is the reactor (or a ``task.Clock`` in tests): health is judged
     at ``clock.seconds()`` and idle admin connections time out on it.
     """
-    resource = AdminResource(farm, listeners, upstreams, unit_name, token, clock, health, sessions)
+    resource = AdminResource(farm, listeners, upstreams, unit_name, token, clock, health, sessions, caches)
     site = Site(resource, requestFactory=AdminRequest, reactor=clock)
     site.displayTracebacks = False
     return site

@@ -74,6 +74,37 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DenyConfig:
+    """One ``[[listener.deny]]``: requests matching every given key get 403."""
+
+    name: str
+    network: tuple[str, ...] = ()
+    method: tuple[bytes, ...] = ()
+    path_prefix: str | None = None
+    path_regex: str | None = None
+    header: tuple[HeaderMatch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """``rate_limit = { requests_per_second, burst }``: a token bucket per client address."""
+
+    requests_per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """``cache = { max_bytes, max_object_bytes, default_ttl }`` of a pool."""
+
+    max_bytes: int = limits.CACHE_MAX_BYTES
+    max_object_bytes: int = limits.CACHE_MAX_OBJECT_BYTES
+    #: Freshness given to heuristically cacheable responses that state none
+    #: (RFC 9111 section 4.2.2); 0: such responses are not stored.
+    default_ttl: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     """One ``[[listener]]``: an endpoint, its routes and its client-side limits."""
 
@@ -96,6 +127,8 @@ class ListenerConfig:
     max_soap_attributes: int = limits.MAX_SOAP_ATTRIBUTES
     max_soap_name: int = limits.MAX_SOAP_NAME
     max_soap_header_text: int = limits.MAX_SOAP_HEADER_TEXT
+    deny: tuple[DenyConfig, ...] = ()
+    rate_limit: RateLimitConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +189,7 @@ class PoolConfig:
     balance: str = "tokens"
     check: CheckConfig | None = None
     agent_check: AgentCheckConfig | None = None
+    cache: CacheConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -441,6 +475,35 @@ def _methods(value: object) -> tuple[bytes, ...]:
     return tuple(method.upper().encode("ascii") for method in methods)
 
 
+def _networks(value: object) -> tuple[str, ...]:
+    """CIDRs (``"10.0.0.0/8"``, ``"2001:db8::/32"``) or addresses, in canonical form."""
+    items = [value] if isinstance(value, str) else value
+    if not (isinstance(items, list) and items and all(isinstance(i, str) for i in items)):
+        raise TypeError(_expected("a network or a non-empty array of networks", value))
+    networks = []
+    for item in items:
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError as exc:
+            raise ValueError(f"expected a network such as '10.0.0.0/8', got {item!r}: {exc}") from None
+    return tuple(networks)
+
+
+def _header_matches(value: object) -> list[Any]:
+    """A header name, a ``{ name, value }`` table, or an array of either."""
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(i, (str, dict)) for i in items):
+        raise TypeError(_expected("a header name, a table or a non-empty array of them", value))
+    return [{"name": i} if isinstance(i, str) else i for i in items]
+
+
+def _rate(value: object) -> float:
+    rate = _seconds()(value)  # a positive finite number
+    if rate > limits.RATE_LIMIT_MAX_RATE:
+        raise ValueError(f"must be at most {limits.RATE_LIMIT_MAX_RATE}, got {value}")
+    return rate
+
+
 def _replication(value: object) -> int | None:
     """Extra copies of each session atom, 0-16, or "full" (None: every unit)."""
     if value == "full":
@@ -567,6 +630,8 @@ _LISTENER: dict[str, _Convert] = {
     "max_soap_attributes": _integer(1, 10_000),
     "max_soap_name": _integer(64, 64 * limits.KiB),
     "max_soap_header_text": _integer(0, limits.MiB),
+    "deny": _array,
+    "rate_limit": _table,
 }
 
 _ROUTE: dict[str, _Convert] = {
@@ -582,6 +647,26 @@ _ROUTE: dict[str, _Convert] = {
 }
 
 _MATCH: dict[str, _Convert] = {"name": _token, "value": _field_value}
+
+_DENY: dict[str, _Convert] = {
+    "name": _name,
+    "network": _networks,
+    "method": _methods,
+    "path_prefix": _path_prefix,
+    "path_regex": _regex,
+    "header": _header_matches,
+}
+
+_RATE_LIMIT: dict[str, _Convert] = {
+    "requests_per_second": _rate,
+    "burst": _integer(1, limits.RATE_LIMIT_MAX_BURST),
+}
+
+_CACHE: dict[str, _Convert] = {
+    "max_bytes": _integer(1),
+    "max_object_bytes": _integer(1),
+    "default_ttl": _seconds(zero_ok=True),
+}
 
 _POOL: dict[str, _Convert] = {
     "hosts": _array,
@@ -600,6 +685,7 @@ _POOL: dict[str, _Convert] = {
     "balance": _choice("tokens", "percentage", "round_robin"),
     "check": _table,
     "agent_check": _table,
+    "cache": _table,
 }
 
 _CHECK: dict[str, _Convert] = {
@@ -741,7 +827,29 @@ class _Parser:
                         raise self.error(
                             f"{where}.route[{i}].{key}", 'needs the listener\'s protocol = "soap"'
                         )
+        listener["deny"] = tuple(
+            self.deny(rule, f"{where}.deny[{i}]", i) for i, rule in enumerate(listener.get("deny", []))
+        )
+        if "rate_limit" in listener:
+            listener["rate_limit"] = self.rate_limit(listener["rate_limit"], _join(where, "rate_limit"))
         return ListenerConfig(**listener)
+
+    def deny(self, value: object, where: str, index: int) -> DenyConfig:
+        rule = self.table(value, where, _DENY)
+        if rule.keys() <= {"name"}:
+            raise self.error(where, "a deny rule needs at least one of network, method, path_prefix, "
+                                    "path_regex, header")
+        if "header" in rule:
+            rule["header"] = tuple(
+                self.match(item, f"{where}.header[{i}]", True) for i, item in enumerate(rule["header"])
+            )
+        rule.setdefault("name", f"deny{index}")
+        return DenyConfig(**rule)
+
+    def rate_limit(self, value: object, where: str) -> RateLimitConfig:
+        table = self.table(value, where, _RATE_LIMIT, required=("requests_per_second",))
+        rate = table["requests_per_second"]
+        return RateLimitConfig(rate, table.get("burst", max(1, math.ceil(rate))))
 
     def route(self, value: object, where: str) -> RouteConfig:
         route = self.table(value, where, _ROUTE, required=("pool",))
@@ -784,7 +892,16 @@ class _Parser:
         if "agent_check" in pool:
             agent_check = self.table(pool["agent_check"], _join(where, "agent_check"), _AGENT_CHECK, ("port",))
             pool["agent_check"] = AgentCheckConfig(**agent_check)
+        if "cache" in pool:
+            pool["cache"] = self.cache(pool["cache"], _join(where, "cache"))
         return PoolConfig(name, tuple(hosts.values()), **pool)
+
+    def cache(self, value: object, where: str) -> CacheConfig:
+        cache = CacheConfig(**self.table(value, where, _CACHE))
+        if cache.max_object_bytes > cache.max_bytes:
+            raise self.error(_join(where, "max_object_bytes"),
+                             f"must not exceed max_bytes ({cache.max_bytes}), got {cache.max_object_bytes}")
+        return cache
 
     def host(self, entry: object, key: str) -> HostConfig:
         """An ``"ip:port"`` string or an ``{ address, weight }`` table."""

@@ -5,6 +5,7 @@
 
     nlbctl [--admin URL] [--token-file FILE] state [--json]
     nlbctl [--admin URL] [--token-file FILE] drain|activate|deactivate POOL HOST [--json]
+    nlbctl [--admin URL] [--token-file FILE] purge POOL PREFIX [--json]
 
 The admin URL comes from ``--admin``, else ``$NLBCTL_ADMIN``, else
 ``http://127.0.0.1:9901``; the bearer token from ``--token-file``, else
@@ -81,12 +82,17 @@ class AdminClient:
     def drop_session(self, pool: str, key: str) -> dict[str, Any]:
         return self._call("DELETE", f"/api/v1/pools/{quote(pool, safe='')}/sessions/{quote(key, safe='')}")
 
-    def _call(self, method: str, path: str, body: bytes | None = None) -> dict[str, Any]:
+    def purge(self, pool: str, prefix: str) -> dict[str, Any]:
+        path = f"/api/v1/pools/{quote(pool, safe='')}/cache/purge"
+        return self._call("POST", path, json.dumps({"prefix": prefix}).encode(), "application/json")
+
+    def _call(self, method: str, path: str, body: bytes | None = None,
+              content_type: str = "text/plain; charset=utf-8") -> dict[str, Any]:
         url = self.base + path
         request = urllib.request.Request(url, data=body, method=method)
         request.add_header("Accept", "application/json")
         if body is not None:
-            request.add_header("Content-Type", "text/plain; charset=utf-8")
+            request.add_header("Content-Type", content_type)
         if self.token is not None:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
@@ -228,6 +234,10 @@ def _parser() -> argparse.ArgumentParser:
                                help="forget session KEY of POOL: its next request is balanced anew")
     drop.add_argument("pool", metavar="POOL")
     drop.add_argument("key", metavar="KEY")
+    purge = commands.add_parser("purge", parents=[common, as_json],
+                                help="drop the cached responses of POOL whose path starts with PREFIX")
+    purge.add_argument("pool", metavar="POOL")
+    purge.add_argument("prefix", metavar="PREFIX", help="a path prefix such as /static/ (/ for all)")
     return parser
 
 
@@ -316,9 +326,18 @@ def _drop_session(client: AdminClient, args: argparse.Namespace, out: TextIO) ->
     return 0
 
 
+def _purge(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    if not args.prefix.startswith("/"):
+        raise UsageError(f"PREFIX must be a path starting with '/', got {args.prefix!r}")
+    answer = client.purge(args.pool, args.prefix)
+    text = f"purged {answer.get('purged', 0)} cached responses of {args.pool} under {args.prefix}"
+    print(json.dumps(answer, indent=2) if args.json else text, file=out)
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace, TextIO], int]] = {
     "state": _state, **dict.fromkeys(DIRECTIVE_COMMANDS, _directive),
-    "sessions": _sessions, "drop-session": _drop_session,
+    "sessions": _sessions, "drop-session": _drop_session, "purge": _purge,
 }
 
 

@@ -108,3 +108,22 @@ MAX_ADMIN_BODY = 64 * KiB
 #: Inactivity of an upgraded (WebSocket) connection before it is closed
 #: (HAProxy ``timeout tunnel``).
 TUNNEL_TIMEOUT = 3600.0
+
+# --- request filtering (per listener) ------------------------------------------
+#: Client addresses (IPv6: /64 networks) whose rate-limit buckets are held per
+#: listener; see :mod:`nlbproxy.filtering` for what happens past it.
+RATE_LIMIT_CLIENTS = 100_000
+#: Ceilings of ``rate_limit``'s keys, so that a typo cannot disable the limit.
+RATE_LIMIT_MAX_RATE = 1_000_000.0
+RATE_LIMIT_MAX_BURST = 1_000_000
+
+# --- response cache (per pool) -----------------------------------------------
+#: Bytes of responses (bodies, headers and bookkeeping) a pool's cache holds;
+#: the least recently used go first.
+CACHE_MAX_BYTES = 64 * MiB
+#: The largest response kept; a bigger one streams through and is not kept.
+CACHE_MAX_OBJECT_BYTES = 1 * MiB
+#: Variants (``Vary``) kept per URL; past it the least recently used goes.
+CACHE_MAX_VARIANTS = 16
+#: What one entry costs beyond its body and headers (objects, keys).
+CACHE_ENTRY_OVERHEAD = 512

@@ -74,10 +74,49 @@ class HostStats:
         return sum(self.responses)
 
 
+class FilterStats:
+    """Per listener: requests the filter refused (:mod:`nlbproxy.filtering`)."""
+
+    __slots__ = ("denied", "rate_limited", "clients", "overflow")
+
+    def __init__(self) -> None:
+        #: deny rule name -> requests it answered 403.
+        self.denied: dict[str, int] = {}
+        #: Requests answered 429.
+        self.rate_limited = 0
+        #: Client addresses with a rate-limit bucket now.
+        self.clients = 0
+        #: Requests charged to the shared bucket because the table was full.
+        self.overflow = 0
+
+
+class CacheStats:
+    """Per pool: what its response cache did (:mod:`nlbproxy.cache`)."""
+
+    __slots__ = ("hits", "misses", "stores", "evictions", "purged", "bytes", "entries", "too_big", "busy")
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.stores = 0
+        #: Entries dropped to make room (least recently used first).
+        self.evictions = 0
+        #: Entries dropped by purges and invalidations (unsafe methods).
+        self.purged = 0
+        #: Bytes held now (bodies, headers and bookkeeping).
+        self.bytes = 0
+        self.entries = 0
+        #: Cacheable responses streamed through unkept: over max_object_bytes.
+        self.too_big = 0
+        #: Cacheable responses streamed through unkept: the bodies being
+        #: collected already held max_bytes.
+        self.busy = 0
+
+
 class ListenerStats:
     """Per listener: connections and requests refused before reaching a pool."""
 
-    __slots__ = ("connections", "open_connections", "requests", "rejected", "routing_failures")
+    __slots__ = ("connections", "open_connections", "requests", "rejected", "routing_failures", "filter")
 
     def __init__(self) -> None:
         self.connections = 0
@@ -87,6 +126,7 @@ class ListenerStats:
         self.routing_failures = 0
         # status code -> count, for answers the unit made itself (4xx/5xx).
         self.rejected: dict[int, int] = {}
+        self.filter = FilterStats()
 
     def reject(self, status: int) -> None:
         self.rejected[status] = self.rejected.get(status, 0) + 1

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from nlbproxy.accesslog import FileAccessLog, LoggerAccessLog
 from nlbproxy.admin import make_admin_site
+from nlbproxy.cache import pool_caches
 from nlbproxy.classifier import Farm
 from nlbproxy.config import UnitConfig, format_host_port
 from nlbproxy.health.unitside import UnitHealth
@@ -68,9 +69,10 @@ class Unit(service.Service):
             self.access_log = LoggerAccessLog(config.log_format)
         elif config.access_log:
             self.access_log = FileAccessLog(config.access_log, config.log_format, reactor)
+        self.caches = pool_caches(config.pools.values(), reactor)
         self.listeners = {
             lc.name: Listener(lc, self.farm, self.upstreams, reactor, config.name, self.access_log,
-                              sessions=self.sessions)
+                              sessions=self.sessions, caches=self.caches)
             for lc in config.listeners
         }
         self.health = UnitHealth(config, self.farm, reactor, self.sessions)
@@ -93,7 +95,7 @@ class Unit(service.Service):
         site = make_admin_site(
             self.farm, {n: li.stats for n, li in self.listeners.items()}, self.upstreams,
             self.config.name, self.config.admin_token, self.reactor, health=self.health,
-            sessions=self.sessions,
+            sessions=self.sessions, caches=self.caches,
         )
         self.admin_port = self._listen(self.config.admin, site)
         try:

@@ -13,6 +13,10 @@ tested against a server it shares no code with.  Paths:
 - ``/status/CODE``: an empty answer with that status
 - ``/ws``: ``101 Switching Protocols`` on an Upgrade request, then echoes bytes
 - ``/login/ID``, ``/logout/ID``: set, or delete, the session cookie ``SID=ID``
+- ``/cached/ANY?cc=CACHE_CONTROL&vary=HEADER``: ``NAME N TARGET VALUE`` where N
+  counts the requests this server answered for TARGET and VALUE is the
+  request's HEADER; the answer carries ``Cache-Control`` and ``Vary`` as asked
+- ``/hits``: the counts of ``/cached/`` targets as JSON
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import hashlib
 import json
 import socket
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 PATTERN = bytes(range(256)) * 256  # 64 KiB
 
@@ -123,6 +129,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        elif parts[0] == "cached":
+            self._cached()
+        elif parts[0] == "hits":
+            with self.server.lock:  # type: ignore[attr-defined]
+                hits = dict(self.server.hits)  # type: ignore[attr-defined]
+            self._answer(200, json.dumps(hits).encode(), "application/json")
         elif parts[0] == "ws" and self.headers.get("Upgrade"):
             self.send_response(101)
             self.send_header("Upgrade", self.headers["Upgrade"])
@@ -138,6 +150,25 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         else:
             self._answer(200, f"{name} {self.command} {self.path}\n".encode())
+
+    def _cached(self) -> None:
+        query = parse_qs(urlsplit(self.path).query)
+        server = self.server
+        with server.lock:  # type: ignore[attr-defined]
+            count = server.hits.get(self.path, 0) + 1  # type: ignore[attr-defined]
+            server.hits[self.path] = count  # type: ignore[attr-defined]
+        vary = query.get("vary", [""])[0]
+        body = f"{server.name} {count} {self.path} {self.headers.get(vary, '') if vary else ''}\n".encode()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        if "cc" in query:
+            self.send_header("Cache-Control", query["cc"][0])
+        if vary:
+            self.send_header("Vary", vary)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     do_HEAD = do_GET
     do_DELETE = do_GET
@@ -161,6 +192,9 @@ class Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
         self.name = name
+        self.lock = threading.Lock()
+        #: /cached/ target -> requests answered.
+        self.hits: dict[str, int] = {}
 
 
 def main() -> None:

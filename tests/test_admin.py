@@ -133,6 +133,7 @@ class StateTests(SynchronousTestCase):
             "requests": 8,
             "connections": {"open": 5, "idle": 2},
             "sessions": 0,
+            "latency": {"count": 0, "p50": None, "p90": None, "p99": None},
         })
         self.assertEqual(web["hosts"]["10.0.0.2:80"]["weight"], 3)
         self.assertEqual(doc["pools"]["api"]["affinity"], "none")
@@ -240,7 +241,7 @@ class DirectiveTests(SynchronousTestCase):
 class RoutingTests(SynchronousTestCase):
     def test_unknown_paths(self) -> None:
         f = Fixture()
-        for path in ("/", "/api", "/api/v1/state/", "/api/v2/state", "/metrics/x",
+        for path in ("/index.html", "/status/", "/api", "/api/v1/state/", "/api/v2/state", "/metrics/x",
                      "/api/v1/pools/web/hosts/10.0.0.1:80"):
             code, doc = call_json(f.resource, b"GET", path)
             self.assertEqual(code, 404, path)

@@ -32,21 +32,23 @@ or refused), 503 (no host, queue full) or 504 (timed out).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import h11
 from twisted.internet.defer import Deferred
 from twisted.internet.defer import TimeoutError as defer_TimeoutError
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import connectionDone, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nlbproxy import limits
+from nlbproxy.cache import CacheRequest, Filling, Hit, ResponseCache
 from nlbproxy.classifier import Farm, Host, Pool
 from nlbproxy.config import ListenerConfig
+from nlbproxy.filtering import RequestFilter
 from nlbproxy.flow import Deadline, Pauser
 from nlbproxy.metrics import ListenerStats
 from nlbproxy.routers import headers as hdrs
@@ -79,7 +81,8 @@ _STATUS_FOR_FAILURE = {
 
 _REASONS = {
     400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed", 408: b"Request Timeout",
-    413: b"Content Too Large", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
+    413: b"Content Too Large", 414: b"URI Too Long", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
@@ -100,6 +103,7 @@ class Listener:
         access_log: AccessLogger | None = None,
         scheme: bytes = b"http",
         sessions: SessionTracker | None = None,
+        caches: Mapping[str, ResponseCache] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -110,9 +114,12 @@ class Listener:
         self.upstreams = upstreams
         self.reactor = reactor
         self.stats = ListenerStats()
+        self.filter = RequestFilter.for_listener(config, reactor, self.stats.filter)
         self.access_log = access_log
         self.scheme = scheme
         self.sessions = sessions
+        #: Response caches by pool name (pools with ``cache``), shared by listeners.
+        self.caches: Mapping[str, ResponseCache] = caches if caches is not None else {}
         self.via = b"1.1 " + unit_name.encode("ascii", "replace")
         self.connections: set[ClientConnection] = set()
         self.stopping = False
@@ -290,6 +297,15 @@ class ClientConnection(Protocol):
         if max_body and content_length > max_body:
             self.local_response(413, b"request body too large\n")
             return
+        if listener.filter is not None:
+            verdict = listener.filter.check(self.client_ip, method, request.target, hdrs.pairs(fields))
+            if verdict is not None:
+                if not (chunked or content_length > 0):
+                    # A bodiless request's end is there already: taking it
+                    # keeps the connection (a 429 is retried on it).
+                    self.h11.next_event()
+                self.local_response(verdict.status, verdict.body, headers=verdict.headers)
+                return
         has_body = chunked or content_length > 0
         self.phase = _BODY if has_body else _WAIT
         if has_body:
@@ -445,6 +461,32 @@ class ClientConnection(Protocol):
             self.deadline.cancel()
 
 
+@implementer(IPushProducer)
+class _HitWriter:
+    """Registered with the client's transport while a cache hit is written:
+    a full send buffer pauses it, and the exchange ends once it drains, so a
+    client that pipelines requests for cached responses and does not read
+    them makes the unit hold one response, not one per request."""
+
+    __slots__ = ("exchange", "paused")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange: Exchange | None = exchange
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        exchange = self.exchange
+        if self.paused and exchange is not None:
+            self.exchange = None
+            exchange.hit_written()
+
+    def stopProducing(self) -> None:
+        self.exchange = None
+
+
 class Exchange:
     """One request and its response, from routing to the last byte."""
 
@@ -453,7 +495,7 @@ class Exchange:
         "has_body", "request_complete", "body_bytes", "body_forwarded", "pending", "pending_bytes",
         "response_started", "response_complete", "status", "bytes_sent", "set_cookie",
         "cancelled", "queue_timer", "sent_end", "session", "upgrade", "prefix_wanted", "affinity_key",
-        "routing",
+        "routing", "cached", "filling",
     )
 
     def __init__(
@@ -498,6 +540,9 @@ class Exchange:
         self.affinity_key: bytes | None = None
         #: A routing decision still to come (a plugin answering later).
         self.routing: Deferred[Decision] | None = None
+        #: What the pool's cache may do with this exchange, and the response being kept.
+        self.cached: CacheRequest | None = None
+        self.filling: Filling | None = None
 
     # -- routing ---------------------------------------------------------------------
     def decide(self) -> None:
@@ -567,6 +612,9 @@ class Exchange:
 
     # -- choosing a host ---------------------------------------------------------
     def start(self) -> None:
+        cache = self.client.listener.caches.get(self.pool.name)
+        if cache is not None and self._from_cache(cache):
+            return
         pool = self.pool
         affinity = pool.config.affinity
         sessions = self.client.listener.sessions
@@ -580,6 +628,51 @@ class Exchange:
                 self._session_found(*found)
                 return
         self._start_with(self._classify())
+
+    def _from_cache(self, cache: ResponseCache) -> bool:
+        """Answer from the cache if it holds a fresh response; True if it did."""
+        request = self.request
+        cached = cache.request(request.method, request.target, self.fields, self.has_body or self.upgrade is not None)
+        if cached is None:
+            return False
+        hit = cached.get()
+        if hit is None:
+            self.cached = cached
+            return False
+        self._send_hit(hit, cached.head)
+        return True
+
+    def _send_hit(self, hit: Hit, head: bool) -> None:
+        client = self.client
+        self.status = hit.status
+        self.response_started = True
+        headers = hit.headers
+        if client.closing or client.requests >= client.config.max_requests_per_connection:
+            headers.append((b"connection", b"connection", b"close"))
+        # A hit is written whole; the writer tells whether that filled the
+        # client's send buffer, and then the next (pipelined) request waits.
+        writer = _HitWriter(self)
+        client.transport.registerProducer(writer, True)
+        client.send(_Response(status_code=hit.status, headers=hdrs.wrap(headers), reason=hit.reason, _parsed=True))
+        if hit.body and not head:
+            client.send(_Data(data=hit.body))
+            self.bytes_sent = len(hit.body)
+        client.send(_EndOfMessage())
+        if writer.paused:
+            client.phase = _RESPONSE
+            client.deadline.set(client.config.client_timeout)
+        else:
+            self.hit_written()
+
+    def hit_written(self) -> None:
+        """The hit's bytes left for the client (or fit its send buffer)."""
+        client = self.client
+        client.transport.unregisterProducer()
+        self.response_complete = True
+        self.logged(client.listener)
+        if self.request_complete:
+            client.exchange_done()
+        # else the request's end, which h11 hands out next, ends the exchange
 
     def _session_found(self, host: Host | None, known: bool) -> None:
         if self.cancelled:
@@ -745,6 +838,8 @@ class Exchange:
     def upstream_data(self, data: bytes) -> None:
         self.bytes_sent += len(data)
         self.client.send(_Data(data=data))
+        if self.filling is not None and not self.filling.add(data):
+            self.filling = None
 
     def upstream_head(self, conn: UpstreamConnection, head: Head) -> None:
         client = self.client
@@ -765,6 +860,9 @@ class Exchange:
         headers, ambiguous = hdrs.response_headers(head.headers, client.listener.via, False)
         if ambiguous:
             conn.reusable = False
+        if self.cached is not None:
+            # Before the per-client headers below: those are not stored.
+            self.filling = self.cached.admit(status, head.reason, headers, self.started)
         if self.set_cookie is not None:
             headers.append((b"set-cookie", b"set-cookie", self.set_cookie))
         if client.closing or client.requests >= client.config.max_requests_per_connection:
@@ -780,6 +878,8 @@ class Exchange:
 
     def upstream_end(self, conn: UpstreamConnection, trailers: list[hdrs.Field]) -> None:
         client = self.client
+        if self.filling is not None:
+            self._keep(trailers)
         if trailers and client.h11.their_http_version == b"1.1":
             # Only a chunked body carries trailers; an HTTP/1.0 client gets a
             # read-until-close body, and h11 refuses to send them.
@@ -787,6 +887,16 @@ class Exchange:
         else:
             client.send(_EndOfMessage())
         self._response_done(conn)
+
+    def _keep(self, trailers: list[hdrs.Field]) -> None:
+        """The response is complete: the cache stores it."""
+        filling = self.filling
+        assert filling is not None
+        self.filling = None
+        if trailers:
+            filling.drop()  # trailers are not stored, so neither is their response
+        else:
+            filling.finish()
 
     def _learn_session(self, headers: list[hdrs.Field]) -> None:
         """The application set or cleared its session cookie: follow it."""
@@ -872,6 +982,9 @@ class Exchange:
             return
         if host is not None:
             host.stats.errors[kind] = host.stats.errors.get(kind, 0) + 1
+        if self.filling is not None:
+            self.filling.drop()
+            self.filling = None
         if self.response_started:
             # Too late for a clean answer: the client must see the failure.
             log.info("host {host} failed mid-response: {kind} {detail}", host=host, kind=kind, detail=detail)
@@ -914,6 +1027,9 @@ class Exchange:
         self.cancelled = True
         if self.routing is not None:
             self.routing.cancel()
+        if self.filling is not None:
+            self.filling.drop()
+            self.filling = None
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
