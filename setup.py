@@ -24,6 +24,7 @@ setup(
             "pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "ruff", "mypy", "mypy-zope", "selenium>=4.20",
             # real SOAP services and client for the SOAP router's end-to-end tests
             "spyne>=2.14", "zeep>=4.2", "lxml>=5",
+            "selenium>=4.20",
         ],
         "bench": ["pyinstrument"],
     },

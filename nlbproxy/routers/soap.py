@@ -22,6 +22,13 @@ Reading a request, in two places:
   ``read_request(headers, prefix, complete)`` returns a :class:`SoapCall`
   (version, effective action, operation, WS-Addressing fields) or None.
 
+A routing plugin on a ``protocol = "soap"`` listener finds the call already
+read in ``view.soap`` (:class:`nlbproxy.routing.RequestView`); elsewhere it
+asks for a body prefix of at least ``SnifferLimits().max_prefix`` bytes and
+calls ``read_request(view.headers, view.body, view.body_complete)`` itself,
+turning a :class:`SoapError` into ``Refusal(fault.status, fault.body,
+fault.headers)`` with ``fault = error.fault()``.
+
 Anything wrong raises :class:`SoapError`, which carries the fault code, a
 reason and the SOAP version when it is known; ``error.fault()`` builds the
 answer.  :func:`build_fault` builds a SOAP 1.1 or 1.2 Fault (a
