@@ -74,3 +74,49 @@ class Background:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+class UnitDriver:
+    """The unit's end of the handoff channel over a blocking socket, for tests
+    that play the unit themselves."""
+
+    def __init__(self, address: tuple[str, int], secret: bytes) -> None:
+        from nlbproxy.handoff.wire import Channel
+
+        self.channel = Channel("unit", secret)
+        self.sock = socket.create_connection(address, timeout=IO_TIMEOUT)
+        self.sock.sendall(self.channel.hello())
+        while not self.channel.ready:
+            self._pump()
+        self.next_id = 1
+
+    def _pump(self) -> list[Any]:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("the agent closed the channel")
+        reply, messages = self.channel.receive(data)
+        if reply:
+            self.sock.sendall(reply)
+        return messages
+
+    def handoff(self, pool: str, endpoint: str, blob: bytes) -> Any:
+        """Send a HANDOFF and return the agent's RESULT."""
+        from nlbproxy.handoff.wire import Handoff, Result
+
+        id_, self.next_id = self.next_id, self.next_id + 1
+        self.sock.sendall(self.channel.send(Handoff(id_, pool, endpoint, blob)))
+        while True:
+            for message in self._pump():
+                if isinstance(message, Result) and message.id == id_:
+                    return message
+
+    def commit(self, id_: int) -> None:
+        from nlbproxy.handoff.wire import Commit
+
+        self.sock.sendall(self.channel.send(Commit(id_)))
+
+    def receive(self) -> list[Any]:
+        return self._pump()
+
+    def close(self) -> None:
+        self.sock.close()
