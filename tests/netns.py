@@ -27,9 +27,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "nlbt"
 # Namespace names read "<PREFIX><pid>x<counter><role>"; the pid lets a sweep tell
 # a dead run's leftovers from a live run's namespaces.
@@ -212,6 +214,10 @@ class Node:
                 "sys.stdout.write(data.hex())\n")
         return bytes.fromhex(self.python(code, timeout=timeout + 10).stdout.strip())
 
+    def worker(self) -> Worker:
+        """A Python process in this namespace that runs snippets on request."""
+        return Worker(self)
+
     def sysctl(self, key: str, value: str | int) -> None:
         self.run(["sysctl", "-q", "-w", f"{key}={value}"])
 
@@ -249,6 +255,73 @@ class Node:
         for key, on in features.items():
             args += [key.replace("_", "-"), "on" if on else "off"]
         self.run(["ethtool", "-K", ifname or self.ifname, *args])
+
+
+_WORKER = r"""
+import json, os, sys, traceback
+reply = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)  # the snippets' prints must not corrupt the replies
+env = {"__name__": "__worker__"}
+for line in sys.stdin:
+    request = json.loads(line)
+    try:
+        if request["op"] == "exec":
+            exec(request["src"], env)
+            value = None
+        else:
+            value = eval(request["src"], env)
+        out = {"ok": True, "value": value}
+    except BaseException:
+        out = {"ok": False, "error": traceback.format_exc()}
+    reply.write(json.dumps(out, default=repr) + "\n")
+    reply.flush()
+"""
+
+
+class Worker:
+    """A persistent Python process inside a node's namespace.
+
+    Code that must run in the namespace's network stack in-process (a
+    forwarder, libnftables) runs here: ``exec`` runs statements and ``eval``
+    returns an expression's JSON-able value.  Errors come back as the child's
+    traceback in a RuntimeError.  The topology kills it at teardown.
+    """
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
+        self.proc = node.popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, bufsize=1,
+                               env=dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1"))
+
+    def _call(self, op: str, src: str) -> Any:
+        import json
+
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"op": op, "src": src}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"[{self.node.name}] worker exited {self.proc.wait(5)}")
+        out = json.loads(line)
+        if not out["ok"]:
+            raise RuntimeError(f"[{self.node.name}] worker error:\n{out['error']}")
+        return out["value"]
+
+    def exec(self, src: str) -> None:
+        self._call("exec", src)
+
+    def eval(self, src: str) -> Any:
+        return self._call("eval", src)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 class Topology:
