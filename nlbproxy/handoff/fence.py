@@ -180,11 +180,13 @@ class NftCommand:
 
 def open_backend(prefer: str = "libnftables") -> LibNftables | NftCommand:
     """The library when installed, else the command; FenceUnavailable if neither."""
-    order = [LibNftables, NftCommand] if prefer == "libnftables" else [NftCommand, LibNftables]
+    makers: list[type[LibNftables] | type[NftCommand]] = [LibNftables, NftCommand]
+    if prefer != "libnftables":
+        makers.reverse()
     reasons = []
-    for cls in order:
+    for maker in makers:
         try:
-            return cls()
+            return maker()
         except FenceUnavailable as e:
             reasons.append(str(e))
     raise FenceUnavailable("; ".join(reasons))
