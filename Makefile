@@ -9,12 +9,15 @@ TRIAL_MODULES = tests.test_config tests.test_metrics tests.test_router tests.tes
 	tests.test_routing tests.test_classifier tests.test_flow tests.test_admin \
 	tests.test_health_codec tests.test_health_table tests.test_health_agent tests.test_agent_config \
 	tests.test_health_cache tests.test_allotment tests.test_dam tests.test_session_agent tests.test_session_tracker \
-	tests.test_handoff_state tests.test_handoff_wire
+	tests.test_handoff_state tests.test_handoff_wire tests.test_handoff_routes tests.test_handoff_fence
 
 # System packages the tests drive as real clients and servers.
 deps:
 	@command -v curl >/dev/null && command -v wrk >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl wrk >/dev/null; }
+	@# The handoff fence: libnftables in-process, the nft command as fallback and for tests.
+	@command -v nft >/dev/null && ldconfig -p | grep -q libnftables.so.1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnftables1 nftables >/dev/null; }
 
 install:
 	$(PIP_INSTALL) -e '.[test]' --config-settings editable_mode=compat

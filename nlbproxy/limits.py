@@ -83,3 +83,26 @@ MAX_ADMIN_BODY = 64 * KiB
 #: Inactivity of an upgraded (WebSocket) connection before it is closed
 #: (HAProxy ``timeout tunnel``).
 TUNNEL_TIMEOUT = 3600.0
+
+# --- handoff forwarder (routes of handed-off connections) ------------------------
+#: Forwarding routes (handed-off connections) one unit keeps; past it a new
+#: handoff is refused (the request is proxied instead).
+MAX_ROUTES = 262_144
+#: Client packets held for one fenced flow between fence and commit (the
+#: recipe saw 1-3 in practice); past either bound a packet is dropped and
+#: counted, and the client's TCP retransmits it.
+FENCE_MAX_PACKETS = 64
+FENCE_MAX_BYTES = 256 * KiB
+#: Bytes held for all fenced flows together.
+FENCE_TOTAL_BYTES = 32 * MiB
+#: A flow fenced this long without a commit is dropped from the table (the
+#: handoff failed; the unit resets the client).
+FENCE_TIMEOUT = 5.0
+#: After the client's FIN, the route lives this long unless the host's agent
+#: reports the end first (a backstop: the client's last ACKs and a retransmitted
+#: FIN still need it).
+CLOSING_TIMEOUT = 60.0
+#: After the client's RST, the route lives this long.
+RESET_TIMEOUT = 5.0
+#: A committed route without a client packet for this long is deleted.
+ROUTE_IDLE_TIMEOUT = 3600.0
