@@ -1,8 +1,11 @@
-"""A Twisted application that adopts handed-off connections: ``python -m tests.handoff_app PATH``.
+"""A Twisted application that adopts handed-off connections:
+``python -m tests.handoff_app PATH [IP:PORT]``.
 
 It listens at the Unix socket PATH with :func:`nlbproxy.handoff.adopt.listen_adopting`
 and answers every HTTP/1.1 request line it reads (pipelining included) with
 ``adopted PATH-OF-REQUEST``; ``/bytes/N`` answers N bytes of the backend's pattern.
+With IP:PORT it also listens there for connections proxied to it the usual
+way, and answers them ``direct PATH-OF-REQUEST``.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from tests.backend import pattern_bytes
 
 
 class Answer(Protocol):
-    def __init__(self) -> None:
+    def __init__(self, how: bytes = b"adopted") -> None:
         self.buffer = b""
+        self.how = how
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -28,12 +32,15 @@ class Answer(Protocol):
             if path.startswith(b"/bytes/"):
                 body = pattern_bytes(int(path[7:]))
             else:
-                body = b"adopted " + path
+                body = self.how + b" " + path
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
 
 def main() -> None:
     listen_adopting(reactor, sys.argv[1], Factory.forProtocol(Answer))
+    if len(sys.argv) > 2:
+        ip, port = sys.argv[2].rsplit(":", 1)
+        reactor.listenTCP(int(port), Factory.forProtocol(lambda: Answer(b"direct")), interface=ip)  # type: ignore[attr-defined]
     print("ready", flush=True)
     reactor.run()  # type: ignore[attr-defined]
 

@@ -257,12 +257,15 @@ class _Peeking(Protocol):
         if not data:
             self.fall_back("closed")
             return
+        # The peek may hold the start of the body (or pipelined requests)
+        # after the head: only a head that is still incomplete past the
+        # limit is refused (the router answers it 431).
         peeked = peek_request(data, limit)
-        if peeked.invalid or len(data) > limit:
-            self.fall_back("invalid")
-        elif peeked.request is not None:
+        if peeked.request is not None:
             self._unwatch()
             self._route(peeked.request)
+        elif peeked.invalid or len(data) > limit:
+            self.fall_back("invalid")
         else:
             # Not readable again until one more byte than we have arrives.
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data) + 1)
