@@ -108,6 +108,22 @@ def test_twisted_application_adopts_the_connection(farm: HandoffFarm) -> None:
     assert curl(farm, f"http://{VIP}/adopt/one", f"http://{VIP}/adopt/two") == "adopted /adopt/oneadopted /adopt/two"
 
 
+def test_failed_injection_resets_the_client_and_is_counted(farm: HandoffFarm) -> None:
+    # Without the VIP on h2 the agent cannot bind the restored connection.
+    h2 = farm.hosts["h2"]
+    h2.run(["ip", "addr", "del", f"{VIP}/32", "dev", "lo"])
+    try:
+        before = farm.unit_stats()
+        done = farm.client.run(["curl", "-sS", "--max-time", "20", f"http://{VIP}/adopt/x"], check=False, timeout=30)
+        assert done.returncode == 56 and "reset" in done.stderr.lower(), done  # 56: receive failure
+        after = farm.unit_stats()
+        assert after["failed"].get("refused", 0) == before["failed"].get("refused", 0) + 1
+        assert after["log"][-2:] == ["fence", "unfence"]
+    finally:
+        h2.run(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
+    assert curl(farm, f"http://{VIP}/adopt/again") == "adopted /adopt/again"
+
+
 def test_zz_agent_gone_falls_back_to_proxying(farm: HandoffFarm) -> None:
     # Last in the module: it stops h2's agent.
     farm.stop_agent("h2")
