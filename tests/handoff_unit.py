@@ -32,8 +32,8 @@ def main() -> None:
             latency = s.latency
             print("handoff-stats " + json.dumps({
                 "handed_off": s.handed_off, "fell_back": dict(s.fell_back), "failed": dict(s.failed),
-                "ended": s.ended, "log": [kind for kind, _ in plumbing.log],
-                "latency_sum": latency.total, "latency_count": latency.count,
+                "ended": s.ended, "log": [kind for kind, _ in plumbing.log[-8:]],
+                "latency_sum": latency.total, "latency_count": latency.count, "recent": list(s.recent),
             }), flush=True)
 
     signal.signal(signal.SIGUSR1, lambda *a: reactor.callFromThread(stats))  # type: ignore[attr-defined]

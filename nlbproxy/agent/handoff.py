@@ -167,6 +167,7 @@ class HandoffReceiver:
                 return
             assert app.bridge_to is not None
             server = socket.create_connection(app.bridge_to, timeout=BRIDGE_CONNECT_TIMEOUT)
+            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             reset(sock)
             self.reactor.callFromThread(self._failed, app, exc)

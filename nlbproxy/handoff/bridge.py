@@ -31,7 +31,6 @@ __all__ = ["PIPE_SIZE", "Bridge"]
 PIPE_SIZE = 1024 * 1024
 _F_SETPIPE_SZ = 1031
 _SPLICE_F_MOVE = 1
-_SPLICE_F_MORE = 4
 
 
 class Bridge:
@@ -47,8 +46,11 @@ class Bridge:
         self.error: BaseException | None = None
         self._left = 2
         self._lock = threading.Lock()
-        client.setblocking(True)
-        server.setblocking(True)
+        for sock in (client, server):
+            sock.setblocking(True)
+            # A relay forwards what it has at once: with Nagle a small write
+            # (the PROXY header, a request) waits for the peer's delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def start(self) -> None:
         for index, (source, sink) in enumerate(((self.client, self.server), (self.server, self.client))):
@@ -62,14 +64,15 @@ class Bridge:
                 fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
                 pass  # above /proc/sys/fs/pipe-max-size: the default pipe works too
-            flags = _SPLICE_F_MOVE | _SPLICE_F_MORE
             while True:
-                n = os.splice(source.fileno(), write_end, PIPE_SIZE, flags=flags)
+                n = os.splice(source.fileno(), write_end, PIPE_SIZE, flags=_SPLICE_F_MOVE)
                 if n == 0:
                     sink.shutdown(socket.SHUT_WR)
                     break
                 while n:
-                    sent = os.splice(read_end, sink.fileno(), n, flags=flags)
+                    # No SPLICE_F_MORE: it corks the socket, and the last
+                    # bytes of a response would wait for the 200 ms cork timer.
+                    sent = os.splice(read_end, sink.fileno(), n, flags=_SPLICE_F_MOVE)
                     n -= sent
                     self.moved[index] += sent
         except OSError as exc:

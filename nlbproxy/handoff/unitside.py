@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol as TypingProtocol
@@ -151,8 +151,16 @@ class Plumbing(TypingProtocol):
 # -- I/O -------------------------------------------------------------------------------
 
 
+#: Handoff latencies kept for medians (the histogram has only its buckets).
+RECENT_LATENCIES = 1024
+
+
 class HandoffStats:
-    """Counters of one unit's handoffs (``failed`` reset the client)."""
+    """Counters of one unit's handoffs (``failed`` reset the client).
+
+    ``latency`` is the critical path, from the complete request head to the
+    committed route (the client's next segment reaches the host from then on).
+    """
 
     def __init__(self) -> None:
         self.handed_off = 0
@@ -160,6 +168,7 @@ class HandoffStats:
         self.failed: Counter[str] = Counter()
         self.ended = 0
         self.latency = Histogram()
+        self.recent: deque[float] = deque(maxlen=RECENT_LATENCIES)
 
 
 class HandoffUnit:
@@ -333,7 +342,9 @@ class _Peeking(Protocol):
         link.commit(id_)
         stats = self.unit.stats
         stats.handed_off += 1
-        stats.latency.observe(self.unit.clock() - self.started)
+        elapsed = self.unit.clock() - self.started
+        stats.latency.observe(elapsed)
+        stats.recent.append(elapsed)
 
     def _lost(self, failure: Failure) -> None:
         log.warn("handoff of {flow} failed: {why}", flow=self.flow, why=failure.getErrorMessage())
