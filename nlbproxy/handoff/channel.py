@@ -73,6 +73,10 @@ class ChannelProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.connected_ = True
+        # Messages are small and each is on a client's critical path: with
+        # Nagle a HANDOFF written while the previous COMMIT is unacknowledged
+        # would wait for the agent's delayed ACK (up to 40 ms).
+        self.transport.setTcpNoDelay(True)
         self._timeout = self.reactor.callLater(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
         if self.channel.role == "unit":
             self.transport.write(self.channel.hello())
