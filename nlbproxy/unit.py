@@ -160,6 +160,8 @@ class Unit(service.Service):
                 break
             yield deferLater(self.reactor, DRAIN_POLL_INTERVAL, lambda: None)
         self.upstreams.close_idle()
+        if self.handoff is not None:
+            self.handoff.close()
         yield self.health.stop()
         self.sessions.stop()
         if self.dam_service is not None and self.dam_service.running:

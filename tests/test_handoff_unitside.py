@@ -13,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy.classifier import Farm
 from nlbproxy.config import RouteConfig
-from nlbproxy.handoff.unitside import Peeked, choose, peek_request
+from nlbproxy.handoff.unitside import HandoffStats, Peeked, choose, peek_request
+from nlbproxy.metrics import PrometheusWriter
 from nlbproxy.routing import RouteTable
 from tests.fakes import SECRET, pool
 
@@ -76,3 +77,18 @@ class ChooseTests(SynchronousTestCase):
             host.operator_directive = "inactive"
             host.refresh_directive()
         self.assertIsNone(choose(listener, self.request(b"/api"), "10.0.0.2"))  # type: ignore[arg-type]
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_counters_render(self) -> None:
+        stats = HandoffStats()
+        stats.handed_off = 3
+        stats.fell_back["agent_unavailable"] += 2
+        stats.failed["refused"] += 1
+        stats.latency.observe(0.0007)
+        w = PrometheusWriter()
+        stats.write_metrics(w)
+        text = w.render()
+        for line in ("nlbproxy_handoff_total 3", 'nlbproxy_handoff_fallback_total{reason="agent_unavailable"} 2',
+                     'nlbproxy_handoff_failed_total{reason="refused"} 1', "nlbproxy_handoff_duration_seconds_count{} 1"):
+            self.assertIn(line, text)

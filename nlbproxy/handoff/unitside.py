@@ -57,7 +57,7 @@ from nlbproxy.handoff import repair
 from nlbproxy.handoff.channel import AgentLink, AgentUnavailable
 from nlbproxy.handoff.state import encode
 from nlbproxy.handoff.wire import Ended, Result
-from nlbproxy.metrics import Histogram
+from nlbproxy.metrics import Histogram, PrometheusWriter
 from nlbproxy.routers import headers as hdrs
 
 __all__ = [
@@ -169,6 +169,20 @@ class HandoffStats:
         self.ended = 0
         self.latency = Histogram()
         self.recent: deque[float] = deque(maxlen=RECENT_LATENCIES)
+
+    def write_metrics(self, w: PrometheusWriter) -> None:
+        """Add the counters to ``GET /metrics`` (``nlbproxy_handoff_*``)."""
+        w.add("nlbproxy_handoff_total", "counter", "Connections handed off to a host.", self.handed_off)
+        for reason, count in sorted(self.fell_back.items()):
+            w.add("nlbproxy_handoff_fallback_total", "counter",
+                  "Connections of handoff listeners proxied instead, by reason.", count, reason=reason)
+        for reason, count in sorted(self.failed.items()):
+            w.add("nlbproxy_handoff_failed_total", "counter",
+                  "Handoffs that failed after the dump; the client was reset.", count, reason=reason)
+        w.add("nlbproxy_handoff_ended_total", "counter", "Handed-off connections their host reported ended.",
+              self.ended)
+        w.add_histogram("nlbproxy_handoff_duration_seconds",
+                        "From the complete request head to the committed route.", self.latency)
 
 
 class HandoffUnit:
