@@ -15,6 +15,9 @@ TRIAL_MODULES = tests.test_config tests.test_metrics tests.test_router tests.tes
 deps:
 	@command -v curl >/dev/null && command -v wrk >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl wrk >/dev/null; }
+	@# The handoff end-to-end tests drive a real, unmodified nginx on the hosts.
+	@command -v nginx >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
 	@# The handoff fence: libnftables in-process, the nft command as fallback and for tests.
 	@command -v nft >/dev/null && ldconfig -p | grep -q libnftables.so.1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnftables1 nftables >/dev/null; }
