@@ -41,7 +41,7 @@ import re
 import struct
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from nlbproxy import limits
@@ -132,16 +132,19 @@ _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 class Via:
     """Where a flow's packets go: the host, and how to reach it.
 
-    With ``flow_id`` the packets are tunnelled (:mod:`.tunnel`); otherwise
-    their destination MAC becomes ``host_mac`` and they leave by ``ifname``.
-    ``host`` names the host for inventories and bulk deletes (its agent's
-    address, for instance "10.0.1.7").
+    Their destination MAC becomes ``host_mac`` (the host's, or the next
+    router's when tunnelling) and they leave by ``ifname``.  With ``flow_id``
+    the packets are also tunnelled (:mod:`.tunnel`) and ``host`` must be the
+    host's IP address; otherwise ``host`` just names the host for inventories
+    and bulk deletes (its address, for instance "10.0.1.7").
     """
 
     host: str
     host_mac: str
     ifname: str = ""
     flow_id: int | None = None
+    #: ``host_mac`` as 6 bytes, computed once: the forwarder writes it into every frame.
+    mac_bytes: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.host or len(self.host.encode()) > 64 or " " in self.host:
@@ -150,12 +153,12 @@ class Via:
         if not _MAC.match(mac):
             raise ValueError(f"host_mac {self.host_mac!r} is not a MAC address")
         object.__setattr__(self, "host_mac", mac)
-        if self.flow_id is not None and not 0 <= self.flow_id < 1 << 32:
-            raise ValueError(f"flow_id {self.flow_id!r} is not a 32-bit number")
-
-    @property
-    def mac_bytes(self) -> bytes:
-        return bytes.fromhex(self.host_mac.replace(":", ""))
+        object.__setattr__(self, "mac_bytes", bytes.fromhex(mac.replace(":", "")))
+        if self.flow_id is not None:
+            if not 0 <= self.flow_id < 1 << 32:
+                raise ValueError(f"flow_id {self.flow_id!r} is not a 32-bit number")
+            # A tunnelled packet's destination is the host's own address.
+            ipaddress.ip_address(self.host)
 
 
 class State(enum.Enum):
@@ -171,10 +174,12 @@ class Verdict(enum.Enum):
     FORWARD = "forward"
     BUFFERED = "buffered"
     DROP = "drop"
+    #: Not a handed-off flow: the unit's own traffic, left to its kernel.
+    PASS = "pass"
 
 
-#: Why a packet was dropped; each is a counter ``drop_<reason>``.
-DROP_REASONS = ("no_route", "buffer_full", "malformed", "send_error")
+#: Why the forwarder dropped a packet; each is a counter ``drop_<reason>``.
+DROP_REASONS = ("buffer_full", "malformed", "send_error", "no_interface", "no_tunnel")
 
 # TCP flag bits the table cares about.
 FIN = 0x01
@@ -366,14 +371,14 @@ class RouteTable:
 
     # --- the forwarder's calls --------------------------------------------------------
 
-    def packet(self, packed: bytes, frame: bytes, flags: int) -> tuple[Verdict, Route | None]:
+    def packet(self, packed: bytes, frame: bytes | bytearray | memoryview, flags: int) -> tuple[Verdict, Route | None]:
         """One client packet of flow ``packed`` (see :attr:`FlowKey.packed`)
         with TCP ``flags``: forward it (to the returned route's ``via``),
-        or it was buffered, or dropped (counted by reason)."""
+        or it was buffered, or dropped (counted by reason), or it is not a
+        handed-off flow's (PASS)."""
         route = self._routes.get(packed)
         if route is None:
-            self.stats["drop_no_route"] += 1
-            return Verdict.DROP, None
+            return Verdict.PASS, None
         state = route.state
         size = len(frame)
         if state is State.FENCED:
@@ -382,7 +387,8 @@ class RouteTable:
                     or self.buffered_bytes + size > self.fence_total_bytes):
                 self.stats["drop_buffer_full"] += 1
                 return Verdict.DROP, route
-            route.buffer.append(frame)
+            # The caller's buffer is reused for the next frame: keep a copy.
+            route.buffer.append(bytes(frame))
             route.buffered_bytes += size
             self.buffered_bytes += size
             self.stats["buffered_packets"] += 1
@@ -393,8 +399,7 @@ class RouteTable:
             # 4-tuple: it belongs to the unit's listener, not to the old host.
             self._drop(route)
             self.stats["deleted_reused"] += 1
-            self.stats["drop_no_route"] += 1
-            return Verdict.DROP, None
+            return Verdict.PASS, None
         route.packets += 1
         route.bytes += size
         self.stats["packets"] += 1
