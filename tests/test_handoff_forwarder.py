@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nlbproxy.handoff.forwarder import PACKET_HOST, PACKET_OUTGOING, Forwarder, PacketPort
+from nlbproxy.handoff.forwarder import PACKET_HOST, PACKET_OUTGOING, Forwarder, PacketPort, to_tun_header
 from nlbproxy.handoff.packets import (
     NOT_TCP, VNET_HDR_LEN, Malformed, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
     tcp_checksum,
@@ -165,6 +165,13 @@ class ForwarderTests(SynchronousTestCase):
         data = bytearray(VNET + frame())
         self.assertIsNone(fwd.frame(data, len(data)))
         self.assertEqual(fwd.metrics()["drops"], {"no_interface": 1})
+
+
+class TunHeaderTests(SynchronousTestCase):
+    def test_offsets_lose_the_ethernet_header(self) -> None:
+        vnet = struct.pack("=BBHHHH", 1, 1, 66, 1448, 34, 16)
+        self.assertEqual(to_tun_header(vnet), struct.pack("=BBHHHH", 1, 1, 52, 1448, 20, 16))
+        self.assertEqual(to_tun_header(bytes(10)), bytes(10))
 
 
 class FakeSocket:

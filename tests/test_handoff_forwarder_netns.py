@@ -185,3 +185,85 @@ def test_without_route_the_unit_answers_itself(farm: tuple[Topology, Node, Node,
     assert c.eval("refused()") is True
     assert u.eval("fwd.metrics()")["packets"] == 0
     assert u.eval("fwd.metrics()")["passed"] >= 1
+
+
+TUNNEL_UNIT = UNIT.replace(
+    'fwd = Forwarder(table, {"eth0": interface_mac("eth0")})',
+    'from nlbproxy.handoff.tunnel import Encapsulator\n'
+    'fwd = Forwarder(table, {"eth0": interface_mac("eth0")}, tunnel=Encapsulator({4: "10.0.0.2"}))',
+).replace(
+    "def plumb(client_port, host_ip, host_mac):",
+    "def plumb(client_port, host_ip, host_mac, flow_id=None):",
+).replace(
+    'table.fence(key, Via(host_ip, host_mac, "eth0"))',
+    'table.fence(key, Via(host_ip, host_mac, "eth0", flow_id))',
+)
+
+DECAP = """
+import threading
+from twisted.internet import reactor
+from twisted.internet.threads import blockingCallFromThread as call
+from nlbproxy.handoff.fence import Fence, open_backend
+from nlbproxy.handoff.forwarder import DecapsulatorPort
+from nlbproxy.handoff.routes import FlowKey
+from nlbproxy.handoff.tunnel import Decapsulator, Mapping
+
+decap = Decapsulator()
+fence = Fence(open_backend(), "nlbhost")
+fence.setup()
+port = DecapsulatorPort(reactor, decap, "eth0", "nlbtun0")
+threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True).start()
+call(reactor, port.start)
+
+def expect(flow_id, client_port):
+    # The mapping sent ahead with the handoff.
+    mapping = Mapping(flow_id, "10.0.0.2", FlowKey("10.0.0.5", client_port, "10.0.0.100", 80))
+    call(reactor, decap.add, Mapping.decode(mapping.encode()))
+    fence.add_tunnel("10.0.0.2", flow_id)
+"""
+
+
+def test_tunnel_to_a_host_on_another_segment() -> None:
+    """client and unit on one segment, the host behind a router: the forwarder
+    tunnels (flow id in the ports), the host decapsulates, replies are routed direct."""
+    require_netns()
+    with Topology() as topo:
+        topo.add_segment("back")
+        client = topo.add_node("client", "10.0.0.5")
+        unit = topo.add_node("unit", "10.0.0.2")
+        router = topo.add_node("router", "10.0.0.1")
+        topo.attach(router, "back", "10.1.0.1")
+        host = topo.add_node("host", "10.1.0.3", segment="back")
+        router.sysctl("net.ipv4.ip_forward", 1)
+        router.relax_rp_filter()
+        unit.run(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
+        unit.add_route("10.1.0.0/24", router.ip)
+        client.add_route(f"{VIP}/32", unit.ip)
+        host.add_vip(VIP)
+        host.add_route("default", "10.1.0.1")
+
+        d = host.worker()
+        d.exec(DECAP)
+        h = host.worker()
+        h.exec(f"SIZE = {SIZE}\n" + HOST)
+        u = unit.worker()
+        u.exec(TUNNEL_UNIT)
+        c = client.worker()
+        c.exec(f"SIZE = {SIZE}\n" + CLIENT)
+        port = c.eval("client_port")
+        flow_id = 0x00020003
+        d.exec(f"expect({flow_id}, {port})")
+        # The frames go to the router's MAC; the IP header takes them to the host.
+        u.exec(f"key = plumb({port}, {host.ip!r}, {router.mac!r}, {flow_id})")
+        u.exec("call(reactor, port.commit, key)")
+
+        assert c.eval("start()") == 115
+        assert c.eval("established()") == 0
+        ok_upload, ok_download, _ = c.eval("exchange()")
+        assert ok_upload and ok_download
+        wait_for(lambda: h.eval("result.get('received')"), what="the host's reading")
+        assert h.eval("result")["peer"] == ["10.0.0.5", port]
+        assert u.eval("fwd.metrics()")["drops"] == {}
+        assert u.eval("fwd.tunnel.stats['encoded']") > 0
+        assert d.eval("dict(port.stats)").get("drop_inject_error", 0) == 0
+        assert d.eval("decap.stats['decoded']") > 0

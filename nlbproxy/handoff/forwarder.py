@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import os
 import socket
 import struct
 from collections import Counter
@@ -36,7 +37,7 @@ from twisted.python import failure, log
 from zope.interface import implementer
 
 from nlbproxy import limits
-from nlbproxy.handoff.packets import VNET_HDR_LEN, Malformed, Parsed, parse, set_macs
+from nlbproxy.handoff.packets import ETH_HLEN, VNET_HDR_LEN, Malformed, Parsed, parse, set_macs
 from nlbproxy.handoff.routes import Deleted, FlowKey, RouteTable, Verdict
 
 SOL_PACKET = 263
@@ -293,3 +294,114 @@ class PacketPort:
         gone = self.forwarder.table.tick()
         if gone and self.on_deleted is not None:
             self.on_deleted(gone)
+
+
+# --- the host's side of the tunnel -----------------------------------------------------
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+_VNET = struct.Struct("=BBHHHH")  # virtio_net_hdr: little-endian on x86, native here
+
+
+def open_tun(name: str) -> int:
+    """Creates (or attaches to) TUN device ``name`` with virtio-net headers, up."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI | IFF_VNET_HDR))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            flags = struct.unpack_from("H", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS,
+                                                        struct.pack("16sH22x", name.encode(), 0)), 16)[0]
+            fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), flags | IFF_UP))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def to_tun_header(vnet: bytes | bytearray | memoryview) -> bytes:
+    """A vnet header for the same packet without its Ethernet header: the
+    offsets (header length, checksum start) count from the IP header on a TUN
+    device."""
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(vnet)
+    if hdr_len >= ETH_HLEN:
+        hdr_len -= ETH_HLEN
+    if csum_start >= ETH_HLEN:
+        csum_start -= ETH_HLEN
+    return _VNET.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
+
+
+@implementer(IReadDescriptor)
+class DecapsulatorPort:
+    """The host's tunnel end: reads tunnelled frames from the host's interface,
+    restores them (:class:`nlbproxy.handoff.tunnel.Decapsulator`) and hands the
+    IP packet to the host's stack through a TUN device, as if the client's
+    packet had arrived directly.  The host's fence table drops the tunnelled
+    originals (:meth:`nlbproxy.handoff.fence.Fence.add_tunnel`), and the TUN
+    device needs rp_filter off: the client's address is not routed through it.
+    """
+
+    def __init__(self, reactor: Any, decapsulator: Any, rx_ifname: str, tun_name: str,
+                 max_batch: int = limits.FORWARDER_BATCH,
+                 opener: Callable[[str, bool], socket.socket] = open_packet_socket,
+                 tun_opener: Callable[[str], int] = open_tun) -> None:
+        self.reactor = reactor
+        self.decapsulator = decapsulator
+        self.rx_ifname = rx_ifname
+        self.tun_name = tun_name
+        self.max_batch = max_batch
+        self._opener = opener
+        self._tun_opener = tun_opener
+        self._rx: socket.socket | None = None
+        self._tun = -1
+        self._buf = bytearray(FRAME_BUFFER)
+        self.stats: Counter[str] = Counter()
+
+    def start(self) -> None:
+        self._tun = self._tun_opener(self.tun_name)
+        self._rx = self._opener(self.rx_ifname, True)
+        self.reactor.addReader(self)
+
+    def stop(self) -> None:
+        if self._rx is not None:
+            self.reactor.removeReader(self)
+            self._rx.close()
+            self._rx = None
+        if self._tun >= 0:
+            os.close(self._tun)
+            self._tun = -1
+
+    def fileno(self) -> int:
+        return self._rx.fileno() if self._rx is not None else -1
+
+    def logPrefix(self) -> str:
+        return f"decapsulator({self.rx_ifname})"
+
+    def connectionLost(self, reason: failure.Failure) -> None:
+        log.msg(f"{self.logPrefix()}: lost: {reason.getErrorMessage()}")
+        self.stop()
+
+    def doRead(self) -> None:
+        rx = self._rx
+        if rx is None:
+            return
+        buf = self._buf
+        view = memoryview(buf)
+        for _ in range(self.max_batch):
+            try:
+                size, address = rx.recvfrom_into(buf)
+            except BlockingIOError:
+                return
+            if address[2] != PACKET_HOST:
+                continue
+            if self.decapsulator.decode(buf, size) is None:
+                continue
+            try:
+                os.writev(self._tun, [to_tun_header(buf), view[VNET_HDR_LEN + ETH_HLEN:size]])
+                self.stats["injected"] += 1
+            except OSError:
+                self.stats["drop_inject_error"] += 1
