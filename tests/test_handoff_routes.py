@@ -10,8 +10,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy.handoff.routes import (
     ACK, FIN, RST, SYN, FlowKey, RouteError, RouteTable, State, TableFull, Verdict, Via, WireError,
-    from_atom, replumb, to_atom,
+    atom_key, from_atom, replumb, to_atom,
 )
+from nlbproxy.session.dam import DAM
 
 KEY = FlowKey("10.0.0.5", 40000, "10.0.0.100", 80)
 VIA = Via("10.0.1.7", "02:00:00:00:01:07", "eth1")
@@ -253,6 +254,24 @@ class AtomTests(SynchronousTestCase):
         assert route is not None
         self.assertEqual((route.state, route.via.ifname), (State.COMMITTED, "eth3"))
         self.assertEqual(target.packet(KEY.packed, b"x", ACK)[0], Verdict.FORWARD)
+
+    def test_through_a_real_dam(self) -> None:
+        """A unit writes its routes into the DAM; another unit's table is rebuilt from the atoms."""
+        clock = Clock()
+        clock.advance(1_000)
+        dam = DAM("unit-a", clock, lambda peer, call: None, replication=0)
+        _, source = table()
+        source.fence(KEY, VIA)
+        source.commit(KEY)
+        dam.add(*to_atom(source.get(KEY)))  # type: ignore[arg-type]
+        dam.add("cookie-value", "app/10.0.1.7:80")
+        _, target = table()
+        live = [(a.key, a.data) for a in dam.atoms() if not a.dead]
+        self.assertEqual(replumb(target, live, "eth1"), (1, 0))
+        self.assertEqual(target.get(KEY).via, VIA)  # type: ignore[union-attr]
+        # The route's end deletes the atom too.
+        dam.delete(atom_key(KEY))
+        self.assertIsNone(dam.get(atom_key(KEY)))
 
     @given(st.ip_addresses(v=4), st.integers(1, 65535), st.integers(1, 65535),
            st.one_of(st.none(), st.integers(0, 2**32 - 1)),
