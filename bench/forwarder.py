@@ -209,6 +209,7 @@ def main() -> None:
         cost = unit.worker()
         cost.exec(FENCE_COST)
         fence_lib, fence_nft = cost.eval("cost('lib', 200)"), cost.eval("cost('nft', 30)")
+        u.exec("call(reactor, port.poll_kernel_drops)")
         metrics = u.eval("fwd.metrics()")
         drops = metrics["drops"]
 

@@ -182,6 +182,11 @@ class FakeSocket:
         self.sent: list[bytes] = []
         self.fail = False
         self.closed = False
+        self.kernel_drops = 0
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        drops, self.kernel_drops = self.kernel_drops, 0  # PACKET_STATISTICS resets on read
+        return struct.pack("II", 100, drops)
 
     def fileno(self) -> int:
         return 99
@@ -248,6 +253,12 @@ class PacketPortTests(SynchronousTestCase):
         self.reactor.advance(10)
         self.assertEqual(self.deleted, ["closing_timeout"])
         self.assertEqual(len(self.table), 0)
+
+    def test_kernel_drops_counted_each_tick(self) -> None:
+        self.sockets["rx:eth0"].kernel_drops = 7
+        self.reactor.advance(1)
+        self.reactor.advance(1)
+        self.assertEqual(self.fwd.metrics()["drops"], {"rx_overflow": 7})
 
     def test_explicit_delete_and_stop(self) -> None:
         self.table.fence(KEY, Via("10.0.1.3", mac_text(HOST_MAC), "eth1"))

@@ -43,6 +43,7 @@ from nlbproxy.handoff.routes import Deleted, FlowKey, RouteTable, Verdict
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
+PACKET_STATISTICS = 6
 ETH_P_ALL = 0x0003
 #: ``sll_pkttype`` values: a frame to our MAC, and a frame we sent.
 PACKET_HOST = 0
@@ -290,7 +291,21 @@ class PacketPort:
         if gone is not None and self.on_deleted is not None:
             self.on_deleted([gone])
 
+    def poll_kernel_drops(self) -> int:
+        """Adds the frames the kernel dropped because the receive buffer was
+        full (``PACKET_STATISTICS``, which resets on read) to ``drop_rx_overflow``."""
+        if self._rx is None:
+            return 0
+        try:
+            _, drops = struct.unpack("II", self._rx.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        except OSError:
+            return 0
+        if drops:
+            self.forwarder.table.count_drop("rx_overflow", drops)
+        return drops
+
     def _tick(self) -> None:
+        self.poll_kernel_drops()
         gone = self.forwarder.table.tick()
         if gone and self.on_deleted is not None:
             self.on_deleted(gone)

@@ -179,7 +179,7 @@ class Verdict(enum.Enum):
 
 
 #: Why the forwarder dropped a packet; each is a counter ``drop_<reason>``.
-DROP_REASONS = ("buffer_full", "malformed", "send_error", "no_interface", "no_tunnel")
+DROP_REASONS = ("buffer_full", "malformed", "send_error", "no_interface", "no_tunnel", "rx_overflow")
 
 # TCP flag bits the table cares about.
 FIN = 0x01
@@ -409,9 +409,9 @@ class RouteTable:
         self._close_if(route, flags)
         return Verdict.FORWARD, route
 
-    def count_drop(self, reason: str) -> None:
-        """The forwarder's own drops (malformed frames, send errors)."""
-        self.stats[f"drop_{reason}"] += 1
+    def count_drop(self, reason: str, count: int = 1) -> None:
+        """The forwarder's own drops (send errors, receive buffer overflows)."""
+        self.stats[f"drop_{reason}"] += count
 
     def _close_if(self, route: Route, flags: int) -> None:
         if not flags & (FIN | RST):
