@@ -12,7 +12,7 @@ from nlbproxy.handoff.fence import (
     Fence, FenceError, element_commands, setup_commands, teardown_commands, tunnel_commands,
 )
 from nlbproxy.handoff.routes import FlowKey
-from tests.netns import Node, Topology, require_netns, wait_for
+from tests.netns import Node, Topology, require_netns, require_tools, wait_for
 
 KEY = FlowKey("10.0.0.5", 40000, "10.0.0.100", 80)
 KEY6 = FlowKey("2001:db8::5", 1, "2001:db8::100", 443)
@@ -106,6 +106,7 @@ def dropped(node: Node) -> int:
 @pytest.mark.parametrize("backend", ["libnftables", "nft"])
 def test_fence_drops_flow_in_namespace(backend: str) -> None:
     require_netns()
+    require_tools("nft")
     with Topology() as topo:
         unit = topo.add_node("unit", "10.0.0.100")
         client = topo.add_node("client", "10.0.0.5")

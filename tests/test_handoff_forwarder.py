@@ -17,7 +17,7 @@ from nlbproxy.handoff.packets import (
     NOT_TCP, VNET_HDR_LEN, Malformed, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
     tcp_checksum,
 )
-from nlbproxy.handoff.routes import ACK, FIN, FlowKey, RouteTable, Via
+from nlbproxy.handoff.routes import ACK, FIN, SYN, FlowKey, RouteTable, Via
 
 CLIENT_MAC = mac_bytes("02:00:00:00:00:05")
 UNIT_MAC = mac_bytes("02:00:00:00:00:02")
@@ -253,6 +253,14 @@ class PacketPortTests(SynchronousTestCase):
         self.reactor.advance(10)
         self.assertEqual(self.deleted, ["closing_timeout"])
         self.assertEqual(len(self.table), 0)
+
+    def test_reused_tuple_reported_after_the_batch(self) -> None:
+        self.table.fence(KEY, Via("10.0.1.3", mac_text(HOST_MAC), "eth1"))
+        self.port.commit(KEY)
+        self.sockets["rx:eth0"].inbox = [(VNET + frame(FIN | ACK), PACKET_HOST), (VNET + frame(SYN), PACKET_HOST)]
+        self.port.doRead()
+        self.assertEqual(self.deleted, ["reused"])
+        self.assertEqual(self.table.removed, [])
 
     def test_kernel_drops_counted_each_tick(self) -> None:
         self.sockets["rx:eth0"].kernel_drops = 7

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.netns import Node, Topology, Worker, require_netns, wait_for
+from tests.netns import Node, Topology, Worker, require_netns, require_tools, wait_for
 
 VIP = "10.0.0.100"
 SIZE = 24 * 1024 * 1024
@@ -109,6 +109,7 @@ def exchange():
 @pytest.fixture
 def farm() -> Iterator[tuple[Topology, Node, Node, Node]]:
     require_netns()
+    require_tools("nft")
     with Topology() as topo:
         client = topo.add_node("client", "10.0.0.5")
         unit = topo.add_node("unit", "10.0.0.2")
@@ -227,6 +228,7 @@ def test_tunnel_to_a_host_on_another_segment() -> None:
     """client and unit on one segment, the host behind a router: the forwarder
     tunnels (flow id in the ports), the host decapsulates, replies are routed direct."""
     require_netns()
+    require_tools("nft")
     with Topology() as topo:
         topo.add_segment("back")
         client = topo.add_node("client", "10.0.0.5")

@@ -176,6 +176,10 @@ class LifecycleTests(SynchronousTestCase):
         t.packet(KEY.packed, b"fin", FIN | ACK)
         self.assertEqual(t.packet(KEY.packed, b"syn", SYN), (Verdict.PASS, None))
         self.assertNotIn(KEY, t)
+        # Reported, so that the fence goes at once.
+        self.assertEqual([d.reason for d in t.removed], ["reused"])
+        self.assertEqual([d.reason for d in t.tick()], ["reused"])
+        self.assertEqual(t.removed, [])
 
     def test_delete_host(self) -> None:
         _, t = table()
@@ -353,6 +357,7 @@ class RouteMachine(RuleBasedStateMachine):
         elif state is State.CLOSING and flags == SYN:
             assert (verdict, route) == (Verdict.PASS, None)
             del self.model[k]
+            assert self.t.removed[-1].route.key == k
         else:
             assert verdict is Verdict.FORWARD and route is not None
             if flags & (FIN | RST):

@@ -262,14 +262,22 @@ class PacketPort:
             try:
                 size, address = rx.recvfrom_into(buf)
             except BlockingIOError:
-                return
+                break
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.ENETDOWN):
-                    return
+                    break
                 raise
             out = frame(buf, size, address[2])
             if out is not None:
                 self._send(*out)
+        self._report_removed()
+
+    def _report_removed(self) -> None:
+        table = self.forwarder.table
+        if table.removed:
+            gone, table.removed = table.removed, []
+            if self.on_deleted is not None:
+                self.on_deleted(gone)
 
     def _send(self, ifname: str, data: memoryview) -> None:
         try:

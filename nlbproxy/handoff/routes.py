@@ -264,6 +264,10 @@ class RouteTable:
         self.buffered_bytes = 0
         #: Packets, bytes, drops by reason and state changes, for metrics.
         self.stats: Counter[str] = Counter()
+        #: Routes that left the table while a packet was handled (a closing
+        #: flow's 4-tuple reused by a new SYN); the forwarder drains this after
+        #: each batch so that the fence is lifted at once, and tick() returns them too.
+        self.removed: list[Deleted] = []
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -399,6 +403,7 @@ class RouteTable:
             # 4-tuple: it belongs to the unit's listener, not to the old host.
             self._drop(route)
             self.stats["deleted_reused"] += 1
+            self.removed.append(Deleted(route, "reused"))
             return Verdict.PASS, None
         route.packets += 1
         route.bytes += size
@@ -433,7 +438,7 @@ class RouteTable:
         """Runs the timeouts; returns the routes that left the table."""
         now = self._clock.seconds()
         expired = [r for r in self._routes.values() if r.deadline <= now]
-        out = []
+        out, self.removed = self.removed, []
         for route in expired:
             reason = {
                 State.FENCED: "fence_timeout",
