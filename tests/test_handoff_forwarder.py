@@ -12,12 +12,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nlbproxy.handoff.forwarder import PACKET_HOST, PACKET_OUTGOING, Forwarder, PacketPort, to_tun_header
+from nlbproxy.handoff.forwarder import (
+    PACKET_HOST, PACKET_OUTGOING, Forwarder, ForwarderPlumbing, PacketPort, neighbour_mac, to_tun_header,
+)
 from nlbproxy.handoff.packets import (
     NOT_TCP, VNET_HDR_LEN, Malformed, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
     tcp_checksum,
 )
-from nlbproxy.handoff.routes import ACK, FIN, SYN, FlowKey, RouteTable, Via
+from nlbproxy.handoff.routes import ACK, FIN, SYN, FlowKey, RouteTable, State, Via, atom_key, from_atom
+from nlbproxy.session.dam import DAM
 
 CLIENT_MAC = mac_bytes("02:00:00:00:00:05")
 UNIT_MAC = mac_bytes("02:00:00:00:00:02")
@@ -276,3 +279,92 @@ class PacketPortTests(SynchronousTestCase):
         self.port.stop()
         self.assertNotIn(self.port, self.reactor.getReaders())
         self.assertTrue(all(s.closed for s in self.sockets.values()))
+
+
+class Flow:
+    """What the unit side hands the plumbing (its own Flow has these fields)."""
+
+    def __init__(self, client: tuple[str, int], vip: tuple[str, int]) -> None:
+        self.client, self.vip = client, vip
+
+
+class Host:
+    host = "10.0.1.3"
+
+
+class RecordingFence:
+    def __init__(self) -> None:
+        self.keys: set[FlowKey] = set()
+        self.fail = False
+
+    def add(self, *keys: FlowKey) -> None:
+        if self.fail:
+            raise OSError("nftables refused")
+        self.keys.update(keys)
+
+    def remove(self, *keys: FlowKey) -> None:
+        self.keys.difference_update(keys)
+
+
+class PlumbingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(1000)
+        self.table = RouteTable(self.reactor, closing_timeout=10)
+        self.fwd = Forwarder(self.table, {"eth1": OUT_MAC})
+        self.sockets: dict[str, FakeSocket] = {}
+
+        def opener(ifname: str, receive: bool) -> socket.socket:
+            sock = self.sockets[("rx:" if receive else "tx:") + ifname] = FakeSocket(ifname, receive)
+            return sock  # type: ignore[return-value]
+
+        self.port = PacketPort(self.reactor, self.fwd, "eth0", opener=opener)
+        self.port.start()
+        self.addCleanup(self.port.stop)
+        self.fence = RecordingFence()
+        self.dam = DAM("unit-a", self.reactor, lambda peer, call: None, replication=0)
+        self.plumbing = ForwarderPlumbing(self.port, self.fence, "eth1",
+                                          resolve_mac=lambda ip: mac_text(HOST_MAC), dam=self.dam)
+        self.flow = Flow(("10.0.0.5", 40000), ("10.0.0.100", 80))
+
+    def test_fence_commit_ended(self) -> None:
+        self.plumbing.fence(self.flow, Host())
+        self.assertEqual(self.fence.keys, {KEY})
+        self.assertEqual(from_atom(atom_key(KEY), self.dam.get(atom_key(KEY)).data)[2], State.FENCED)  # type: ignore[union-attr]
+        self.sockets["rx:eth0"].inbox = [(VNET + frame(), PACKET_HOST)]
+        self.port.doRead()
+        self.plumbing.commit(self.flow)
+        self.assertEqual(len(self.sockets["tx:eth1"].sent), 1)
+        self.assertEqual(from_atom(atom_key(KEY), self.dam.get(atom_key(KEY)).data)[2], State.COMMITTED)  # type: ignore[union-attr]
+        self.plumbing.ended(self.flow)
+        self.assertEqual((self.fence.keys, len(self.table)), (set(), 0))
+        self.assertIsNone(self.dam.get(atom_key(KEY)))
+
+    def test_unfence_after_failed_handoff(self) -> None:
+        self.plumbing.fence(self.flow, "10.0.1.3")
+        self.plumbing.unfence(self.flow)
+        self.assertEqual((self.fence.keys, len(self.table), self.table.stats["deleted_aborted"]), (set(), 0, 1))
+
+    def test_fence_failure_leaves_no_route(self) -> None:
+        self.fence.fail = True
+        self.assertRaises(OSError, self.plumbing.fence, self.flow, Host())
+        self.assertEqual(len(self.table), 0)
+
+    def test_unknown_neighbour(self) -> None:
+        self.plumbing.resolve_mac = lambda ip: neighbour_mac(ip, self.arp)
+        self.arp = self.mktemp()
+        with open(self.arp, "w") as f:
+            f.write("IP address       HW type     Flags       HW address            Mask     Device\n"
+                    "10.0.1.3         0x1         0x2         02:00:00:00:00:03     *        eth1\n"
+                    "10.0.1.4         0x1         0x0         00:00:00:00:00:00     *        eth1\n")
+        self.assertEqual(neighbour_mac("10.0.1.3", self.arp), "02:00:00:00:00:03")
+        self.assertRaises(LookupError, neighbour_mac, "10.0.1.4", self.arp)  # incomplete
+        self.assertRaises(LookupError, self.plumbing.fence, Flow(("10.0.0.5", 1), ("10.0.0.100", 80)),
+                          "10.0.1.9")
+        self.assertEqual(len(self.table), 0)
+
+    def test_timeout_lifts_fence_and_atom(self) -> None:
+        self.plumbing.fence(self.flow, Host())
+        self.reactor.advance(self.table.fence_timeout + 1)
+        self.assertEqual((self.fence.keys, len(self.table)), (set(), 0))
+        self.assertIsNone(self.dam.get(atom_key(KEY)))

@@ -269,3 +269,57 @@ def test_tunnel_to_a_host_on_another_segment() -> None:
         assert u.eval("fwd.tunnel.stats['encoded']") > 0
         assert d.eval("dict(port.stats)").get("drop_inject_error", 0) == 0
         assert d.eval("decap.stats['decoded']") > 0
+
+
+PLUMBED_UNIT = """
+import socket, threading, types
+from twisted.internet import reactor
+from twisted.internet.threads import blockingCallFromThread as call
+from nlbproxy.handoff.fence import Fence, open_backend
+from nlbproxy.handoff.forwarder import Forwarder, ForwarderPlumbing, PacketPort, interface_mac, neighbour_mac
+from nlbproxy.handoff.routes import RouteTable
+
+table = RouteTable(reactor)
+fwd = Forwarder(table, {"eth0": interface_mac("eth0")})
+fence = Fence(open_backend(), "nlbplumb")
+fence.setup()
+port = PacketPort(reactor, fwd, "eth0")
+plumbing = ForwarderPlumbing(port, fence, "eth0")
+threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True).start()
+call(reactor, port.start)
+
+def arp(ip):
+    # The agent channel resolves the host's address in practice; here a datagram does.
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(b"", (ip, 9))
+    s.close()
+    try:
+        return neighbour_mac(ip)
+    except LookupError:
+        return None
+
+def flow(client_port):
+    return types.SimpleNamespace(client=("10.0.0.5", client_port), vip=("10.0.0.100", 80))
+"""
+
+
+def test_plumbing_resolves_the_host_and_lifts_the_fence(farm: tuple[Topology, Node, Node, Node]) -> None:
+    """The unit side's calls (fence, commit, ended) on the real forwarder, with
+    the host's MAC from the unit's neighbour table."""
+    _, client, unit, host = farm
+    u = unit.worker()
+    u.exec(PLUMBED_UNIT)
+    h = host.worker()
+    h.exec("SIZE = 1 << 20\n" + HOST)
+    c = client.worker()
+    c.exec("SIZE = 1 << 20\n" + CLIENT)
+    port = c.eval("client_port")
+    assert wait_for(lambda: u.eval(f"arp({host.ip!r})"), what="ARP") == host.mac
+    u.exec(f"call(reactor, plumbing.fence, flow({port}), {host.ip!r})")
+    assert u.eval("len(fence)") == 1
+    assert c.eval("start()") == 115
+    u.exec(f"call(reactor, plumbing.commit, flow({port}))")
+    assert c.eval("established()") == 0
+    assert c.eval("exchange()")[:2] == [True, True]
+    u.exec(f"call(reactor, plumbing.ended, flow({port}))")
+    assert u.eval("[len(fence), len(table)]") == [0, 0]

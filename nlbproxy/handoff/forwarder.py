@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from nlbproxy import limits
 from nlbproxy.handoff.packets import ETH_HLEN, VNET_HDR_LEN, Malformed, Parsed, parse, set_macs
-from nlbproxy.handoff.routes import Deleted, FlowKey, RouteTable, Verdict
+from nlbproxy.handoff.routes import Deleted, FlowKey, RouteTable, Verdict, Via, atom_key, to_atom
 
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
@@ -428,3 +428,97 @@ class DecapsulatorPort:
                 self.stats["injected"] += 1
             except OSError:
                 self.stats["drop_inject_error"] += 1
+
+
+# --- the unit side's plumbing ---------------------------------------------------------------
+
+
+def neighbour_mac(ip: str, arp_table: str = "/proc/net/arp") -> str:
+    """The MAC address the unit's kernel has resolved for IPv4 ``ip``.
+
+    The unit talks to every host's agent, so the entry is there in practice;
+    LookupError otherwise (the handoff then falls back to proxying).
+    """
+    with open(arp_table) as lines:
+        next(lines, None)
+        for line in lines:
+            fields = line.split()
+            # IP address, HW type, flags (0x2: complete), HW address, mask, device.
+            if len(fields) >= 6 and fields[0] == ip and int(fields[2], 16) & 0x2:
+                return fields[3]
+    raise LookupError(f"no neighbour entry for {ip}")
+
+
+class ForwarderPlumbing:
+    """The handoff unit side's ``Plumbing`` (fence, commit, unfence, ended) on
+    this forwarder: the route table, the nftables fence and, when given, the
+    DAM that makes routes durable for other units.
+
+    ``flow`` is anything with ``client`` and ``vip`` as (ip, port) pairs and
+    ``host`` anything with a ``host`` attribute holding the host's IP address
+    (or that address itself).  Every way a route ends -- the agent's report,
+    an aborted handoff, a timeout, a reused 4-tuple -- lifts the fence and
+    deletes the atom, through the port's ``on_deleted``.
+    """
+
+    def __init__(self, port: PacketPort, fence: Any, ifname: str,
+                 resolve_mac: Callable[[str], str] = neighbour_mac, dam: Any = None) -> None:
+        self.port = port
+        self.table = port.forwarder.table
+        self.fence_ = fence
+        self.ifname = ifname
+        self.resolve_mac = resolve_mac
+        self.dam = dam
+        self.stats: Counter[str] = Counter()
+        port.on_deleted = self._deleted
+
+    @staticmethod
+    def key(flow: Any) -> FlowKey:
+        return FlowKey(flow.client[0], int(flow.client[1]), flow.vip[0], int(flow.vip[1]))
+
+    def fence(self, flow: Any, host: Any) -> None:
+        key = self.key(flow)
+        host_ip = getattr(host, "host", host)
+        via = Via(str(host_ip), self.resolve_mac(str(host_ip)), self.ifname)
+        self.table.fence(key, via)
+        try:
+            self.fence_.add(key)
+        except BaseException:
+            self.table.delete(key, "aborted")
+            raise
+        self._durable(key)
+
+    def commit(self, flow: Any) -> None:
+        key = self.key(flow)
+        self.port.commit(key)
+        self._durable(key)
+
+    def unfence(self, flow: Any) -> None:
+        self.port.delete(self.key(flow), "aborted")
+
+    def ended(self, flow: Any) -> None:
+        self.port.delete(self.key(flow), "ended")
+
+    def _durable(self, key: FlowKey) -> None:
+        route = self.table.get(key)
+        if self.dam is None or route is None:
+            return
+        try:
+            self.dam.add(*to_atom(route))
+        except Exception as e:  # a full DAM must not fail the handoff: the route works locally
+            self.stats["dam_add_failed"] += 1
+            log.msg(f"route {key} not made durable: {e}")
+
+    def _deleted(self, gone: list[Deleted]) -> None:
+        keys = [d.route.key for d in gone]
+        try:
+            self.fence_.remove(*keys)
+        except Exception as e:
+            self.stats["unfence_failed"] += 1
+            log.msg(f"fence not lifted for {len(keys)} flows: {e}")
+        if self.dam is not None:
+            for key in keys:
+                try:
+                    self.dam.delete(atom_key(key))
+                except Exception:
+                    self.stats["dam_delete_failed"] += 1
