@@ -181,6 +181,20 @@ class LifecycleTests(SynchronousTestCase):
         self.assertEqual([d.reason for d in t.tick()], ["reused"])
         self.assertEqual(t.removed, [])
 
+    def test_offloaded_route_only_watched(self) -> None:
+        clock, t = table(idle_timeout=10, closing_timeout=20)
+        t.fence(KEY, VIA)
+        self.assertRaises(RouteError, t.offload, KEY)  # not committed yet
+        t.commit(KEY)
+        t.offload(KEY)
+        clock.advance(1000)
+        self.assertEqual(t.tick(), [])  # no idle timeout: its packets are not seen
+        verdict, route = t.packet(KEY.packed, b"fin", FIN | ACK)
+        self.assertEqual((verdict, route.state), (Verdict.FORWARD, State.CLOSING))  # type: ignore[union-attr]
+        self.assertEqual((t.stats["packets"], t.stats["offloaded_seen"]), (0, 1))
+        clock.advance(20)
+        self.assertEqual([d.reason for d in t.tick()], ["closing_timeout"])
+
     def test_delete_host(self) -> None:
         _, t = table()
         other = Via("10.0.1.8", "02:00:00:00:01:08", "eth1")
@@ -201,7 +215,8 @@ class LifecycleTests(SynchronousTestCase):
         self.assertEqual(inv["rows"], [{
             "client": "10.0.0.5:40000", "vip": "10.0.0.100:80", "host": "10.0.1.7",
             "host_mac": "02:00:00:00:01:07", "ifname": "eth1", "flow_id": None,
-            "state": "committed", "since": 0.0, "packets": 0, "bytes": 0, "buffered": 0}])
+            "state": "committed", "since": 0.0, "packets": 0, "bytes": 0, "buffered": 0,
+            "offloaded": False}])
         self.assertEqual(t.inventory()["rows"][1]["client"], "[2001:db8::5]:7")
 
 
@@ -357,11 +372,22 @@ class RouteMachine(RuleBasedStateMachine):
         elif state is State.CLOSING and flags == SYN:
             assert (verdict, route) == (Verdict.PASS, None)
             del self.model[k]
-            assert self.t.removed[-1].route.key == k
+            assert self.t.removed.pop().route.key == k  # the forwarder drains these
         else:
             assert verdict is Verdict.FORWARD and route is not None
             if flags & (FIN | RST):
                 self.model[k] = State.CLOSING
+
+    @rule(k=st.sampled_from(keys))
+    def offload(self, k: FlowKey) -> None:
+        if self.model.get(k) is State.COMMITTED:
+            assert self.t.offload(k).offloaded
+        else:
+            try:
+                self.t.offload(k)
+            except RouteError:
+                return
+            raise AssertionError("offloaded outside COMMITTED")
 
     @rule(k=st.sampled_from(keys))
     def delete(self, k: FlowKey) -> None:

@@ -191,8 +191,8 @@ ACK = 0x10
 class Route:
     """One flow's entry.  Mutable, owned by its table; read it, do not change it."""
 
-    __slots__ = ("buffer", "buffered_bytes", "bytes", "deadline", "key", "packed", "packets",
-                 "pending_close", "since", "state", "via")
+    __slots__ = ("buffer", "buffered_bytes", "bytes", "deadline", "key", "offloaded", "packed",
+                 "packets", "pending_close", "since", "state", "via")
 
     def __init__(self, key: FlowKey, via: Via, now: float) -> None:
         self.key = key
@@ -208,6 +208,9 @@ class Route:
         self.bytes = 0
         #: FIN/RST flags seen while fenced, applied at commit.
         self.pending_close = 0
+        #: The unit's kernel forwards this flow (the forwarder's fast path);
+        #: the forwarder only watches its FIN/RST.
+        self.offloaded = False
 
     def row(self) -> dict[str, Any]:
         return {
@@ -222,6 +225,7 @@ class Route:
             "packets": self.packets,
             "bytes": self.bytes,
             "buffered": len(self.buffer),
+            "offloaded": self.offloaded,
         }
 
 
@@ -352,6 +356,18 @@ class RouteTable:
         self.stats["restored"] += 1
         return route
 
+    def offload(self, key: FlowKey) -> Route:
+        """The unit's kernel now forwards ``key`` (committed routes only).  Its
+        packets are no longer seen one by one, so no idle timeout applies:
+        the agent's report, the client's FIN/RST or the host's loss ends it."""
+        route = self._need(key, "offload")
+        if route.state is not State.COMMITTED:
+            raise RouteError(f"cannot offload {key}: it is {route.state.value}")
+        route.offloaded = True
+        route.deadline = float("inf")
+        self.stats["offloaded"] += 1
+        return route
+
     def delete(self, key: FlowKey, reason: str = "ended") -> Deleted | None:
         """Removes ``key``'s route (the agent reported the end, or the handoff
         was aborted: buffered packets are discarded).  None if it had none."""
@@ -405,6 +421,11 @@ class RouteTable:
             self.stats["deleted_reused"] += 1
             self.removed.append(Deleted(route, "reused"))
             return Verdict.PASS, None
+        if route.offloaded:
+            # The kernel forwarded it; only its flags matter here.
+            self.stats["offloaded_seen"] += 1
+            self._close_if(route, flags)
+            return Verdict.FORWARD, route
         route.packets += 1
         route.bytes += size
         self.stats["packets"] += 1
