@@ -9,7 +9,8 @@ TRIAL_MODULES = tests.test_config tests.test_metrics tests.test_router tests.tes
 	tests.test_routing tests.test_classifier tests.test_flow tests.test_admin \
 	tests.test_health_codec tests.test_health_table tests.test_health_agent tests.test_agent_config \
 	tests.test_health_cache tests.test_allotment tests.test_dam tests.test_session_agent tests.test_session_tracker \
-	tests.test_handoff_state tests.test_handoff_wire tests.test_handoff_unitside tests.test_handoff_routes tests.test_handoff_fence
+	tests.test_handoff_state tests.test_handoff_wire tests.test_handoff_unitside tests.test_handoff_routes \
+	tests.test_handoff_fence tests.test_handoff_forwarder tests.test_handoff_tunnel
 
 # System packages the tests drive as real clients and servers.
 deps:

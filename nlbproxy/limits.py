@@ -106,3 +106,10 @@ CLOSING_TIMEOUT = 60.0
 RESET_TIMEOUT = 5.0
 #: A committed route without a client packet for this long is deleted.
 ROUTE_IDLE_TIMEOUT = 3600.0
+#: The forwarder's AF_PACKET receive buffer: bursts beyond it are dropped by
+#: the kernel (the client retransmits).
+FORWARDER_RCVBUF = 4 * MiB
+#: The forwarder's send buffer per out interface.
+FORWARDER_SNDBUF = 4 * MiB
+#: Frames read per wake-up before the reactor serves other sockets.
+FORWARDER_BATCH = 64

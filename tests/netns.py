@@ -55,6 +55,18 @@ def require_netns() -> None:
     pytest.skip(f"network namespaces unusable: {reason}")
 
 
+def require_tools(*commands: str) -> None:
+    """Like :func:`require_netns` for commands a test needs (``make deps`` installs them)."""
+    import pytest
+
+    missing = [c for c in commands if shutil.which(c) is None]
+    if not missing:
+        return
+    if os.environ.get("NLB_REQUIRE_ROOT") == "1":
+        pytest.fail(f"NLB_REQUIRE_ROOT=1 but {', '.join(missing)} missing (make deps)")
+    pytest.skip(f"{', '.join(missing)} not installed (make deps)")
+
+
 _probe_result: list[str | None] = []
 
 

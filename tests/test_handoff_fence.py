@@ -9,10 +9,10 @@ import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy.handoff.fence import (
-    Fence, FenceError, element_commands, setup_commands, teardown_commands,
+    Fence, FenceError, element_commands, setup_commands, teardown_commands, tunnel_commands,
 )
 from nlbproxy.handoff.routes import FlowKey
-from tests.netns import Node, Topology, require_netns, wait_for
+from tests.netns import Node, Topology, require_netns, require_tools, wait_for
 
 KEY = FlowKey("10.0.0.5", 40000, "10.0.0.100", 80)
 KEY6 = FlowKey("2001:db8::5", 1, "2001:db8::100", 443)
@@ -44,6 +44,14 @@ class CommandTests(SynchronousTestCase):
                          "add element inet t flows4 { 10.0.0.5 . 40000 . 10.0.0.100 . 80, "
                          "10.0.0.6 . 2 . 10.0.0.100 . 80 }\n"
                          "add element inet t flows6 { 2001:db8::5 . 1 . 2001:db8::100 . 443 }\n")
+
+    def test_tunnel_elements(self) -> None:
+        self.assertEqual(tunnel_commands("add", "t", [("10.0.0.2", 0x00020003), ("2001:db8::2", 0x00010001)]),
+                         "add element inet t tunnel4 { 10.0.0.2 . 2 . 3 }\n"
+                         "add element inet t tunnel6 { 2001:db8::2 . 1 . 1 }\n")
+        self.assertRaises(ValueError, tunnel_commands, "add", "t", [("10.0.0.2", 1 << 32)])
+        self.assertRaises(ValueError, tunnel_commands, "add", "t", [("nope", 1)])
+        self.assertIn("ip saddr . tcp sport . tcp dport @tunnel4 counter drop", setup_commands("t"))
 
     def test_names_checked(self) -> None:
         for bad in ["", "1t", "t;flush ruleset", "a" * 32]:
@@ -98,6 +106,7 @@ def dropped(node: Node) -> int:
 @pytest.mark.parametrize("backend", ["libnftables", "nft"])
 def test_fence_drops_flow_in_namespace(backend: str) -> None:
     require_netns()
+    require_tools("nft")
     with Topology() as topo:
         unit = topo.add_node("unit", "10.0.0.100")
         client = topo.add_node("client", "10.0.0.5")

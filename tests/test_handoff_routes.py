@@ -10,8 +10,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy.handoff.routes import (
     ACK, FIN, RST, SYN, FlowKey, RouteError, RouteTable, State, TableFull, Verdict, Via, WireError,
-    from_atom, replumb, to_atom,
+    atom_key, from_atom, replumb, to_atom,
 )
+from nlbproxy.session.dam import DAM
 
 KEY = FlowKey("10.0.0.5", 40000, "10.0.0.100", 80)
 VIA = Via("10.0.1.7", "02:00:00:00:01:07", "eth1")
@@ -49,7 +50,9 @@ class FlowKeyTests(SynchronousTestCase):
             with self.assertRaises(ValueError):
                 Via(*args)
         with self.assertRaises(ValueError):
-            Via("h", "02:00:00:00:00:01", flow_id=1 << 32)
+            Via("10.0.0.1", "02:00:00:00:00:01", flow_id=1 << 32)
+        with self.assertRaises(ValueError):
+            Via("h", "02:00:00:00:00:01", flow_id=1)  # a tunnel needs the host's address
 
 
 class LifecycleTests(SynchronousTestCase):
@@ -98,8 +101,8 @@ class LifecycleTests(SynchronousTestCase):
 
     def test_no_route(self) -> None:
         _, t = table()
-        self.assertEqual(t.packet(KEY.packed, b"x", ACK), (Verdict.DROP, None))
-        self.assertEqual(t.stats["drop_no_route"], 1)
+        self.assertEqual(t.packet(KEY.packed, b"x", ACK), (Verdict.PASS, None))
+        self.assertEqual(sum(t.stats.values()), 0)
 
     def test_fence_timeout(self) -> None:
         clock, t = table(fence_timeout=5)
@@ -171,8 +174,26 @@ class LifecycleTests(SynchronousTestCase):
         t.fence(KEY, VIA)
         t.commit(KEY)
         t.packet(KEY.packed, b"fin", FIN | ACK)
-        self.assertEqual(t.packet(KEY.packed, b"syn", SYN), (Verdict.DROP, None))
+        self.assertEqual(t.packet(KEY.packed, b"syn", SYN), (Verdict.PASS, None))
         self.assertNotIn(KEY, t)
+        # Reported, so that the fence goes at once.
+        self.assertEqual([d.reason for d in t.removed], ["reused"])
+        self.assertEqual([d.reason for d in t.tick()], ["reused"])
+        self.assertEqual(t.removed, [])
+
+    def test_offloaded_route_only_watched(self) -> None:
+        clock, t = table(idle_timeout=10, closing_timeout=20)
+        t.fence(KEY, VIA)
+        self.assertRaises(RouteError, t.offload, KEY)  # not committed yet
+        t.commit(KEY)
+        t.offload(KEY)
+        clock.advance(1000)
+        self.assertEqual(t.tick(), [])  # no idle timeout: its packets are not seen
+        verdict, route = t.packet(KEY.packed, b"fin", FIN | ACK)
+        self.assertEqual((verdict, route.state), (Verdict.FORWARD, State.CLOSING))  # type: ignore[union-attr]
+        self.assertEqual((t.stats["packets"], t.stats["offloaded_seen"]), (0, 1))
+        clock.advance(20)
+        self.assertEqual([d.reason for d in t.tick()], ["closing_timeout"])
 
     def test_delete_host(self) -> None:
         _, t = table()
@@ -194,7 +215,8 @@ class LifecycleTests(SynchronousTestCase):
         self.assertEqual(inv["rows"], [{
             "client": "10.0.0.5:40000", "vip": "10.0.0.100:80", "host": "10.0.1.7",
             "host_mac": "02:00:00:00:01:07", "ifname": "eth1", "flow_id": None,
-            "state": "committed", "since": 0.0, "packets": 0, "bytes": 0, "buffered": 0}])
+            "state": "committed", "since": 0.0, "packets": 0, "bytes": 0, "buffered": 0,
+            "offloaded": False}])
         self.assertEqual(t.inventory()["rows"][1]["client"], "[2001:db8::5]:7")
 
 
@@ -202,7 +224,7 @@ class AtomTests(SynchronousTestCase):
     def test_round_trip(self) -> None:
         _, t = table()
         for key, via in [(KEY, VIA), (FlowKey("2001:db8::5", 7, "2001:db8::100", 443),
-                                      Via("h-2", "02:00:00:00:00:02", "eth9", flow_id=4294967295))]:
+                                      Via("10.0.2.9", "02:00:00:00:00:02", "eth9", flow_id=4294967295))]:
             route = t.fence(key, via)
             atom_key, data, kind = to_atom(route)
             self.assertEqual(kind, "tcp-route")
@@ -230,7 +252,8 @@ class AtomTests(SynchronousTestCase):
             (good_key, "1 q h 02:00:00:00:00:01 -"),
             (good_key, "1 c h 02:00:00:00:00 -"),
             (good_key, "1 c h 02:00:00:00:00:01 x"),
-            (good_key, "1 c h 02:00:00:00:00:01 4294967296"),
+            (good_key, "1 c 10.0.0.1 02:00:00:00:00:01 4294967296"),
+            (good_key, "1 c h 02:00:00:00:00:01 7"),
             (good_key, "1 c h 02:00:00:00:00:01 ٣"),
             (good_key, ""),
         ]
@@ -251,6 +274,24 @@ class AtomTests(SynchronousTestCase):
         self.assertEqual((route.state, route.via.ifname), (State.COMMITTED, "eth3"))
         self.assertEqual(target.packet(KEY.packed, b"x", ACK)[0], Verdict.FORWARD)
 
+    def test_through_a_real_dam(self) -> None:
+        """A unit writes its routes into the DAM; another unit's table is rebuilt from the atoms."""
+        clock = Clock()
+        clock.advance(1_000)
+        dam = DAM("unit-a", clock, lambda peer, call: None, replication=0)
+        _, source = table()
+        source.fence(KEY, VIA)
+        source.commit(KEY)
+        dam.add(*to_atom(source.get(KEY)))  # type: ignore[arg-type]
+        dam.add("cookie-value", "app/10.0.1.7:80")
+        _, target = table()
+        live = [(a.key, a.data) for a in dam.atoms() if not a.dead]
+        self.assertEqual(replumb(target, live, "eth1"), (1, 0))
+        self.assertEqual(target.get(KEY).via, VIA)  # type: ignore[union-attr]
+        # The route's end deletes the atom too.
+        dam.delete(atom_key(KEY))
+        self.assertIsNone(dam.get(atom_key(KEY)))
+
     @given(st.ip_addresses(v=4), st.integers(1, 65535), st.integers(1, 65535),
            st.one_of(st.none(), st.integers(0, 2**32 - 1)),
            st.sampled_from([State.FENCED, State.COMMITTED, State.CLOSING]))
@@ -258,7 +299,7 @@ class AtomTests(SynchronousTestCase):
                                  state: State) -> None:
         key = FlowKey(str(ip), cport, "10.9.9.9", vport)
         _, t = table()
-        route = t.restore(key, Via("host", "02:00:00:00:00:01", flow_id=flow_id), state)
+        route = t.restore(key, Via("10.1.1.1", "02:00:00:00:00:01", flow_id=flow_id), state)
         self.assertEqual(from_atom(*to_atom(route)[:2]), (key, route.via, state))
 
     @given(st.text(max_size=80), st.text(max_size=80))
@@ -322,19 +363,31 @@ class RouteMachine(RuleBasedStateMachine):
         verdict, route = self.t.packet(k.packed, frame, flags)
         state = self.model.get(k)
         if state is None:
-            assert (verdict, route) == (Verdict.DROP, None)
+            assert (verdict, route) == (Verdict.PASS, None)
         elif state is State.FENCED:
             if verdict is Verdict.BUFFERED:
                 self.held[k].append(frame)
             else:
                 assert verdict is Verdict.DROP
         elif state is State.CLOSING and flags == SYN:
-            assert (verdict, route) == (Verdict.DROP, None)
+            assert (verdict, route) == (Verdict.PASS, None)
             del self.model[k]
+            assert self.t.removed.pop().route.key == k  # the forwarder drains these
         else:
             assert verdict is Verdict.FORWARD and route is not None
             if flags & (FIN | RST):
                 self.model[k] = State.CLOSING
+
+    @rule(k=st.sampled_from(keys))
+    def offload(self, k: FlowKey) -> None:
+        if self.model.get(k) is State.COMMITTED:
+            assert self.t.offload(k).offloaded
+        else:
+            try:
+                self.t.offload(k)
+            except RouteError:
+                return
+            raise AssertionError("offloaded outside COMMITTED")
 
     @rule(k=st.sampled_from(keys))
     def delete(self, k: FlowKey) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -67,7 +68,9 @@ def check_table_name(table: str) -> str:
 
 
 def setup_commands(table: str) -> str:
-    """Creates the table afresh: the sets for IPv4 and IPv6 flows and the drop rules.
+    """Creates the table afresh: the sets and drop rules for fenced flows (on a
+    unit) and for tunnelled flows (on a host: the decapsulator takes those
+    frames from its AF_PACKET socket and the kernel must not answer them).
 
     ``add table`` before ``delete table`` makes the delete succeed whether or not
     an earlier run left the table, all in one transaction.
@@ -79,10 +82,14 @@ def setup_commands(table: str) -> str:
         f"table inet {table} {{\n"
         f"  set flows4 {{ type ipv4_addr . inet_service . ipv4_addr . inet_service; }}\n"
         f"  set flows6 {{ type ipv6_addr . inet_service . ipv6_addr . inet_service; }}\n"
+        f"  set tunnel4 {{ type ipv4_addr . inet_service . inet_service; }}\n"
+        f"  set tunnel6 {{ type ipv6_addr . inet_service . inet_service; }}\n"
         f"  chain prerouting {{\n"
         f"    type filter hook prerouting priority {PRIORITY}; policy accept;\n"
         f"    ip saddr . tcp sport . ip daddr . tcp dport @flows4 counter drop\n"
         f"    ip6 saddr . tcp sport . ip6 daddr . tcp dport @flows6 counter drop\n"
+        f"    ip saddr . tcp sport . tcp dport @tunnel4 counter drop\n"
+        f"    ip6 saddr . tcp sport . tcp dport @tunnel6 counter drop\n"
         f"  }}\n"
         f"}}\n"
     )
@@ -98,6 +105,22 @@ def _element(key: FlowKey) -> tuple[str, str]:
     # that reaches nftables' parser here came from a peer unchecked.
     setname = "flows6" if ":" in key.client_ip else "flows4"
     return setname, f"{key.client_ip} . {key.client_port} . {key.vip} . {key.vport}"
+
+
+def tunnel_commands(verb: str, table: str, flows: Iterable[tuple[str, int]]) -> str:
+    """Elements of the tunnel sets: (forwarder address, flow id) pairs."""
+    if verb not in ("add", "delete"):
+        raise ValueError(f"verb {verb!r}")
+    check_table_name(table)
+    by_set: dict[str, list[str]] = {}
+    for forwarder, flow_id in flows:
+        address = ipaddress.ip_address(forwarder)
+        if not 0 <= flow_id < 1 << 32:
+            raise ValueError(f"flow id {flow_id!r}")
+        setname = f"tunnel{address.version}"
+        by_set.setdefault(setname, []).append(f"{address} . {flow_id >> 16} . {flow_id & 0xFFFF}")
+    return "".join(f"{verb} element inet {table} {setname} {{ {', '.join(elements)} }}\n"
+                   for setname, elements in sorted(by_set.items()))
 
 
 def element_commands(verb: str, table: str, keys: Iterable[FlowKey]) -> str:
@@ -254,3 +277,13 @@ class Fence:
 
     def keys(self) -> frozenset[FlowKey]:
         return frozenset(self._keys)
+
+    def add_tunnel(self, forwarder: str, flow_id: int) -> None:
+        """On a host: the kernel drops tunnelled frames of this flow (the
+        decapsulator reads them from its AF_PACKET socket)."""
+        self.backend.run(tunnel_commands("add", self.table, [(forwarder, flow_id)]))
+        self.stats["tunnels_added"] += 1
+
+    def remove_tunnel(self, forwarder: str, flow_id: int) -> None:
+        self.backend.run(tunnel_commands("delete", self.table, [(forwarder, flow_id)]))
+        self.stats["tunnels_removed"] += 1

@@ -41,7 +41,7 @@ import re
 import struct
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from nlbproxy import limits
@@ -132,16 +132,19 @@ _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 class Via:
     """Where a flow's packets go: the host, and how to reach it.
 
-    With ``flow_id`` the packets are tunnelled (:mod:`.tunnel`); otherwise
-    their destination MAC becomes ``host_mac`` and they leave by ``ifname``.
-    ``host`` names the host for inventories and bulk deletes (its agent's
-    address, for instance "10.0.1.7").
+    Their destination MAC becomes ``host_mac`` (the host's, or the next
+    router's when tunnelling) and they leave by ``ifname``.  With ``flow_id``
+    the packets are also tunnelled (:mod:`.tunnel`) and ``host`` must be the
+    host's IP address; otherwise ``host`` just names the host for inventories
+    and bulk deletes (its address, for instance "10.0.1.7").
     """
 
     host: str
     host_mac: str
     ifname: str = ""
     flow_id: int | None = None
+    #: ``host_mac`` as 6 bytes, computed once: the forwarder writes it into every frame.
+    mac_bytes: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.host or len(self.host.encode()) > 64 or " " in self.host:
@@ -150,12 +153,12 @@ class Via:
         if not _MAC.match(mac):
             raise ValueError(f"host_mac {self.host_mac!r} is not a MAC address")
         object.__setattr__(self, "host_mac", mac)
-        if self.flow_id is not None and not 0 <= self.flow_id < 1 << 32:
-            raise ValueError(f"flow_id {self.flow_id!r} is not a 32-bit number")
-
-    @property
-    def mac_bytes(self) -> bytes:
-        return bytes.fromhex(self.host_mac.replace(":", ""))
+        object.__setattr__(self, "mac_bytes", bytes.fromhex(mac.replace(":", "")))
+        if self.flow_id is not None:
+            if not 0 <= self.flow_id < 1 << 32:
+                raise ValueError(f"flow_id {self.flow_id!r} is not a 32-bit number")
+            # A tunnelled packet's destination is the host's own address.
+            ipaddress.ip_address(self.host)
 
 
 class State(enum.Enum):
@@ -171,10 +174,12 @@ class Verdict(enum.Enum):
     FORWARD = "forward"
     BUFFERED = "buffered"
     DROP = "drop"
+    #: Not a handed-off flow: the unit's own traffic, left to its kernel.
+    PASS = "pass"
 
 
-#: Why a packet was dropped; each is a counter ``drop_<reason>``.
-DROP_REASONS = ("no_route", "buffer_full", "malformed", "send_error")
+#: Why the forwarder dropped a packet; each is a counter ``drop_<reason>``.
+DROP_REASONS = ("buffer_full", "malformed", "send_error", "no_interface", "no_tunnel", "rx_overflow")
 
 # TCP flag bits the table cares about.
 FIN = 0x01
@@ -186,8 +191,8 @@ ACK = 0x10
 class Route:
     """One flow's entry.  Mutable, owned by its table; read it, do not change it."""
 
-    __slots__ = ("buffer", "buffered_bytes", "bytes", "deadline", "key", "packed", "packets",
-                 "pending_close", "since", "state", "via")
+    __slots__ = ("buffer", "buffered_bytes", "bytes", "deadline", "key", "offloaded", "packed",
+                 "packets", "pending_close", "since", "state", "via")
 
     def __init__(self, key: FlowKey, via: Via, now: float) -> None:
         self.key = key
@@ -203,6 +208,9 @@ class Route:
         self.bytes = 0
         #: FIN/RST flags seen while fenced, applied at commit.
         self.pending_close = 0
+        #: The unit's kernel forwards this flow (the forwarder's fast path);
+        #: the forwarder only watches its FIN/RST.
+        self.offloaded = False
 
     def row(self) -> dict[str, Any]:
         return {
@@ -217,6 +225,7 @@ class Route:
             "packets": self.packets,
             "bytes": self.bytes,
             "buffered": len(self.buffer),
+            "offloaded": self.offloaded,
         }
 
 
@@ -259,6 +268,10 @@ class RouteTable:
         self.buffered_bytes = 0
         #: Packets, bytes, drops by reason and state changes, for metrics.
         self.stats: Counter[str] = Counter()
+        #: Routes that left the table while a packet was handled (a closing
+        #: flow's 4-tuple reused by a new SYN); the forwarder drains this after
+        #: each batch so that the fence is lifted at once, and tick() returns them too.
+        self.removed: list[Deleted] = []
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -343,6 +356,18 @@ class RouteTable:
         self.stats["restored"] += 1
         return route
 
+    def offload(self, key: FlowKey) -> Route:
+        """The unit's kernel now forwards ``key`` (committed routes only).  Its
+        packets are no longer seen one by one, so no idle timeout applies:
+        the agent's report, the client's FIN/RST or the host's loss ends it."""
+        route = self._need(key, "offload")
+        if route.state is not State.COMMITTED:
+            raise RouteError(f"cannot offload {key}: it is {route.state.value}")
+        route.offloaded = True
+        route.deadline = float("inf")
+        self.stats["offloaded"] += 1
+        return route
+
     def delete(self, key: FlowKey, reason: str = "ended") -> Deleted | None:
         """Removes ``key``'s route (the agent reported the end, or the handoff
         was aborted: buffered packets are discarded).  None if it had none."""
@@ -366,14 +391,14 @@ class RouteTable:
 
     # --- the forwarder's calls --------------------------------------------------------
 
-    def packet(self, packed: bytes, frame: bytes, flags: int) -> tuple[Verdict, Route | None]:
+    def packet(self, packed: bytes, frame: bytes | bytearray | memoryview, flags: int) -> tuple[Verdict, Route | None]:
         """One client packet of flow ``packed`` (see :attr:`FlowKey.packed`)
         with TCP ``flags``: forward it (to the returned route's ``via``),
-        or it was buffered, or dropped (counted by reason)."""
+        or it was buffered, or dropped (counted by reason), or it is not a
+        handed-off flow's (PASS)."""
         route = self._routes.get(packed)
         if route is None:
-            self.stats["drop_no_route"] += 1
-            return Verdict.DROP, None
+            return Verdict.PASS, None
         state = route.state
         size = len(frame)
         if state is State.FENCED:
@@ -382,7 +407,8 @@ class RouteTable:
                     or self.buffered_bytes + size > self.fence_total_bytes):
                 self.stats["drop_buffer_full"] += 1
                 return Verdict.DROP, route
-            route.buffer.append(frame)
+            # The caller's buffer is reused for the next frame: keep a copy.
+            route.buffer.append(bytes(frame))
             route.buffered_bytes += size
             self.buffered_bytes += size
             self.stats["buffered_packets"] += 1
@@ -393,8 +419,13 @@ class RouteTable:
             # 4-tuple: it belongs to the unit's listener, not to the old host.
             self._drop(route)
             self.stats["deleted_reused"] += 1
-            self.stats["drop_no_route"] += 1
-            return Verdict.DROP, None
+            self.removed.append(Deleted(route, "reused"))
+            return Verdict.PASS, None
+        if route.offloaded:
+            # The kernel forwarded it; only its flags matter here.
+            self.stats["offloaded_seen"] += 1
+            self._close_if(route, flags)
+            return Verdict.FORWARD, route
         route.packets += 1
         route.bytes += size
         self.stats["packets"] += 1
@@ -404,9 +435,9 @@ class RouteTable:
         self._close_if(route, flags)
         return Verdict.FORWARD, route
 
-    def count_drop(self, reason: str) -> None:
-        """The forwarder's own drops (malformed frames, send errors)."""
-        self.stats[f"drop_{reason}"] += 1
+    def count_drop(self, reason: str, count: int = 1) -> None:
+        """The forwarder's own drops (send errors, receive buffer overflows)."""
+        self.stats[f"drop_{reason}"] += count
 
     def _close_if(self, route: Route, flags: int) -> None:
         if not flags & (FIN | RST):
@@ -428,7 +459,7 @@ class RouteTable:
         """Runs the timeouts; returns the routes that left the table."""
         now = self._clock.seconds()
         expired = [r for r in self._routes.values() if r.deadline <= now]
-        out = []
+        out, self.removed = self.removed, []
         for route in expired:
             reason = {
                 State.FENCED: "fence_timeout",
