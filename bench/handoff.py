@@ -2,8 +2,9 @@
 
 Builds the farm of tests/handoff_farm.py in network namespaces (client, unit,
 two hosts with Debian's nginx and an agent each; the VIP's follow-on packets
-go from the unit to the host through the unit's kernel, see
-tests/handoff_plumbing.py) and measures, side by side in one run:
+go from the unit to the host through the unit's AF_PACKET forwarder, or with
+``--plumbing kernel`` through the unit's kernel, see tests/handoff_plumbing.py)
+and measures, side by side in one run:
 
   latency      median handoff critical path (request head complete -> route
                committed) over --connections sequential connections, from the
@@ -20,8 +21,9 @@ tests/handoff_plumbing.py) and measures, side by side in one run:
                hashes it (tests.backend /sha256), checked against the sha256
 
 The handoff download is also checked by sha256 in a second run.  The unit's
-process CPU does not include what its kernel spends forwarding the client's
-ACKs (softirq time is not charged to a process); the machine-wide figure does.
+process CPU includes its forwarder's (the client's ACKs); with ``--plumbing
+kernel`` the forwarding is softirq time, charged to no process, and only the
+machine-wide figure shows it.
 Needs root.  ``--json FILE`` writes the results.
 """
 
@@ -117,6 +119,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=GB, help="download size in bytes (default 1 GB)")
     parser.add_argument("--upload-size", type=int, default=200_000_000, help="upload size (default 200 MB)")
     parser.add_argument("--connections", type=int, default=300, help="connections for the latency figures")
+    parser.add_argument("--plumbing", choices=["forwarder", "kernel"], default="forwarder",
+                        help="the unit's AF_PACKET forwarder (default) or the kernel-routed stand-in")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs and logs)")
     args = parser.parse_args()
@@ -128,7 +132,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-handoff-"))
     results: dict[str, Any] = {}
     with Topology() as topo:
-        farm = HandoffFarm(topo, tmp)
+        farm = HandoffFarm(topo, tmp, plumbing=args.plumbing)
         for name in farm.hosts:
             with open(farm.nginx[name] / "www" / "big", "wb") as big:
                 big.truncate(args.size)  # sparse: nginx sends zeros, the disk holds nothing

@@ -9,8 +9,9 @@ every process it started, even on failure)::
     h1     10.0.0.11 -+               the client routes the VIP via the unit
     h2     10.0.0.12 -+
 
-- the unit (tests.handoff_unit: the real Unit with the kernel-routed test
-  plumbing) listens on VIP:80 with ``handoff = true`` (routes: ``/adopt`` to
+- the unit (tests.handoff_unit: the real Unit with the real AF_PACKET
+  forwarder, or with ``plumbing="kernel"`` the kernel-routed stand-in of
+  tests/handoff_plumbing.py) listens on VIP:80 with ``handoff = true`` (routes: ``/adopt`` to
   pool apps, ``/sha256`` to pool up, the rest to pool web) and on
   10.0.0.1:8000 as a plain proxying listener for pool web;
 - each host runs a real, unmodified nginx (Debian's) on :8080 (plain) and
@@ -106,8 +107,10 @@ class Output:
 class HandoffFarm:
     """Builds the farm inside ``topo``; ``www`` files are written before nginx starts."""
 
-    def __init__(self, topo: Topology, tmp: Path, files: dict[str, bytes] | None = None) -> None:
+    def __init__(self, topo: Topology, tmp: Path, files: dict[str, bytes] | None = None,
+                 plumbing: str = "forwarder") -> None:
         self.topo = topo
+        self.plumbing = plumbing
         self.tmp = tmp
         (tmp / "secret.key").write_bytes(SECRET)
         self.client = topo.add_node("client", CLIENT_IP)
@@ -181,8 +184,8 @@ class HandoffFarm:
             f'[pool.up]\nhosts = ["{h1}:8081"]\n'
             f'[pool.apps]\nhosts = ["{h2}:9000"]\n'
         )
-        marks = [f"{h1}=11", f"{h2}=12"]
-        self.unit_out = self.start(self.unit, [sys.executable, "-m", "tests.handoff_unit", str(config), *marks])
+        how = ["kernel", f"{h1}=11", f"{h2}=12"] if self.plumbing == "kernel" else ["forwarder"]
+        self.unit_out = self.start(self.unit, [sys.executable, "-m", "tests.handoff_unit", str(config), *how])
         self.unit_out.wait_for("farm known")
 
     def start(self, node: Node, argv: list[str]) -> Output:

@@ -61,7 +61,6 @@ class KernelRoutes:
         self.backend = open_backend()
         self.backend.run(setup_commands())
         setup_routing(hosts)
-        self.log: list[tuple[str, Flow]] = []
 
     @staticmethod
     def _element(flow: Flow) -> str:
@@ -69,7 +68,6 @@ class KernelRoutes:
 
     def fence(self, flow: Flow, host: Any) -> None:
         self.backend.run(f"add element inet {TABLE} flows4 {{ {self._element(flow)} : {FENCED} }}\n")
-        self.log.append(("fence", flow))
         self._host = getattr(host, "host", str(host))
         self._marks = getattr(self, "_marks", {})
         self._marks[flow] = self.hosts[self._host]
@@ -79,14 +77,11 @@ class KernelRoutes:
         element = self._element(flow)
         self.backend.run(f"delete element inet {TABLE} flows4 {{ {element} }}\n"
                          f"add element inet {TABLE} flows4 {{ {element} : {mark} }}\n")
-        self.log.append(("commit", flow))
 
     def unfence(self, flow: Flow) -> None:
         self._marks.pop(flow, None)
         self.backend.run(f"delete element inet {TABLE} flows4 {{ {self._element(flow)} }}\n")
-        self.log.append(("unfence", flow))
 
     def ended(self, flow: Flow) -> None:
         if self._marks.pop(flow, None) is not None:
             self.backend.run(f"delete element inet {TABLE} flows4 {{ {self._element(flow)} }}\n")
-        self.log.append(("ended", flow))

@@ -24,11 +24,14 @@ DOWNLOAD = 96 * MiB
 UPLOAD = 48 * MiB
 
 
-@pytest.fixture(scope="module")
-def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HandoffFarm]:
+@pytest.fixture(scope="module", params=["forwarder", "kernel"])
+def farm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HandoffFarm]:
+    """The farm with the unit's AF_PACKET forwarder, and again with the
+    kernel-routed stand-in (which isolates the migration from the forwarder)."""
     require_netns()
     with Topology() as topo:
-        yield HandoffFarm(topo, tmp_path_factory.mktemp("handoff"), files={"big": pattern(DOWNLOAD, seed=7)})
+        yield HandoffFarm(topo, tmp_path_factory.mktemp("handoff"), files={"big": pattern(DOWNLOAD, seed=7)},
+                          plumbing=request.param)
 
 
 def curl(farm: HandoffFarm, *args: str, timeout: float = 120.0) -> str:
