@@ -193,7 +193,8 @@ def main() -> None:
             "while left:\n"
             "    chunk=block[:left]; s.sendall(chunk); h.update(chunk); left-=len(chunk)\n"
             "data=b''\n"
-            "while not data.endswith(b'\\n'): data+=s.recv(4096)\n"
+            "while b'\\r\\n\\r\\n' not in data or not data.endswith(b'\\n') or data.endswith(b'\\r\\n\\r\\n'):\n"
+            "    data+=s.recv(4096)\n"
             "print(data.rsplit(b'\\r\\n\\r\\n',1)[1].decode().split()[1]==h.hexdigest())\n"
         )
         started = time.perf_counter()
