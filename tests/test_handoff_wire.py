@@ -73,6 +73,11 @@ class HandshakeTests(SynchronousTestCase):
         hello[5] = VERSION + 1
         self.assertEqual(self.assertRaises(ChannelError, agent.receive, bytes(hello)).reason, "version")
 
+    def test_large_frame_before_handshake(self) -> None:
+        agent = Channel("agent", SECRET)
+        frame = struct.pack("!BI", 1, 1000)
+        self.assertEqual(self.assertRaises(ChannelError, agent.receive, frame).reason, "too_long")
+
     def test_message_before_handshake(self) -> None:
         unit, _ = connect()
         agent = Channel("agent", SECRET)

@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nlbproxy.classifier import Host
-from nlbproxy.config import format_host_port, parse_host_port
+from nlbproxy.config import parse_host_port
 from nlbproxy.handoff import repair
 from nlbproxy.handoff.channel import AgentLink, AgentUnavailable
 from nlbproxy.handoff.state import encode
@@ -396,6 +396,3 @@ class _Peeking(Protocol):
         router.makeConnection(self.transport)
         self.transport.startReading()
 
-
-def format_flow(flow: Flow) -> str:
-    return f"{format_host_port(*flow.client)} {format_host_port(*flow.vip)}"

@@ -75,6 +75,7 @@ MAC_SIZE = 32
 #: Largest frame payload: a blob with two full queues and then some.  Socket
 #: buffers are a few MiB at most (``net.core.wmem_max``).
 MAX_FRAME = 48 * 1024 * 1024
+_MAX_HANDSHAKE = 1 + CHALLENGE_SIZE + MAC_SIZE
 #: Largest pool name / endpoint / reason / address text in a message.
 MAX_TEXT = 1024
 
@@ -211,7 +212,9 @@ class Channel:
         messages: list[Message] = []
         while len(self._buffer) >= _HEADER.size:
             kind, length = _HEADER.unpack_from(self._buffer)
-            if length > MAX_FRAME:
+            # Before the handshake only its small frames are allowed: an
+            # unauthenticated peer must not make this side buffer a blob.
+            if length > (MAX_FRAME if self.ready else _MAX_HANDSHAKE):
                 raise ChannelError("too_long", f"frame of {length} bytes")
             total = _HEADER.size + length + (MAC_SIZE if self.ready else 0)
             if len(self._buffer) < total:
