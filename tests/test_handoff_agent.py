@@ -194,3 +194,19 @@ def test_adopt_by_a_twisted_application(farm: Farm, tmp_path: Path) -> None:
         assert read_response(client)[1] == pattern_bytes(3000000)
     finally:
         rig.close()
+
+
+def test_unit_without_forwarder_proxies_handoff_listeners(farm: Farm, tmp_path: Path) -> None:
+    """``twistd nlbproxy`` with ``handoff = true`` but no forwarder plumbed in
+    falls back to proxying every connection (peeked bytes included)."""
+    import urllib.request
+
+    from tests.realnet import unit_config
+
+    (tmp_path / "secret.key").write_bytes(SECRET)
+    _, backend = farm.backend("b1")
+    unit = farm.unit(unit_config([backend], extra_unit=f'secret_file = "{tmp_path / "secret.key"}"',
+                                 extra_listener="handoff = true"))
+    with urllib.request.urlopen(unit.url() + "x", timeout=IO_TIMEOUT) as answer:
+        assert answer.read() == b"b1 GET /x\n"
+    unit.process.wait_for("no forwarder")
