@@ -11,7 +11,9 @@ TRIAL_MODULES = tests.test_config tests.test_metrics tests.test_router tests.tes
 	tests.test_health_cache tests.test_allotment tests.test_dam tests.test_session_agent tests.test_session_tracker \
 	tests.test_statuspage tests.test_filtering tests.test_cache \
 	tests.test_plugin tests.test_plugin_tenant tests.test_plugin_soap tests.test_testing \
-	tests.test_soap
+	tests.test_soap \
+	tests.test_handoff_state tests.test_handoff_wire tests.test_handoff_unitside tests.test_handoff_routes \
+	tests.test_handoff_fence tests.test_handoff_forwarder tests.test_handoff_tunnel
 
 # System packages the tests drive as real clients and servers; Chromium (and
 # its chromedriver) for the status page, systemd-analyze for the unit files.
@@ -20,6 +22,12 @@ deps:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl wrk >/dev/null; }
 	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver && command -v systemd-analyze >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver systemd >/dev/null; }
+	@# The handoff end-to-end tests drive a real, unmodified nginx on the hosts.
+	@command -v nginx >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
+	@# The handoff fence: libnftables in-process, the nft command as fallback and for tests.
+	@command -v nft >/dev/null && ldconfig -p | grep -q libnftables.so.1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnftables1 nftables >/dev/null; }
 
 install:
 	$(PIP_INSTALL) -e '.[test]' --config-settings editable_mode=compat

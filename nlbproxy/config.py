@@ -225,6 +225,9 @@ class UnitConfig:
     peers: tuple[tuple[str, int], ...] = ()
     #: Extra copies of each session atom on other units; None = every unit.
     replication: int | None = 1
+    #: TCP port of the host agents' ``handoff`` endpoint, on each host's address
+    #: (listeners with ``handoff = true`` hand connections to it); needs secret_file.
+    handoff_port: int = 9904
     listeners: tuple[ListenerConfig, ...]
     pools: Mapping[str, PoolConfig]
     path: str
@@ -617,6 +620,7 @@ _UNIT: dict[str, _Convert] = {
     "dam": _endpoint,
     "peers": lambda value: tuple(_address(item) for item in _array(value)),
     "replication": _replication,
+    "handoff_port": _integer(1, 65535),
 }
 
 _LISTENER: dict[str, _Convert] = {
@@ -625,7 +629,7 @@ _LISTENER: dict[str, _Convert] = {
     "protocol": _choice("http", "soap"),
     "pool": _string,
     "route": _array,
-    "handoff": _not_yet(_boolean, bool, "handoff is not supported yet"),
+    "handoff": _boolean,
     "max_header_bytes": _integer(1024),
     "max_request_line": _integer(256),
     "max_body_bytes": _integer(0),
@@ -812,6 +816,9 @@ class _Parser:
             listeners[config.name] = config
         if not listeners:
             raise self.error("listener", "at least one [[listener]] table is required")
+        for i, config in enumerate(listeners.values()):
+            if config.handoff and "secret" not in unit:
+                raise self.error(f"listener[{i}].handoff", "handoffs go to authenticated agents: set unit.secret_file")
 
         return UnitConfig(
             **unit,

@@ -127,3 +127,32 @@ CACHE_MAX_OBJECT_BYTES = 1 * MiB
 CACHE_MAX_VARIANTS = 16
 #: What one entry costs beyond its body and headers (objects, keys).
 CACHE_ENTRY_OVERHEAD = 512
+# --- handoff forwarder (routes of handed-off connections) ------------------------
+#: Forwarding routes (handed-off connections) one unit keeps; past it a new
+#: handoff is refused (the request is proxied instead).
+MAX_ROUTES = 262_144
+#: Client packets held for one fenced flow between fence and commit (the
+#: recipe saw 1-3 in practice); past either bound a packet is dropped and
+#: counted, and the client's TCP retransmits it.
+FENCE_MAX_PACKETS = 64
+FENCE_MAX_BYTES = 256 * KiB
+#: Bytes held for all fenced flows together.
+FENCE_TOTAL_BYTES = 32 * MiB
+#: A flow fenced this long without a commit is dropped from the table (the
+#: handoff failed; the unit resets the client).
+FENCE_TIMEOUT = 5.0
+#: After the client's FIN, the route lives this long unless the host's agent
+#: reports the end first (a backstop: the client's last ACKs and a retransmitted
+#: FIN still need it).
+CLOSING_TIMEOUT = 60.0
+#: After the client's RST, the route lives this long.
+RESET_TIMEOUT = 5.0
+#: A committed route without a client packet for this long is deleted.
+ROUTE_IDLE_TIMEOUT = 3600.0
+#: The forwarder's AF_PACKET receive buffer: bursts beyond it are dropped by
+#: the kernel (the client retransmits).
+FORWARDER_RCVBUF = 4 * MiB
+#: The forwarder's send buffer per out interface.
+FORWARDER_SNDBUF = 4 * MiB
+#: Frames read per wake-up before the reactor serves other sockets.
+FORWARDER_BATCH = 64

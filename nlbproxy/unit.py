@@ -28,6 +28,7 @@ from nlbproxy.health.unitside import UnitHealth
 from nlbproxy.session.dam import DAM
 from nlbproxy.session.peering import DamService
 from nlbproxy.session.tracker import SessionTracker
+from nlbproxy.handoff.unitside import HandoffFactory, HandoffUnit, Plumbing
 from nlbproxy.routers.http import Listener, RouterFactory
 from nlbproxy.routers.upstream import Upstreams
 
@@ -48,7 +49,7 @@ class StartError(Exception):
 class Unit(service.Service):
     """One balancing unit."""
 
-    def __init__(self, config: UnitConfig, reactor: Any) -> None:
+    def __init__(self, config: UnitConfig, reactor: Any, plumbing: Plumbing | None = None) -> None:
         self.config = config
         self.reactor = reactor
         self.farm = Farm(config.pools.values(), reactor, config.secret)
@@ -78,6 +79,11 @@ class Unit(service.Service):
         self.health = UnitHealth(config, self.farm, reactor, self.sessions)
         self.ports: dict[str, Any] = {}
         self.admin_port: Any = None
+        # Listeners with ``handoff = true``: ``plumbing`` is the forwarder.
+        self.handoff: HandoffUnit | None = None
+        if any(lc.handoff for lc in config.listeners):
+            assert config.secret is not None  # the config requires it
+            self.handoff = HandoffUnit(config.secret, config.handoff_port, plumbing, reactor)
 
     def _listen(self, description: str, factory: Any) -> Any:
         result: list[Any] = []
@@ -91,7 +97,10 @@ class Unit(service.Service):
 
     def privilegedStartService(self) -> None:
         for name, listener in self.listeners.items():
-            self.ports[name] = self._listen(listener.config.endpoint, RouterFactory(listener))
+            factory: Any = RouterFactory(listener)
+            if listener.config.handoff and self.handoff is not None:
+                factory = HandoffFactory(factory, self.handoff)
+            self.ports[name] = self._listen(listener.config.endpoint, factory)
         site = make_admin_site(
             self.farm, {n: li.stats for n, li in self.listeners.items()}, self.upstreams,
             self.config.name, self.config.admin_token, self.reactor, health=self.health,
@@ -153,6 +162,8 @@ class Unit(service.Service):
                 break
             yield deferLater(self.reactor, DRAIN_POLL_INTERVAL, lambda: None)
         self.upstreams.close_idle()
+        if self.handoff is not None:
+            self.handoff.close()
         yield self.health.stop()
         self.sessions.stop()
         if self.dam_service is not None and self.dam_service.running:

@@ -84,6 +84,18 @@ class AgentConfigTests(SynchronousTestCase):
         self.assertEqual(config.udp_interface, "::")
         self.assertEqual(config.apps[0].endpoint, "[2001:db8::7]:8080")
 
+    def test_handoff(self) -> None:
+        text = GOOD.replace("[agent]\n", '[agent]\nhandoff = "tcp:9904:interface=10.0.0.7"\n').replace(
+            "capacity = 70", 'deliver = "bridge"\nbridge_to = "127.0.0.1:8080"\nproxy_protocol = "v2"'
+        ).replace('endpoint = "10.0.0.7:9000"', 'endpoint = "10.0.0.7:9000"\ndeliver = "adopt"\nadopt_path = "api.sock"')
+        config = load_agent_config(self.write(text))
+        self.assertEqual(config.handoff, "tcp:9904:interface=10.0.0.7")
+        web, api = config.apps
+        self.assertEqual((web.deliver, web.bridge_to, web.proxy_protocol), ("bridge", ("127.0.0.1", 8080), 2))
+        self.assertEqual((api.deliver, api.adopt_path), ("adopt", str(self.dir / "api.sock")))
+        plain = load_agent_config(self.write(GOOD))
+        self.assertEqual((plain.handoff, plain.apps[0].deliver, plain.apps[0].proxy_protocol), (None, None, 0))
+
     def test_errors_name_the_key(self) -> None:
         cases = {
             GOOD.replace('name = "web-7"\n', ""): "agent.name: missing required key",
@@ -97,10 +109,17 @@ class AgentConfigTests(SynchronousTestCase):
             GOOD.replace('secret_file = "health.key"', ""): "agent.secret_file: missing required key",
             GOOD.replace('[agent]\n', '[agent]\napi = "tcp:9902"\n'): "agent.api: api endpoint must name an interface",
             GOOD.replace('[agent]\n', '[agent]\napi = "ssl:9902"\n'): "agent.api: expected a 'tcp:'",
-            GOOD.replace('[agent]\n', '[agent]\nhandoff = "tcp:9910"\n'): "agent.handoff: handoff is not supported yet",
+            GOOD.replace('[agent]\n', '[agent]\nhandoff = "udp:9910"\n'): "agent.handoff: expected a 'tcp:'",
             GOOD.replace("capacity = 70", "capacity = 100"): "app[0].capacity: must be between 0 and 99",
-            GOOD.replace("capacity = 70", 'deliver = "adopt"'): "app[0].deliver: deliver is not supported yet",
-            GOOD.replace("capacity = 70", 'bridge_to = "127.0.0.1:80"'): "app[0].bridge_to: bridge_to is not supported",
+            GOOD.replace("capacity = 70", 'deliver = "adopt"'): "app[0].adopt_path: required with deliver = 'adopt'",
+            GOOD.replace("capacity = 70", 'deliver = "bridge"'): "app[0].bridge_to: required with deliver = 'bridge'",
+            GOOD.replace("capacity = 70", 'deliver = "teleport"'): "app[0].deliver: expected one of",
+            GOOD.replace("capacity = 70", 'bridge_to = "127.0.0.1:80"'): "app[0].bridge_to: only with deliver = 'bridge'",
+            GOOD.replace("capacity = 70", 'deliver = "bridge"\nbridge_to = "127.0.0.1:80"'):
+                "agent.handoff: required when an [[app]] has deliver",
+            GOOD.replace("[agent]\n", '[agent]\nhandoff = "tcp:9904"\n').replace(
+                "capacity = 70", 'deliver = "bridge"\nbridge_to = "127.0.0.1:80"\nproxy_protocol = 3'):
+                "app[0].proxy_protocol: expected true, false, 'v1' or 'v2'",
             GOOD.replace("capacity = 70", 'colour = "red"'): "app[0].colour: unknown key",
             GOOD.replace('path = "/hz"', 'path = "hz"'): "app[0].check.path: must start with '/'",
             GOOD.replace("rise = 3", "rise = 0"): "app[0].check.rise: must be between 1 and 100",

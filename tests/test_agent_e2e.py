@@ -128,7 +128,7 @@ def test_bad_config_fails_with_one_line(farm: Farm) -> None:
     proc = subprocess.run(["twistd", "-n", "--pidfile=", "nlbagent", "--config", str(path)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
-    assert f"{path}: agent.handoff: handoff is not supported yet" in proc.stderr + proc.stdout
+    assert f"{path}: agent.handoff: expected a 'tcp:', 'tcp6:' or 'unix:' endpoint, got 'x'" in proc.stderr + proc.stdout
 
 
 def test_agent_talks_to_a_unit(farm: Farm, unit: FakeUnit) -> None:

@@ -448,8 +448,9 @@ ERRORS: list[tuple[tuple[str | int, ...], object, str, str]] = [
         (*LISTENER, "handoff"),
         True,
         "listener[0].handoff",
-        "handoff is not supported yet",
+        "handoffs go to authenticated agents: set unit.secret_file",
     ),
+    (("unit",), {"handoff_port": 0}, "unit.handoff_port", "must be between 1 and 65535, got 0"),
     (
         (*WEB, "affinity"),
         "sticky",

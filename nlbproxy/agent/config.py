@@ -15,8 +15,19 @@
     capacity = 50                       # 0-99
     check = { path = "/healthz", interval = 1.0, rise = 2, fall = 2, timeout = 1.0 }
 
-``handoff`` in ``[agent]`` and ``deliver`` / ``bridge_to`` in ``[[app]]`` are
-reserved for connection handoff and refused until it exists.  Errors are
+Connection handoff (the agent receives live client connections from the
+units and delivers them to the application)::
+
+    [agent]
+    handoff = "tcp:9904:interface=10.0.0.7"  # where units hand connections over
+
+    [[app]]
+    deliver = "bridge"                  # or "adopt"
+    bridge_to = "127.0.0.1:8080"        # bridge: the unmodified local server
+    proxy_protocol = true               # bridge: send a PROXY header (true = v1, "v1", "v2")
+    adopt_path = "/run/web/adopt.sock"  # adopt: the application's Unix socket
+
+Errors are
 :class:`nlbproxy.config.ConfigError`, one line naming the file, the dotted key
 and the reason, as for a unit's file; relative file names are relative to the
 config file.
@@ -35,8 +46,9 @@ from nlbproxy.config import (
     _endpoint_params,
     _integer,
     _join,
+    _choice,
+    _endpoint,
     _name,
-    _not_yet,
     _Parser,
     _string,
     _table,
@@ -84,6 +96,13 @@ class AppConfig:
     port: int
     capacity: int = DEFAULT_CAPACITY
     check: CheckConfig | None = None
+    #: How handed-off connections reach the application: "bridge", "adopt",
+    #: or None (the app takes no handoffs).
+    deliver: str | None = None
+    bridge_to: tuple[str, int] | None = None
+    #: PROXY protocol version written first on bridged connections; 0 = none.
+    proxy_protocol: int = 0
+    adopt_path: str | None = None
 
     @property
     def endpoint(self) -> str:
@@ -106,6 +125,7 @@ class AgentConfig:
     secret: bytes
     apps: tuple[AppConfig, ...]
     path: str
+    handoff: str | None = None
 
     @property
     def udp_interface(self) -> str:
@@ -153,8 +173,12 @@ def _api_endpoint(value: object) -> str:
     return text
 
 
-def _reserved(feature: str) -> _Convert:
-    return _not_yet(lambda value: value, lambda value: True, f"{feature} is not supported yet")
+def _proxy_protocol(value: object) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if value in ("v1", "v2"):
+        return int(str(value)[1])
+    raise ValueError(f"expected true, false, 'v1' or 'v2', got {value!r}")
 
 
 def _apps(value: object) -> list[Any]:
@@ -170,7 +194,7 @@ _AGENT: dict[str, _Convert] = {
     "units": lambda value: value,  # checked one by one below
     "api": _api_endpoint,
     "secret_file": _string,
-    "handoff": _reserved("handoff"),
+    "handoff": _endpoint,
 }
 
 _APP: dict[str, _Convert] = {
@@ -178,8 +202,10 @@ _APP: dict[str, _Convert] = {
     "endpoint": _endpoint_address,
     "capacity": _integer(0, 99),
     "check": _table,
-    "deliver": _reserved("deliver"),
-    "bridge_to": _reserved("bridge_to"),
+    "deliver": _choice("adopt", "bridge"),
+    "bridge_to": _endpoint_address,
+    "proxy_protocol": _proxy_protocol,
+    "adopt_path": _string,
 }
 
 
@@ -199,6 +225,8 @@ class _AgentParser(_Parser):
             apps[app.key] = app
         if len(apps) > MAX_ROWS:
             raise self.error("app", f"at most {MAX_ROWS} [[app]] tables, got {len(apps)}")
+        if any(app.deliver for app in apps.values()) and "handoff" not in agent:
+            raise self.error("agent.handoff", "required when an [[app]] has deliver")
         return AgentConfig(**agent, apps=tuple(apps.values()), path=self.path)
 
     def units(self, value: object) -> tuple[tuple[str, int], ...]:
@@ -222,5 +250,14 @@ class _AgentParser(_Parser):
         host, port = app.pop("endpoint")
         if "check" in app:
             app["check"] = CheckConfig(**self.table(app["check"], _join(where, "check"), _CHECK))
+        deliver = app.get("deliver")
+        needs = {"bridge": "bridge_to", "adopt": "adopt_path"}
+        if deliver is not None and needs[deliver] not in app:
+            raise self.error(_join(where, needs[deliver]), f"required with deliver = {deliver!r}")
+        for key, mode in (("bridge_to", "bridge"), ("proxy_protocol", "bridge"), ("adopt_path", "adopt")):
+            if key in app and deliver != mode:
+                raise self.error(_join(where, key), f"only with deliver = {mode!r}")
+        if "adopt_path" in app:
+            app["adopt_path"] = self.resolve(app["adopt_path"])
         return AppConfig(host=host, port=port, **app)
 

@@ -11,6 +11,9 @@ past the hysteresis -- goes through :meth:`AgentCore.publish
 once.  Stop sends GOODBYE first, so units clear the host at once instead of
 aging it out, then stops everything.
 
+With ``handoff`` set, start also listens there for the units' handoff
+channel (:class:`~nlbproxy.agent.handoff.HandoffReceiver`).
+
 Session tracking shares the health socket: the API's session routes feed the
 :class:`~nlbproxy.session.agentside.SessionSender`, which sends SESSION_UP /
 SESSION_DOWN to the bound unit; the socket's receive path hands it every
@@ -34,6 +37,7 @@ from twisted.python.failure import Failure
 from nlbproxy.agent.api import make_api_site
 from nlbproxy.agent.checks import EndpointCheck
 from nlbproxy.agent.config import AgentConfig
+from nlbproxy.agent.handoff import HandoffReceiver
 from nlbproxy.config import format_host_port
 from nlbproxy.agent.load import CpuLoad
 from nlbproxy.health.agent import HEARTBEAT_INTERVAL, AgentCore
@@ -82,6 +86,8 @@ class AgentService(service.Service):
         self._session_ticks.clock = reactor
         self.api_port: Any = None
         self.udp_port: Any = None
+        self.handoff = HandoffReceiver(config, reactor) if config.handoff else None
+        self.handoff_port: Any = None
 
     # -- wiring --------------------------------------------------------------------
     def _received(self, address: tuple[str, int], envelope: Envelope) -> None:
@@ -111,6 +117,16 @@ class AgentService(service.Service):
         except Exception as exc:
             self.api_port.stopListening()
             raise StartError(f"cannot bind the health socket: {exc}") from exc
+        if self.handoff is not None:
+            assert self.config.handoff is not None
+            result = []
+            serverFromString(self.reactor, self.config.handoff).listen(self.handoff.factory()).addBoth(result.append)
+            if not result or isinstance(result[0], Failure):
+                why = result[0].getErrorMessage() if result else "endpoint did not bind at once"
+                self.api_port.stopListening()
+                self.udp_port.stopListening()
+                raise StartError(f"cannot listen for handoffs on {self.config.handoff}: {why}")
+            self.handoff_port = result[0]
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -128,6 +144,9 @@ class AgentService(service.Service):
         )
         udp = self.udp_port.getHost()
         log.info("agent {name} api on {url}", name=self.config.name, url=url)
+        if self.handoff_port is not None:
+            where = self.handoff_port.getHost()
+            log.info("handoffs on {address}", address=format_host_port(where.host, where.port))
         log.info(
             "health to {units} from udp {udp}",
             units=", ".join(format_host_port(*unit) for unit in self.config.units),
@@ -145,5 +164,5 @@ class AgentService(service.Service):
                 loop.stop()
         for check in self.checks:
             check.stop()
-        ports = [p for p in (self.api_port, self.udp_port) if p is not None]
+        ports = [p for p in (self.api_port, self.udp_port, self.handoff_port) if p is not None]
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])

@@ -1,0 +1,524 @@
+# -*- test-case-name: tests.test_handoff_forwarder -*-
+"""The forwarder: carries a handed-off client's packets from the unit to the host.
+
+The client keeps sending to the VIP, which the unit owns.  An AF_PACKET socket
+on the client-facing interface sees every frame before netfilter (so also the
+fenced ones the kernel then drops); frames of flows in the route table get
+their Ethernet addresses rewritten -- destination the host's MAC, source the
+unit's out interface -- and leave by the host-facing interface, unchanged
+otherwise.  The host owns the VIP on ``lo`` and answers the client directly
+(direct server return), so only the client-to-host half passes here.
+
+Both sockets use PACKET_VNET_HDR and the 10-byte ``virtio_net_hdr`` is passed
+through untouched: veth hands over partial checksums and GSO super-frames (up
+to 64 KiB), which the far side only accepts with their header.
+
+:class:`Forwarder` is the sans-I/O core (a frame in, where to send it out);
+:class:`PacketPort` is the thin Twisted reader around the sockets, with the
+reactor injected.  The route table's counters (:attr:`RouteTable.stats`) are
+the forwarder's metrics: packets, bytes, drops by reason; :meth:`Forwarder.metrics`
+gathers them for the admin API.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.task import LoopingCall
+from twisted.python import failure, log
+from zope.interface import implementer
+
+from nlbproxy import limits
+from nlbproxy.handoff.packets import ETH_HLEN, VNET_HDR_LEN, Malformed, Parsed, parse, set_macs
+from nlbproxy.handoff.routes import Deleted, FlowKey, RouteTable, Verdict, Via, atom_key, to_atom
+
+SOL_PACKET = 263
+PACKET_VNET_HDR = 15
+PACKET_IGNORE_OUTGOING = 23
+PACKET_STATISTICS = 6
+ETH_P_ALL = 0x0003
+#: ``sll_pkttype`` values: a frame to our MAC, and a frame we sent.
+PACKET_HOST = 0
+PACKET_OUTGOING = 4
+SIOCGIFHWADDR = 0x8927
+
+#: Receive buffer: a vnet header, a VLAN-tagged Ethernet header and the largest
+#: IP packet (GSO super-frames included).
+FRAME_BUFFER = VNET_HDR_LEN + 18 + 65535
+
+
+class Forwarder:
+    """Decides, for each received frame, whether and where it goes.
+
+    ``macs`` maps each out interface to its own MAC address (the source of the
+    rewritten frames).  ``tunnel`` (a :class:`nlbproxy.handoff.tunnel.Encapsulator`)
+    encodes routes that carry a flow id.
+    """
+
+    def __init__(self, table: RouteTable, macs: Mapping[str, bytes], tunnel: Any = None) -> None:
+        self.table = table
+        self.macs = dict(macs)
+        self.tunnel = tunnel
+        #: Frames by outcome that the route table does not count.
+        self.stats: Counter[str] = Counter()
+
+    def frame(self, buf: bytearray, size: int, pkttype: int = PACKET_HOST) -> tuple[str, memoryview] | None:
+        """``buf[:size]`` is a received vnet header and frame.  Returns the out
+        interface and the bytes to send (``buf`` rewritten in place), or None
+        when the frame is not sent now (not ours, buffered or dropped)."""
+        self.stats["rx_frames"] += 1
+        if pkttype != PACKET_HOST:
+            # Frames to other MACs (a flooding bridge) or our own outgoing
+            # copies are not addressed to the VIP's owner.
+            self.stats["passed"] += 1
+            return None
+        parsed = parse(buf, VNET_HDR_LEN, size)
+        if type(parsed) is not Parsed:
+            if type(parsed) is Malformed:
+                # The kernel sees the frame too and drops it itself.
+                self.stats["malformed"] += 1
+                self.stats[f"malformed_{parsed.reason.replace(' ', '_')}"] += 1
+            else:
+                self.stats["passed"] += 1
+            return None
+        assert isinstance(parsed, Parsed)
+        view = memoryview(buf)[:size]
+        verdict, route = self.table.packet(parsed.packed, view, parsed.flags)
+        if verdict is not Verdict.FORWARD:
+            if verdict is Verdict.PASS:
+                self.stats["passed"] += 1
+            return None
+        assert route is not None
+        return self._rewrite(buf, size, route.via, parsed)
+
+    def _rewrite(self, buf: bytearray, size: int, via: Any, parsed: Parsed | None) -> tuple[str, memoryview] | None:
+        src = self.macs.get(via.ifname)
+        if src is None:
+            self.table.count_drop("no_interface")
+            return None
+        set_macs(buf, VNET_HDR_LEN, via.mac_bytes, src)
+        if via.flow_id is not None:
+            if self.tunnel is None:
+                self.table.count_drop("no_tunnel")
+                return None
+            if parsed is None:
+                found = parse(buf, VNET_HDR_LEN, size)
+                if not isinstance(found, Parsed):
+                    self.table.count_drop("malformed")
+                    return None
+                parsed = found
+            self.tunnel.encode(buf, parsed, via)
+        return via.ifname, memoryview(buf)[:size]
+
+    def commit(self, key: FlowKey) -> list[tuple[str, memoryview]]:
+        """Commits ``key``'s route; returns its buffered frames, rewritten, in order."""
+        route = self.table.get(key)
+        held = self.table.commit(key)
+        assert route is not None
+        out = []
+        for frame in held:
+            sent = self._rewrite(bytearray(frame), len(frame), route.via, None)
+            if sent is not None:
+                out.append(sent)
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters for the admin API and /metrics: packets and bytes
+        forwarded, drops by reason, frames passed to the kernel, routes."""
+        stats = self.table.stats
+        drops = {k[len("drop_"):]: v for k, v in stats.items() if k.startswith("drop_")}
+        return {
+            "packets": stats["packets"],
+            "bytes": stats["bytes"],
+            "buffered_packets": stats["buffered_packets"],
+            "drops": drops,
+            "rx_frames": self.stats["rx_frames"],
+            "passed": self.stats["passed"],
+            "malformed": self.stats["malformed"],
+            "routes": len(self.table),
+            "buffered_bytes": self.table.buffered_bytes,
+        }
+
+
+# --- sockets ------------------------------------------------------------------------
+
+
+def interface_mac(ifname: str) -> bytes:
+    """The MAC address of ``ifname`` in the caller's network namespace."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16s16x", ifname.encode())
+        reply = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, request)
+    return reply[18:24]
+
+
+def open_packet_socket(ifname: str, receive: bool, rcvbuf: int = limits.FORWARDER_RCVBUF,
+                       sndbuf: int = limits.FORWARDER_SNDBUF) -> socket.socket:
+    """A non-blocking AF_PACKET socket on ``ifname`` with virtio-net headers."""
+    proto = ETH_P_ALL if receive else 0
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+    try:
+        sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        if receive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            try:
+                # Linux >= 4.20: our own sends never come back to this socket.
+                sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            except OSError:
+                pass
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        # Python's AF_PACKET address takes the protocol in host order (it
+        # swaps it itself), unlike the socket() call.
+        sock.bind((ifname, proto))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@implementer(IReadDescriptor)
+class PacketPort:
+    """The forwarder's I/O: reads the client-facing interface, sends out of the
+    host-facing ones, and runs the route table's timeouts.
+
+    ``on_deleted`` hears of every route that leaves the table by a timeout or
+    through :meth:`delete`, so that the unit lifts the fence and deletes the
+    durable copy.  A frame that cannot be sent now (the socket's buffer is
+    full) is dropped and counted: the client's TCP retransmits it, and
+    blocking here would stall every other flow.
+    """
+
+    def __init__(self, reactor: Any, forwarder: Forwarder, rx_ifname: str,
+                 on_deleted: Callable[[list[Deleted]], None] | None = None,
+                 max_batch: int = limits.FORWARDER_BATCH, tick_interval: float = 1.0,
+                 opener: Callable[[str, bool], socket.socket] = open_packet_socket) -> None:
+        self.reactor = reactor
+        self.forwarder = forwarder
+        self.rx_ifname = rx_ifname
+        self.on_deleted = on_deleted
+        self.max_batch = max_batch
+        self._opener = opener
+        self._rx: socket.socket | None = None
+        self._tx: dict[str, socket.socket] = {}
+        self._buf = bytearray(FRAME_BUFFER)
+        self._ticker = LoopingCall(self._tick)
+        self._ticker.clock = reactor
+        self._tick_interval = tick_interval
+
+    def start(self) -> None:
+        self._rx = self._opener(self.rx_ifname, True)
+        for ifname in self.forwarder.macs:
+            self._tx_socket(ifname)
+        self.reactor.addReader(self)
+        self._ticker.start(self._tick_interval, now=False)
+
+    def stop(self) -> None:
+        if self._ticker.running:
+            self._ticker.stop()
+        if self._rx is not None:
+            self.reactor.removeReader(self)
+            self._rx.close()
+            self._rx = None
+        for sock in self._tx.values():
+            sock.close()
+        self._tx.clear()
+
+    def _tx_socket(self, ifname: str) -> socket.socket:
+        sock = self._tx.get(ifname)
+        if sock is None:
+            sock = self._tx[ifname] = self._opener(ifname, False)
+        return sock
+
+    # IReadDescriptor
+
+    def fileno(self) -> int:
+        return self._rx.fileno() if self._rx is not None else -1
+
+    def logPrefix(self) -> str:
+        return f"forwarder({self.rx_ifname})"
+
+    def connectionLost(self, reason: failure.Failure) -> None:
+        log.msg(f"{self.logPrefix()}: lost: {reason.getErrorMessage()}")
+        self.stop()
+
+    def doRead(self) -> None:
+        # Read a batch per wake-up: one select round per frame would cost
+        # more than the forwarding itself.
+        rx = self._rx
+        if rx is None:
+            return
+        buf = self._buf
+        frame = self.forwarder.frame
+        for _ in range(self.max_batch):
+            try:
+                size, address = rx.recvfrom_into(buf)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.ENETDOWN):
+                    break
+                raise
+            out = frame(buf, size, address[2])
+            if out is not None:
+                self._send(*out)
+        self._report_removed()
+
+    def _report_removed(self) -> None:
+        table = self.forwarder.table
+        if table.removed:
+            gone, table.removed = table.removed, []
+            if self.on_deleted is not None:
+                self.on_deleted(gone)
+
+    def _send(self, ifname: str, data: memoryview) -> None:
+        try:
+            self._tx_socket(ifname).send(data)
+        except OSError:
+            self.forwarder.table.count_drop("send_error")
+
+    # the unit's calls
+
+    def commit(self, key: FlowKey) -> int:
+        """Commits ``key`` and sends its buffered frames; returns how many."""
+        sent = self.forwarder.commit(key)
+        for ifname, data in sent:
+            self._send(ifname, data)
+        return len(sent)
+
+    def delete(self, key: FlowKey, reason: str = "ended") -> None:
+        gone = self.forwarder.table.delete(key, reason)
+        if gone is not None and self.on_deleted is not None:
+            self.on_deleted([gone])
+
+    def poll_kernel_drops(self) -> int:
+        """Adds the frames the kernel dropped because the receive buffer was
+        full (``PACKET_STATISTICS``, which resets on read) to ``drop_rx_overflow``."""
+        if self._rx is None:
+            return 0
+        try:
+            _, drops = struct.unpack("II", self._rx.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        except OSError:
+            return 0
+        if drops:
+            self.forwarder.table.count_drop("rx_overflow", drops)
+        return drops
+
+    def _tick(self) -> None:
+        self.poll_kernel_drops()
+        gone = self.forwarder.table.tick()
+        if gone and self.on_deleted is not None:
+            self.on_deleted(gone)
+
+
+# --- the host's side of the tunnel -----------------------------------------------------
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+_VNET = struct.Struct("=BBHHHH")  # virtio_net_hdr: little-endian on x86, native here
+
+
+def open_tun(name: str) -> int:
+    """Creates (or attaches to) TUN device ``name`` with virtio-net headers, up."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI | IFF_VNET_HDR))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            flags = struct.unpack_from("H", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS,
+                                                        struct.pack("16sH22x", name.encode(), 0)), 16)[0]
+            fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), flags | IFF_UP))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def to_tun_header(vnet: bytes | bytearray | memoryview) -> bytes:
+    """A vnet header for the same packet without its Ethernet header: the
+    offsets (header length, checksum start) count from the IP header on a TUN
+    device."""
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(vnet)
+    if hdr_len >= ETH_HLEN:
+        hdr_len -= ETH_HLEN
+    if csum_start >= ETH_HLEN:
+        csum_start -= ETH_HLEN
+    return _VNET.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
+
+
+@implementer(IReadDescriptor)
+class DecapsulatorPort:
+    """The host's tunnel end: reads tunnelled frames from the host's interface,
+    restores them (:class:`nlbproxy.handoff.tunnel.Decapsulator`) and hands the
+    IP packet to the host's stack through a TUN device, as if the client's
+    packet had arrived directly.  The host's fence table drops the tunnelled
+    originals (:meth:`nlbproxy.handoff.fence.Fence.add_tunnel`), and the TUN
+    device needs rp_filter off: the client's address is not routed through it.
+    """
+
+    def __init__(self, reactor: Any, decapsulator: Any, rx_ifname: str, tun_name: str,
+                 max_batch: int = limits.FORWARDER_BATCH,
+                 opener: Callable[[str, bool], socket.socket] = open_packet_socket,
+                 tun_opener: Callable[[str], int] = open_tun) -> None:
+        self.reactor = reactor
+        self.decapsulator = decapsulator
+        self.rx_ifname = rx_ifname
+        self.tun_name = tun_name
+        self.max_batch = max_batch
+        self._opener = opener
+        self._tun_opener = tun_opener
+        self._rx: socket.socket | None = None
+        self._tun = -1
+        self._buf = bytearray(FRAME_BUFFER)
+        self.stats: Counter[str] = Counter()
+
+    def start(self) -> None:
+        self._tun = self._tun_opener(self.tun_name)
+        self._rx = self._opener(self.rx_ifname, True)
+        self.reactor.addReader(self)
+
+    def stop(self) -> None:
+        if self._rx is not None:
+            self.reactor.removeReader(self)
+            self._rx.close()
+            self._rx = None
+        if self._tun >= 0:
+            os.close(self._tun)
+            self._tun = -1
+
+    def fileno(self) -> int:
+        return self._rx.fileno() if self._rx is not None else -1
+
+    def logPrefix(self) -> str:
+        return f"decapsulator({self.rx_ifname})"
+
+    def connectionLost(self, reason: failure.Failure) -> None:
+        log.msg(f"{self.logPrefix()}: lost: {reason.getErrorMessage()}")
+        self.stop()
+
+    def doRead(self) -> None:
+        rx = self._rx
+        if rx is None:
+            return
+        buf = self._buf
+        view = memoryview(buf)
+        for _ in range(self.max_batch):
+            try:
+                size, address = rx.recvfrom_into(buf)
+            except BlockingIOError:
+                return
+            if address[2] != PACKET_HOST:
+                continue
+            if self.decapsulator.decode(buf, size) is None:
+                continue
+            try:
+                os.writev(self._tun, [to_tun_header(buf), view[VNET_HDR_LEN + ETH_HLEN:size]])
+                self.stats["injected"] += 1
+            except OSError:
+                self.stats["drop_inject_error"] += 1
+
+
+# --- the unit side's plumbing ---------------------------------------------------------------
+
+
+def neighbour_mac(ip: str, arp_table: str = "/proc/net/arp") -> str:
+    """The MAC address the unit's kernel has resolved for IPv4 ``ip``.
+
+    The unit talks to every host's agent, so the entry is there in practice;
+    LookupError otherwise (the handoff then falls back to proxying).
+    """
+    with open(arp_table) as lines:
+        next(lines, None)
+        for line in lines:
+            fields = line.split()
+            # IP address, HW type, flags (0x2: complete), HW address, mask, device.
+            if len(fields) >= 6 and fields[0] == ip and int(fields[2], 16) & 0x2:
+                return fields[3]
+    raise LookupError(f"no neighbour entry for {ip}")
+
+
+class ForwarderPlumbing:
+    """The handoff unit side's ``Plumbing`` (fence, commit, unfence, ended) on
+    this forwarder: the route table, the nftables fence and, when given, the
+    DAM that makes routes durable for other units.
+
+    ``flow`` is anything with ``client`` and ``vip`` as (ip, port) pairs and
+    ``host`` anything with a ``host`` attribute holding the host's IP address
+    (or that address itself).  Every way a route ends -- the agent's report,
+    an aborted handoff, a timeout, a reused 4-tuple -- lifts the fence and
+    deletes the atom, through the port's ``on_deleted``.
+    """
+
+    def __init__(self, port: PacketPort, fence: Any, ifname: str,
+                 resolve_mac: Callable[[str], str] = neighbour_mac, dam: Any = None) -> None:
+        self.port = port
+        self.table = port.forwarder.table
+        self.fence_ = fence
+        self.ifname = ifname
+        self.resolve_mac = resolve_mac
+        self.dam = dam
+        self.stats: Counter[str] = Counter()
+        port.on_deleted = self._deleted
+
+    @staticmethod
+    def key(flow: Any) -> FlowKey:
+        return FlowKey(flow.client[0], int(flow.client[1]), flow.vip[0], int(flow.vip[1]))
+
+    def fence(self, flow: Any, host: Any) -> None:
+        key = self.key(flow)
+        host_ip = getattr(host, "host", host)
+        via = Via(str(host_ip), self.resolve_mac(str(host_ip)), self.ifname)
+        self.table.fence(key, via)
+        try:
+            self.fence_.add(key)
+        except BaseException:
+            self.table.delete(key, "aborted")
+            raise
+        self._durable(key)
+
+    def commit(self, flow: Any) -> None:
+        key = self.key(flow)
+        self.port.commit(key)
+        self._durable(key)
+
+    def unfence(self, flow: Any) -> None:
+        self.port.delete(self.key(flow), "aborted")
+
+    def ended(self, flow: Any) -> None:
+        self.port.delete(self.key(flow), "ended")
+
+    def _durable(self, key: FlowKey) -> None:
+        route = self.table.get(key)
+        if self.dam is None or route is None:
+            return
+        try:
+            self.dam.add(*to_atom(route))
+        except Exception as e:  # a full DAM must not fail the handoff: the route works locally
+            self.stats["dam_add_failed"] += 1
+            log.msg(f"route {key} not made durable: {e}")
+
+    def _deleted(self, gone: list[Deleted]) -> None:
+        keys = [d.route.key for d in gone]
+        try:
+            self.fence_.remove(*keys)
+        except Exception as e:
+            self.stats["unfence_failed"] += 1
+            log.msg(f"fence not lifted for {len(keys)} flows: {e}")
+        if self.dam is not None:
+            for key in keys:
+                try:
+                    self.dam.delete(atom_key(key))
+                except Exception:
+                    self.stats["dam_delete_failed"] += 1

@@ -1,0 +1,235 @@
+# -*- test-case-name: tests.test_handoff_tunnel -*-
+"""The seed's zero-overhead tunnel: a 32-bit flow id in the TCP port fields.
+
+When the unit and the host do not share an L2 segment, rewriting MAC addresses
+is not enough: the packet must be routed to the host, so its destination
+address must be the host's.  The seed's tunneler does that without adding a
+byte: the forwarder (address F) rewrites a client packet's source address to F,
+its destination to the host's address H, and both TCP ports to a 32-bit flow
+id (high half in the source port); the host's decapsulator looks the flow id up
+in a mapping sent ahead with the handoff, and puts the client's address and
+port and the VIP and its port back.  Full-size segments stay full-size, so
+nothing is fragmented.
+
+Checksums: the IPv4 header checksum is updated; the TCP checksum is updated
+incrementally (RFC 1624) for the address and port changes.  A frame whose
+virtio-net header says NEEDS_CSUM carries only the pseudo-header sum in the
+TCP checksum field (the rest is computed on the way out), so only the address
+change is folded into it, not inverted, and the ports are left to the final
+computation.
+
+Everything here is sans-I/O: :class:`Encapsulator` and :class:`Decapsulator`
+rewrite a frame in a buffer in place; :class:`Mapping` is the versioned wire
+form of one flow's entry; :class:`FlowIds` hands out ids.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import Counter
+from dataclasses import dataclass
+
+from nlbproxy.handoff.packets import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN, Parsed, parse
+from nlbproxy.handoff.routes import FlowKey, Via
+
+_H = struct.Struct("!H")
+_PORTS = struct.Struct("!HH")
+
+
+class TunnelError(ValueError):
+    """A mapping that is not valid (wire) or not usable (wrong family)."""
+
+
+# --- checksum arithmetic ----------------------------------------------------------------
+
+
+def _sum16(data: bytes) -> int:
+    return sum(struct.unpack(f"!{len(data) // 2}H", data))
+
+
+def _fold(total: int) -> int:
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def adjust(check: int, old: bytes, new: bytes, inverted: bool = True) -> int:
+    """A 16-bit Internet checksum after ``old`` (even length) became ``new``.
+
+    ``inverted``: the field holds the checksum proper (~sum), as in a complete
+    header; otherwise it holds a partial, non-inverted sum (NEEDS_CSUM).
+    """
+    total = (~check & 0xFFFF) if inverted else check
+    # Ones' complement subtraction of the old words: add their complements.
+    total += sum(~w & 0xFFFF for w in struct.unpack(f"!{len(old) // 2}H", old)) + _sum16(new)
+    total = _fold(total)
+    return (~total & 0xFFFF) if inverted else total
+
+
+# --- the mapping sent ahead ----------------------------------------------------------------
+
+#: Version of the mapping's wire form; another is refused.
+MAPPING_VERSION = 1
+_MAPPING_HEAD = struct.Struct("!BBI")  # version, IP version, flow id
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """Flow ``flow_id`` from forwarder ``forwarder_ip`` is connection ``key``."""
+
+    flow_id: int
+    forwarder_ip: str
+    key: FlowKey
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.flow_id < 1 << 32:
+            raise TunnelError(f"flow id {self.flow_id} is not 32 bits")
+        try:
+            forwarder = ipaddress.ip_address(self.forwarder_ip)
+        except ValueError as e:
+            raise TunnelError(str(e)) from None
+        if forwarder.version != ipaddress.ip_address(self.key.vip).version:
+            raise TunnelError("forwarder and flow are of different address families")
+        object.__setattr__(self, "forwarder_ip", str(forwarder))
+
+    def encode(self) -> bytes:
+        version = ipaddress.ip_address(self.forwarder_ip).version
+        return (_MAPPING_HEAD.pack(MAPPING_VERSION, version, self.flow_id)
+                + ipaddress.ip_address(self.forwarder_ip).packed + self.key.packed)
+
+    @classmethod
+    def decode(cls, blob: bytes) -> Mapping:
+        if len(blob) < _MAPPING_HEAD.size:
+            raise TunnelError("mapping too short")
+        version, ipv, flow_id = _MAPPING_HEAD.unpack_from(blob)
+        if version != MAPPING_VERSION:
+            raise TunnelError(f"mapping version {version} is not {MAPPING_VERSION}")
+        size = {4: 4, 6: 16}.get(ipv)
+        if size is None:
+            raise TunnelError(f"IP version {ipv}")
+        body = blob[_MAPPING_HEAD.size:]
+        if len(body) != 3 * size + 4:  # F, then the flow key's packed form
+            raise TunnelError(f"mapping of {len(blob)} bytes for IPv{ipv}")
+        try:
+            key = FlowKey.from_packed(body[size:])
+        except ValueError as e:
+            raise TunnelError(f"bad flow in mapping: {e}") from None
+        return cls(flow_id, str(ipaddress.ip_address(body[:size])), key)
+
+
+class FlowIds:
+    """Hands out flow ids, never one in use, never one with a zero port half
+    (port 0 is refused by some stacks and middleboxes on the way)."""
+
+    def __init__(self, start: int = 0x00010001) -> None:
+        self._next = start
+        self._used: set[int] = set()
+
+    def allocate(self) -> int:
+        for _ in range(1 << 20):
+            fid = self._next
+            self._next = (self._next + 1) & 0xFFFFFFFF
+            if fid >> 16 and fid & 0xFFFF and fid not in self._used:
+                self._used.add(fid)
+                return fid
+        raise TunnelError("no free flow id")
+
+    def release(self, fid: int) -> None:
+        self._used.discard(fid)
+
+    def __len__(self) -> int:
+        return len(self._used)
+
+
+# --- rewriting frames in place --------------------------------------------------------------
+
+
+def _partial(buf: bytearray, vnet: bool) -> bool:
+    return vnet and bool(buf[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM)
+
+
+def _rewrite(buf: bytearray, parsed: Parsed, src: bytes, dst: bytes, ports: bytes, vnet: bool) -> None:
+    l3, l4 = parsed.l3, parsed.l4
+    if parsed.version == 4:
+        addr_at = l3 + 12
+        width = 4
+    else:
+        addr_at = l3 + 8
+        width = 16
+    old_addrs = bytes(buf[addr_at:addr_at + 2 * width])
+    new_addrs = src + dst
+    old_ports = bytes(buf[l4:l4 + 4])
+    check = _H.unpack_from(buf, l4 + 16)[0]
+    if _partial(buf, vnet):
+        # Only the pseudo-header sum is there; the ports join the final sum later.
+        check = adjust(check, old_addrs, new_addrs, inverted=False)
+    else:
+        check = adjust(check, old_addrs + old_ports, new_addrs + ports)
+    _H.pack_into(buf, l4 + 16, check)
+    if parsed.version == 4:
+        ip_check = _H.unpack_from(buf, l3 + 10)[0]
+        _H.pack_into(buf, l3 + 10, adjust(ip_check, old_addrs, new_addrs))
+    buf[addr_at:addr_at + 2 * width] = new_addrs
+    buf[l4:l4 + 4] = ports
+
+
+class Encapsulator:
+    """The forwarder's half: client packet -> F to H, ports = flow id.
+
+    ``sources`` maps an IP version to the forwarder's own address F of that
+    family (the address the host's decapsulator knows it by).
+    """
+
+    def __init__(self, sources: dict[int, str]) -> None:
+        self.sources = {v: ipaddress.ip_address(a).packed for v, a in sources.items()}
+        self.stats: Counter[str] = Counter()
+
+    def encode(self, buf: bytearray, parsed: Parsed, via: Via, vnet: bool = True) -> None:
+        """Rewrites the frame in ``buf`` (after a vnet header when ``vnet``)."""
+        assert via.flow_id is not None
+        src = self.sources.get(parsed.version)
+        dst = ipaddress.ip_address(via.host).packed
+        if src is None or len(dst) != len(src):
+            raise TunnelError(f"no IPv{parsed.version} tunnel source for host {via.host}")
+        _rewrite(buf, parsed, src, dst, _PORTS.pack(via.flow_id >> 16, via.flow_id & 0xFFFF), vnet)
+        self.stats["encoded"] += 1
+
+
+class Decapsulator:
+    """The host's half: a tunnelled frame back to client -> VIP with the real ports."""
+
+    def __init__(self) -> None:
+        self._mappings: dict[tuple[bytes, int], Mapping] = {}
+        self.stats: Counter[str] = Counter()
+
+    def add(self, mapping: Mapping) -> None:
+        self._mappings[(ipaddress.ip_address(mapping.forwarder_ip).packed, mapping.flow_id)] = mapping
+
+    def remove(self, forwarder_ip: str, flow_id: int) -> None:
+        self._mappings.pop((ipaddress.ip_address(forwarder_ip).packed, flow_id), None)
+
+    def __len__(self) -> int:
+        return len(self._mappings)
+
+    def decode(self, buf: bytearray, size: int, vnet: bool = True) -> FlowKey | None:
+        """Restores the tunnelled frame in ``buf[:size]`` in place and returns
+        its connection, or None (and leaves it alone) when it is not one of
+        ours: not TCP, or no mapping for its forwarder and flow id."""
+        start = VNET_HDR_LEN if vnet else 0
+        parsed = parse(buf, start, size)
+        if not isinstance(parsed, Parsed):
+            self.stats["not_tcp"] += 1
+            return None
+        width = 4 if parsed.version == 4 else 16
+        source = parsed.packed[:width]
+        sport, dport = _PORTS.unpack_from(parsed.packed, 2 * width)
+        mapping = self._mappings.get((source, sport << 16 | dport))
+        if mapping is None:
+            self.stats["unknown_flow"] += 1
+            return None
+        key = mapping.key
+        packed = key.packed
+        _rewrite(buf, parsed, packed[:width], packed[width:2 * width], packed[2 * width:], vnet)
+        self.stats["decoded"] += 1
+        return key

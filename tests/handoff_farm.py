@@ -1,0 +1,221 @@
+"""A handoff farm in network namespaces: a client, a unit and two hosts on one segment.
+
+Used by tests/test_handoff_e2e.py and bench/handoff.py.  Everything lives in
+namespaces the :class:`~tests.netns.Topology` creates (and deletes, killing
+every process it started, even on failure)::
+
+    client 10.0.0.2 --+
+    unit   10.0.0.1 --+-- bridge      VIP 10.0.0.100 on the unit's and the hosts' lo
+    h1     10.0.0.11 -+               the client routes the VIP via the unit
+    h2     10.0.0.12 -+
+
+- the unit (tests.handoff_unit: the real Unit with the real AF_PACKET
+  forwarder, or with ``plumbing="kernel"`` the kernel-routed stand-in of
+  tests/handoff_plumbing.py) listens on VIP:80 with ``handoff = true`` (routes: ``/adopt`` to
+  pool apps, ``/sha256`` to pool up, the rest to pool web) and on
+  10.0.0.1:8000 as a plain proxying listener for pool web;
+- each host runs a real, unmodified nginx (Debian's) on :8080 (plain) and
+  :8082 (``proxy_protocol``) serving ``www/``, and an agent whose ``web`` app
+  bridges handed-off connections to :8082 with a PROXY header;
+- h1 also runs tests.backend on :8081 (pool up, bridged, for uploads with
+  checksums); h2 runs tests.handoff_app, a Twisted application that adopts
+  handed-off connections (pool apps) and answers proxied ones on :9000.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.netns import Node, Topology
+
+ROOT = Path(__file__).resolve().parent.parent
+VIP = "10.0.0.100"
+UNIT_IP = "10.0.0.1"
+CLIENT_IP = "10.0.0.2"
+HOSTS = {"h1": "10.0.0.11", "h2": "10.0.0.12"}
+SECRET = b"handoff farm secret\n"
+HANDOFF_PORT = 9904
+
+NGINX = """\
+user root;
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    log_format handoff '$remote_addr $proxy_protocol_addr "$request" $status $bytes_sent';
+    access_log {dir}/access.log handoff;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    default_type application/octet-stream;
+    server {{
+        listen {ip}:8080;
+        listen 127.0.0.1:8080;
+        listen 127.0.0.1:8082 proxy_protocol;
+        root {dir}/www;
+    }}
+}}
+"""
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+
+
+class Output:
+    """A process's output, collected by a thread, searched with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        import threading
+
+        self.proc = proc
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 20.0, start: int = 0) -> re.Match[str]:
+        end = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            for line in self.lines[start:]:
+                match = regex.search(line)
+                if match:
+                    return match
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise AssertionError(f"no {pattern!r} in output (exit {self.proc.poll()}):\n" + "\n".join(self.lines))
+            time.sleep(0.02)
+
+
+class HandoffFarm:
+    """Builds the farm inside ``topo``; ``www`` files are written before nginx starts."""
+
+    def __init__(self, topo: Topology, tmp: Path, files: dict[str, bytes] | None = None,
+                 plumbing: str = "forwarder") -> None:
+        self.topo = topo
+        self.plumbing = plumbing
+        self.tmp = tmp
+        (tmp / "secret.key").write_bytes(SECRET)
+        self.client = topo.add_node("client", CLIENT_IP)
+        self.unit = topo.add_node("unit", UNIT_IP)
+        self.hosts = {name: topo.add_node(name, ip) for name, ip in HOSTS.items()}
+        for node in (self.client, self.unit, *self.hosts.values()):
+            node.run(["ip", "link", "set", "lo", "up"])
+        self.client.add_route(f"{VIP}/32", UNIT_IP)
+        self.unit.run(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
+        self.unit.relax_rp_filter()
+        for host in self.hosts.values():
+            host.add_vip(VIP)
+        self.files = files or {}
+        self.nginx: dict[str, Path] = {}
+        self.agents: dict[str, Output] = {}
+        for name, host in self.hosts.items():
+            self._nginx(name, host)
+            self._agent(name, host)
+        self._apps()
+        self._unit()
+
+    # -- processes ---------------------------------------------------------------------
+    def _nginx(self, name: str, host: Node) -> None:
+        directory = self.tmp / f"nginx-{name}"
+        (directory / "www").mkdir(parents=True)
+        for path, data in self.files.items():
+            (directory / "www" / path).write_bytes(data)
+        (directory / "www" / "hello").write_bytes(f"hello from {name}\n".encode())
+        conf = directory / "nginx.conf"
+        conf.write_text(NGINX.format(dir=directory, ip=host.ip))
+        host.popen(["nginx", "-e", str(directory / "error.log"), "-c", str(conf)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.nginx[name] = directory
+        self.wait_port(host, "127.0.0.1", 8082)
+
+    def _agent(self, name: str, host: Node) -> None:
+        apps = (f'[[app]]\nname = "web"\nendpoint = "{host.ip}:8080"\ndeliver = "bridge"\n'
+                f'bridge_to = "127.0.0.1:8082"\nproxy_protocol = true\n')
+        if name == "h1":
+            apps += (f'\n[[app]]\nname = "up"\nendpoint = "{host.ip}:8081"\ndeliver = "bridge"\n'
+                     f'bridge_to = "127.0.0.1:8081"\n')
+        else:
+            apps += (f'\n[[app]]\nname = "apps"\nendpoint = "{host.ip}:9000"\ndeliver = "adopt"\n'
+                     f'adopt_path = "{self.tmp / "adopt.sock"}"\n')
+        config = self.tmp / f"agent-{name}.toml"
+        config.write_text(
+            f'[agent]\nname = "{name}"\nunits = ["{UNIT_IP}:9903"]\napi = "tcp:0:interface=127.0.0.1"\n'
+            f'secret_file = "{self.tmp / "secret.key"}"\n'
+            f'handoff = "tcp:{HANDOFF_PORT}:interface={host.ip}"\n\n{apps}'
+        )
+        self.agents[name] = self.start(host, ["twistd", "-n", "--pidfile=", "nlbagent", "--config", str(config)])
+        self.agents[name].wait_for("handoffs on ")
+
+    def _apps(self) -> None:
+        h1, h2 = self.hosts["h1"], self.hosts["h2"]
+        self.start(h1, [sys.executable, "-m", "tests.backend", "0.0.0.0", "8081", "b1"]).wait_for("^ready")
+        self.start(h2, [sys.executable, "-m", "tests.handoff_app", str(self.tmp / "adopt.sock"),
+                        f"{h2.ip}:9000"]).wait_for("^ready")
+
+    def _unit(self) -> None:
+        h1, h2 = self.hosts["h1"].ip, self.hosts["h2"].ip
+        config = self.tmp / "unit.toml"
+        config.write_text(
+            f'[unit]\nname = "u1"\nadmin = "tcp:0:interface=127.0.0.1"\nsecret_file = "{self.tmp / "secret.key"}"\n'
+            f'health = "{UNIT_IP}:9903"\nhandoff_port = {HANDOFF_PORT}\n\n'
+            f'[[listener]]\nname = "vip"\nendpoint = "tcp:80:interface={VIP}"\npool = "web"\nhandoff = true\n'
+            f'[[listener.route]]\npool = "apps"\npath_prefix = "/adopt"\n'
+            f'[[listener.route]]\npool = "up"\npath_prefix = "/sha256"\n\n'
+            f'[[listener]]\nname = "proxy"\nendpoint = "tcp:8000:interface={UNIT_IP}"\npool = "web"\n\n'
+            f'[pool.web]\nhosts = ["{h1}:8080", "{h2}:8080"]\n'
+            f'[pool.up]\nhosts = ["{h1}:8081"]\n'
+            f'[pool.apps]\nhosts = ["{h2}:9000"]\n'
+        )
+        how = ["kernel", f"{h1}=11", f"{h2}=12"] if self.plumbing == "kernel" else ["forwarder"]
+        self.unit_out = self.start(self.unit, [sys.executable, "-m", "tests.handoff_unit", str(config), *how])
+        self.unit_out.wait_for("farm known")
+
+    def start(self, node: Node, argv: list[str]) -> Output:
+        proc = node.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+                          cwd=str(ROOT))
+        return Output(proc)
+
+    def wait_port(self, node: Node, ip: str, port: int, timeout: float = 20.0) -> None:
+        code = ("import socket,time,sys\n"
+                f"end=time.monotonic()+{timeout}\n"
+                "while True:\n"
+                f"    try: socket.create_connection(({ip!r},{port}),timeout=1).close(); break\n"
+                "    except OSError:\n"
+                "        if time.monotonic()>end: sys.exit(1)\n"
+                "        time.sleep(0.02)\n")
+        node.python(code, timeout=timeout + 5)
+
+    # -- observing ---------------------------------------------------------------------
+    def unit_stats(self) -> dict[str, Any]:
+        import json
+
+        start = len(self.unit_out.lines)
+        os.kill(self.unit_out.proc.pid, signal.SIGUSR1)
+        return dict(json.loads(self.unit_out.wait_for(r"handoff-stats (\{.*\})", start=start).group(1)))
+
+    def access_log(self, host: str) -> list[str]:
+        path = self.nginx[host] / "access.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def stop_agent(self, name: str) -> None:
+        proc = self.agents[name].proc
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)

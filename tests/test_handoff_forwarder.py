@@ -1,0 +1,370 @@
+"""The forwarder's sans-I/O parts: frame parsing, the rewrite decision, and the reader with fakes."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from nlbproxy.handoff.forwarder import (
+    PACKET_HOST, PACKET_OUTGOING, Forwarder, ForwarderPlumbing, PacketPort, neighbour_mac, to_tun_header,
+)
+from nlbproxy.handoff.packets import (
+    NOT_TCP, VNET_HDR_LEN, Malformed, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
+    tcp_checksum,
+)
+from nlbproxy.handoff.routes import ACK, FIN, SYN, FlowKey, RouteTable, State, Via, atom_key, from_atom
+from nlbproxy.session.dam import DAM
+
+CLIENT_MAC = mac_bytes("02:00:00:00:00:05")
+UNIT_MAC = mac_bytes("02:00:00:00:00:02")
+HOST_MAC = mac_bytes("02:00:00:00:00:03")
+OUT_MAC = mac_bytes("02:00:00:00:01:02")
+CLIENT = ipaddress.ip_address("10.0.0.5").packed
+VIP = ipaddress.ip_address("10.0.0.100").packed
+KEY = FlowKey("10.0.0.5", 40000, "10.0.0.100", 80)
+VNET = bytes([1, 0, 0x36, 0, 0, 0, 0x22, 0, 0x10, 0])  # NEEDS_CSUM, csum_start 34, offset 16
+
+
+def frame(flags: int = ACK, payload: bytes = b"data", sport: int = 40000, dport: int = 80) -> bytes:
+    return build_tcp_frame(CLIENT_MAC, UNIT_MAC, CLIENT, VIP, sport, dport, flags, payload)
+
+
+class ParseTests(SynchronousTestCase):
+    def test_ipv4(self) -> None:
+        got = parse(frame(FIN | ACK))
+        self.assertEqual(got, Parsed(KEY.packed, FIN | ACK, 14, 34, 4))
+
+    def test_with_vnet_header_offset(self) -> None:
+        data = VNET + frame()
+        self.assertEqual(parse(data, VNET_HDR_LEN), Parsed(KEY.packed, ACK, 24, 44, 4))
+
+    def test_ipv6_and_extension_header(self) -> None:
+        src, dst = ipaddress.ip_address("2001:db8::5").packed, ipaddress.ip_address("2001:db8::100").packed
+        data = build_tcp_frame(CLIENT_MAC, UNIT_MAC, src, dst, 1234, 443)
+        key = FlowKey("2001:db8::5", 1234, "2001:db8::100", 443)
+        self.assertEqual(parse(data), Parsed(key.packed, ACK, 14, 54, 6))
+        # The same with a hop-by-hop options header (8 bytes) before TCP.
+        ip = bytearray(data[14:54])
+        ip[6] = 0
+        struct.pack_into("!H", ip, 4, struct.unpack_from("!H", ip, 4)[0] + 8)
+        hop = bytes([6, 0]) + bytes(6)
+        self.assertEqual(parse(data[:14] + bytes(ip) + hop + data[54:]), Parsed(key.packed, ACK, 14, 62, 6))
+
+    def test_vlan(self) -> None:
+        data = frame()
+        tagged = data[:12] + b"\x81\x00\x00\x07" + data[12:]
+        self.assertEqual(parse(tagged), Parsed(KEY.packed, ACK, 18, 38, 4))
+
+    def test_not_tcp(self) -> None:
+        arp = HOST_MAC + UNIT_MAC + b"\x08\x06" + bytes(28)
+        self.assertIs(parse(arp), NOT_TCP)
+        udp = bytearray(frame())
+        udp[14 + 9] = 17
+        self.assertIs(parse(bytes(udp)), NOT_TCP)
+
+    def test_malformed(self) -> None:
+        good = frame()
+
+        def patched(offset: int, value: bytes) -> bytes:
+            return good[:offset] + value + good[offset + len(value):]
+
+        cases = {
+            "short ethernet": good[:10],
+            "short ipv4": good[:20],
+            "ipv4 version": patched(14, b"\x65"),
+            "ipv4 header length": patched(14, b"\x44"),
+            "ipv4 total length": patched(16, b"\xff\xff"),
+            "fragment": patched(20, b"\x20\x00"),
+            "short tcp": patched(16, struct.pack("!H", 26))[:40],
+            "tcp data offset": patched(34 + 12, b"\x40"),
+        }
+        for reason, data in cases.items():
+            self.assertEqual(parse(data), Malformed(reason), reason)
+
+    def test_checksums_of_built_frames(self) -> None:
+        data = frame(payload=b"hello")
+        self.assertEqual(checksum(data[14:34]), 0xFFFF)
+        self.assertEqual(tcp_checksum(CLIENT, VIP, data[34:]), 0)
+        self.assertEqual(mac_text(mac_bytes("02:0A:00:00:00:01")), "02:0a:00:00:00:01")
+        self.assertRaises(ValueError, mac_bytes, "02:00")
+
+    @given(st.binary(max_size=200), st.integers(0, 20))
+    def test_garbage_never_raises(self, data: bytes, start: int) -> None:
+        self.assertIsInstance(parse(data, min(start, len(data))), (Parsed, Malformed, type(NOT_TCP)))
+
+    @given(st.ip_addresses(v=4), st.ip_addresses(v=4), st.integers(0, 65535), st.integers(0, 65535),
+           st.integers(0, 255), st.binary(max_size=64))
+    def test_built_frames_parse(self, src: object, dst: object, sport: int, dport: int, flags: int,
+                                payload: bytes) -> None:
+        s, d = src.packed, dst.packed  # type: ignore[attr-defined]
+        data = build_tcp_frame(CLIENT_MAC, UNIT_MAC, s, d, sport, dport, flags, payload)
+        self.assertEqual(parse(data), Parsed(s + d + struct.pack("!HH", sport, dport), flags, 14, 34, 4))
+        for cut in range(len(data) - len(payload)):
+            self.assertNotIsInstance(parse(data[:cut]), Parsed)
+
+
+def forwarder() -> tuple[Clock, RouteTable, Forwarder]:
+    clock = Clock()
+    table = RouteTable(clock)
+    return clock, table, Forwarder(table, {"eth1": OUT_MAC})
+
+
+class ForwarderTests(SynchronousTestCase):
+    def test_rewrites_macs_only(self) -> None:
+        _, table, fwd = forwarder()
+        table.fence(KEY, Via("10.0.1.3", mac_text(HOST_MAC), "eth1"))
+        table.commit(KEY)
+        original = VNET + frame()
+        buf = bytearray(original) + bytearray(100)  # a reused receive buffer is larger
+        out = fwd.frame(buf, len(original))
+        assert out is not None
+        ifname, data = out
+        self.assertEqual(ifname, "eth1")
+        self.assertEqual(bytes(data), VNET + HOST_MAC + OUT_MAC + original[VNET_HDR_LEN + 12:])
+        self.assertEqual(fwd.metrics()["packets"], 1)
+
+    def test_fenced_frames_flushed_at_commit(self) -> None:
+        _, table, fwd = forwarder()
+        table.fence(KEY, Via("10.0.1.3", mac_text(HOST_MAC), "eth1"))
+        first, second = VNET + frame(payload=b"one"), VNET + frame(payload=b"two")
+        buf = bytearray(first)
+        self.assertIsNone(fwd.frame(buf, len(buf)))
+        buf[:] = second  # the receive buffer is reused
+        self.assertIsNone(fwd.frame(buf, len(buf)))
+        flushed = [bytes(d) for _, d in fwd.commit(KEY)]
+        self.assertEqual(flushed, [VNET + HOST_MAC + OUT_MAC + f[VNET_HDR_LEN + 12:] for f in (first, second)])
+        metrics = fwd.metrics()
+        self.assertEqual((metrics["buffered_packets"], metrics["packets"], metrics["buffered_bytes"]), (2, 2, 0))
+
+    def test_passes_what_is_not_ours(self) -> None:
+        _, table, fwd = forwarder()
+        data = bytearray(VNET + frame())
+        self.assertIsNone(fwd.frame(data, len(data)))  # no route
+        table.fence(KEY, Via("10.0.1.3", mac_text(HOST_MAC), "eth1"))
+        table.commit(KEY)
+        self.assertIsNone(fwd.frame(data, len(data), PACKET_OUTGOING))
+        arp = bytearray(VNET + HOST_MAC + UNIT_MAC + b"\x08\x06" + bytes(28))
+        self.assertIsNone(fwd.frame(arp, len(arp)))
+        self.assertEqual(fwd.metrics()["passed"], 3)
+        self.assertEqual(fwd.metrics()["packets"], 0)
+
+    def test_malformed_counted(self) -> None:
+        _, _, fwd = forwarder()
+        data = bytearray(VNET + frame()[:40])
+        self.assertIsNone(fwd.frame(data, len(data)))
+        self.assertEqual((fwd.stats["malformed"], fwd.stats["malformed_ipv4_total_length"]), (1, 1))
+
+    def test_unknown_out_interface_dropped(self) -> None:
+        _, table, fwd = forwarder()
+        table.fence(KEY, Via("10.0.1.3", mac_text(HOST_MAC), "eth7"))
+        table.commit(KEY)
+        data = bytearray(VNET + frame())
+        self.assertIsNone(fwd.frame(data, len(data)))
+        self.assertEqual(fwd.metrics()["drops"], {"no_interface": 1})
+
+
+class TunHeaderTests(SynchronousTestCase):
+    def test_offsets_lose_the_ethernet_header(self) -> None:
+        vnet = struct.pack("=BBHHHH", 1, 1, 66, 1448, 34, 16)
+        self.assertEqual(to_tun_header(vnet), struct.pack("=BBHHHH", 1, 1, 52, 1448, 20, 16))
+        self.assertEqual(to_tun_header(bytes(10)), bytes(10))
+
+
+class FakeSocket:
+    def __init__(self, ifname: str, receive: bool) -> None:
+        self.ifname = ifname
+        self.receive = receive
+        self.inbox: list[tuple[bytes, int]] = []
+        self.sent: list[bytes] = []
+        self.fail = False
+        self.closed = False
+        self.kernel_drops = 0
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        drops, self.kernel_drops = self.kernel_drops, 0  # PACKET_STATISTICS resets on read
+        return struct.pack("II", 100, drops)
+
+    def fileno(self) -> int:
+        return 99
+
+    def recvfrom_into(self, buf: bytearray) -> tuple[int, tuple[str, int, int, int, bytes]]:
+        if not self.inbox:
+            raise BlockingIOError()
+        data, pkttype = self.inbox.pop(0)
+        buf[:len(data)] = data
+        return len(data), (self.ifname, 0x800, pkttype, 1, CLIENT_MAC)
+
+    def send(self, data: memoryview) -> int:
+        if self.fail:
+            raise OSError(105, "No buffer space available")
+        self.sent.append(bytes(data))
+        return len(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class PacketPortTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.table = RouteTable(self.reactor, closing_timeout=10)
+        self.fwd = Forwarder(self.table, {"eth1": OUT_MAC})
+        self.sockets: dict[str, FakeSocket] = {}
+        self.deleted: list[str] = []
+
+        def opener(ifname: str, receive: bool) -> socket.socket:
+            sock = self.sockets[("rx:" if receive else "tx:") + ifname] = FakeSocket(ifname, receive)
+            return sock  # type: ignore[return-value]
+
+        self.port = PacketPort(self.reactor, self.fwd, "eth0", max_batch=3, opener=opener,
+                               on_deleted=lambda gone: self.deleted.extend(d.reason for d in gone))
+        self.port.start()
+        self.addCleanup(self.port.stop)
+
+    def test_reads_in_batches_and_forwards(self) -> None:
+        self.assertIn(self.port, self.reactor.getReaders())
+        self.table.fence(KEY, Via("10.0.1.3", mac_text(HOST_MAC), "eth1"))
+        rx, tx = self.sockets["rx:eth0"], self.sockets["tx:eth1"]
+        rx.inbox = [(VNET + frame(payload=bytes([i])), PACKET_HOST) for i in range(5)]
+        self.port.doRead()  # fenced: buffered
+        self.assertEqual((len(rx.inbox), tx.sent), (2, []))
+        self.assertEqual(self.port.commit(KEY), 3)
+        self.port.doRead()
+        self.assertEqual([s[-1] for s in tx.sent], [0, 1, 2, 3, 4])
+        self.assertTrue(all(s[VNET_HDR_LEN:VNET_HDR_LEN + 12] == HOST_MAC + OUT_MAC for s in tx.sent))
+
+    def test_send_error_counted(self) -> None:
+        self.table.fence(KEY, Via("10.0.1.3", mac_text(HOST_MAC), "eth1"))
+        self.table.commit(KEY)
+        self.sockets["tx:eth1"].fail = True
+        self.sockets["rx:eth0"].inbox = [(VNET + frame(), PACKET_HOST)]
+        self.port.doRead()
+        self.assertEqual(self.fwd.metrics()["drops"], {"send_error": 1})
+
+    def test_backstop_timeout_reported(self) -> None:
+        self.table.fence(KEY, Via("10.0.1.3", mac_text(HOST_MAC), "eth1"))
+        self.port.commit(KEY)
+        self.sockets["rx:eth0"].inbox = [(VNET + frame(FIN | ACK), PACKET_HOST)]
+        self.port.doRead()
+        self.reactor.advance(10)
+        self.assertEqual(self.deleted, ["closing_timeout"])
+        self.assertEqual(len(self.table), 0)
+
+    def test_reused_tuple_reported_after_the_batch(self) -> None:
+        self.table.fence(KEY, Via("10.0.1.3", mac_text(HOST_MAC), "eth1"))
+        self.port.commit(KEY)
+        self.sockets["rx:eth0"].inbox = [(VNET + frame(FIN | ACK), PACKET_HOST), (VNET + frame(SYN), PACKET_HOST)]
+        self.port.doRead()
+        self.assertEqual(self.deleted, ["reused"])
+        self.assertEqual(self.table.removed, [])
+
+    def test_kernel_drops_counted_each_tick(self) -> None:
+        self.sockets["rx:eth0"].kernel_drops = 7
+        self.reactor.advance(1)
+        self.reactor.advance(1)
+        self.assertEqual(self.fwd.metrics()["drops"], {"rx_overflow": 7})
+
+    def test_explicit_delete_and_stop(self) -> None:
+        self.table.fence(KEY, Via("10.0.1.3", mac_text(HOST_MAC), "eth1"))
+        self.port.delete(KEY)
+        self.port.delete(KEY)
+        self.assertEqual(self.deleted, ["ended"])
+        self.port.stop()
+        self.assertNotIn(self.port, self.reactor.getReaders())
+        self.assertTrue(all(s.closed for s in self.sockets.values()))
+
+
+class Flow:
+    """What the unit side hands the plumbing (its own Flow has these fields)."""
+
+    def __init__(self, client: tuple[str, int], vip: tuple[str, int]) -> None:
+        self.client, self.vip = client, vip
+
+
+class Host:
+    host = "10.0.1.3"
+
+
+class RecordingFence:
+    def __init__(self) -> None:
+        self.keys: set[FlowKey] = set()
+        self.fail = False
+
+    def add(self, *keys: FlowKey) -> None:
+        if self.fail:
+            raise OSError("nftables refused")
+        self.keys.update(keys)
+
+    def remove(self, *keys: FlowKey) -> None:
+        self.keys.difference_update(keys)
+
+
+class PlumbingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(1000)
+        self.table = RouteTable(self.reactor, closing_timeout=10)
+        self.fwd = Forwarder(self.table, {"eth1": OUT_MAC})
+        self.sockets: dict[str, FakeSocket] = {}
+
+        def opener(ifname: str, receive: bool) -> socket.socket:
+            sock = self.sockets[("rx:" if receive else "tx:") + ifname] = FakeSocket(ifname, receive)
+            return sock  # type: ignore[return-value]
+
+        self.port = PacketPort(self.reactor, self.fwd, "eth0", opener=opener)
+        self.port.start()
+        self.addCleanup(self.port.stop)
+        self.fence = RecordingFence()
+        self.dam = DAM("unit-a", self.reactor, lambda peer, call: None, replication=0)
+        self.plumbing = ForwarderPlumbing(self.port, self.fence, "eth1",
+                                          resolve_mac=lambda ip: mac_text(HOST_MAC), dam=self.dam)
+        self.flow = Flow(("10.0.0.5", 40000), ("10.0.0.100", 80))
+
+    def test_fence_commit_ended(self) -> None:
+        self.plumbing.fence(self.flow, Host())
+        self.assertEqual(self.fence.keys, {KEY})
+        self.assertEqual(from_atom(atom_key(KEY), self.dam.get(atom_key(KEY)).data)[2], State.FENCED)  # type: ignore[union-attr]
+        self.sockets["rx:eth0"].inbox = [(VNET + frame(), PACKET_HOST)]
+        self.port.doRead()
+        self.plumbing.commit(self.flow)
+        self.assertEqual(len(self.sockets["tx:eth1"].sent), 1)
+        self.assertEqual(from_atom(atom_key(KEY), self.dam.get(atom_key(KEY)).data)[2], State.COMMITTED)  # type: ignore[union-attr]
+        self.plumbing.ended(self.flow)
+        self.assertEqual((self.fence.keys, len(self.table)), (set(), 0))
+        self.assertIsNone(self.dam.get(atom_key(KEY)))
+
+    def test_unfence_after_failed_handoff(self) -> None:
+        self.plumbing.fence(self.flow, "10.0.1.3")
+        self.plumbing.unfence(self.flow)
+        self.assertEqual((self.fence.keys, len(self.table), self.table.stats["deleted_aborted"]), (set(), 0, 1))
+
+    def test_fence_failure_leaves_no_route(self) -> None:
+        self.fence.fail = True
+        self.assertRaises(OSError, self.plumbing.fence, self.flow, Host())
+        self.assertEqual(len(self.table), 0)
+
+    def test_unknown_neighbour(self) -> None:
+        self.plumbing.resolve_mac = lambda ip: neighbour_mac(ip, self.arp)
+        self.arp = self.mktemp()
+        with open(self.arp, "w") as f:
+            f.write("IP address       HW type     Flags       HW address            Mask     Device\n"
+                    "10.0.1.3         0x1         0x2         02:00:00:00:00:03     *        eth1\n"
+                    "10.0.1.4         0x1         0x0         00:00:00:00:00:00     *        eth1\n")
+        self.assertEqual(neighbour_mac("10.0.1.3", self.arp), "02:00:00:00:00:03")
+        self.assertRaises(LookupError, neighbour_mac, "10.0.1.4", self.arp)  # incomplete
+        self.assertRaises(LookupError, self.plumbing.fence, Flow(("10.0.0.5", 1), ("10.0.0.100", 80)),
+                          "10.0.1.9")
+        self.assertEqual(len(self.table), 0)
+
+    def test_timeout_lifts_fence_and_atom(self) -> None:
+        self.plumbing.fence(self.flow, Host())
+        self.reactor.advance(self.table.fence_timeout + 1)
+        self.assertEqual((self.fence.keys, len(self.table)), (set(), 0))
+        self.assertIsNone(self.dam.get(atom_key(KEY)))

@@ -1,0 +1,325 @@
+"""The forwarder in namespaces: client -> unit (forwarder, fence) -> host (VIP on lo), replies direct.
+
+The route is plumbed by hand before the client connects, so the whole TCP
+connection (handshake included) runs over the forwarded path; the live
+handoff itself (TCP_REPAIR) is tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from tests.netns import Node, Topology, Worker, require_netns, require_tools, wait_for
+
+VIP = "10.0.0.100"
+SIZE = 24 * 1024 * 1024
+
+UNIT = """
+import threading
+from twisted.internet import reactor
+from twisted.internet.threads import blockingCallFromThread as call
+from nlbproxy.handoff.fence import Fence, open_backend
+from nlbproxy.handoff.forwarder import Forwarder, PacketPort, interface_mac
+from nlbproxy.handoff.routes import FlowKey, RouteTable, Via
+
+table = RouteTable(reactor)
+fwd = Forwarder(table, {"eth0": interface_mac("eth0")})
+fence = Fence(open_backend(), "nlbfwd")
+fence.setup()
+deleted = []
+
+def on_deleted(gone):
+    for d in gone:
+        fence.remove(d.route.key)
+        deleted.append(d.reason)
+
+port = PacketPort(reactor, fwd, "eth0", on_deleted=on_deleted)
+threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True).start()
+call(reactor, port.start)
+
+def plumb(client_port, host_ip, host_mac):
+    key = FlowKey("10.0.0.5", client_port, "10.0.0.100", 80)
+    def go():
+        table.fence(key, Via(host_ip, host_mac, "eth0"))
+        fence.add(key)
+    call(reactor, go)
+    return key
+
+def state(client_port):
+    route = table.get(FlowKey("10.0.0.5", client_port, "10.0.0.100", 80))
+    return None if route is None else [route.state.value, len(route.buffer)]
+"""
+
+HOST = """
+import hashlib, socket, threading
+srv = socket.socket()
+srv.bind(("10.0.0.100", 80)); srv.listen(4)
+result = {}
+
+def serve():
+    conn, peer = srv.accept()
+    result["peer"] = list(peer)
+    digest = hashlib.sha256()
+    total = 0
+    while chunk := conn.recv(1 << 20):
+        digest.update(chunk)
+        total += len(chunk)
+    result["received"] = total
+    result["sha"] = digest.hexdigest()
+    # The reply: the digest of the upload, then a download.
+    conn.sendall(digest.digest() + bytes(range(256)) * (SIZE // 256))
+    conn.close()
+
+threading.Thread(target=serve, daemon=True).start()
+"""
+
+CLIENT = """
+import hashlib, select, socket
+c = socket.socket()
+c.bind(("10.0.0.5", 0))
+client_port = c.getsockname()[1]
+
+def start():
+    c.setblocking(False)
+    return c.connect_ex(("10.0.0.100", 80))
+
+def established():
+    if not select.select([], [c], [], 10)[1]:
+        return "timeout"
+    return c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+def exchange():
+    c.setblocking(True)
+    c.settimeout(30)
+    upload = bytes(range(251)) * (SIZE // 251)
+    c.sendall(upload)
+    c.shutdown(socket.SHUT_WR)
+    data = bytearray()
+    while chunk := c.recv(1 << 20):
+        data += chunk
+    c.close()
+    expected = bytes(range(256)) * (SIZE // 256)
+    return [data[:32] == hashlib.sha256(upload).digest(), bytes(data[32:]) == expected, len(data)]
+"""
+
+
+@pytest.fixture
+def farm() -> Iterator[tuple[Topology, Node, Node, Node]]:
+    require_netns()
+    require_tools("nft")
+    with Topology() as topo:
+        client = topo.add_node("client", "10.0.0.5")
+        unit = topo.add_node("unit", "10.0.0.2")
+        host = topo.add_node("host", "10.0.0.3")
+        # The unit owns the VIP (its listeners live there); the client reaches it through the unit.
+        unit.run(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
+        client.add_route(f"{VIP}/32", unit.ip)
+        host.add_vip(VIP)
+        yield topo, client, unit, host
+
+
+def _dropped_from_vip(unit: Node) -> int:
+    listing = unit.run(["nft", "list", "table", "inet", "dsrcount"]).stdout
+    match = re.search(r"counter packets (\d+)", listing)
+    assert match is not None, listing
+    return int(match.group(1))
+
+
+def test_forwarded_flow_buffered_until_commit_replies_direct(farm: tuple[Topology, Node, Node, Node]) -> None:
+    _, client, unit, host = farm
+    # Counts frames from the VIP that reach the unit's stack: with direct
+    # server return there must be none.
+    unit.run(["nft", "-f", "-"], input=(
+        "table inet dsrcount {\n chain c {\n  type filter hook prerouting priority -400;\n"
+        f"  ip saddr {VIP} counter\n }}\n}}\n"))
+    u: Worker = unit.worker()
+    u.exec(UNIT)
+    h = host.worker()
+    h.exec(f"SIZE = {SIZE}\n" + HOST)
+    c = client.worker()
+    c.exec(f"SIZE = {SIZE}\n" + CLIENT)
+    port = c.eval("client_port")
+    u.exec(f"key = plumb({port}, {host.ip!r}, {host.mac!r})")
+
+    # Fenced, not committed: the SYN (and its retransmissions) wait in the buffer.
+    assert c.eval("start()") in (115,)  # EINPROGRESS
+    wait_for(lambda: (u.eval(f"state({port})") or [None, 0])[1] >= 1, what="the SYN buffered")
+    assert u.eval(f"state({port})")[0] == "fenced"
+    assert u.eval("call(reactor, port.commit, key)") >= 1
+    assert c.eval("established()") == 0
+
+    ok_upload, ok_download, length = c.eval("exchange()")
+    assert ok_upload and ok_download and length == 32 + SIZE // 256 * 256
+    wait_for(lambda: h.eval("result.get('received')"), what="the host's reading")
+    assert h.eval("result") ["peer"] == ["10.0.0.5", port]
+    assert h.eval("result")["received"] == SIZE // 251 * 251
+
+    metrics = u.eval("fwd.metrics()")
+    assert metrics["packets"] > 0 and metrics["bytes"] >= SIZE
+    assert metrics["drops"] == {}, metrics
+    assert _dropped_from_vip(unit) == 0
+    # The client's FIN moved the route to closing; the agent's report ends it.
+    wait_for(lambda: u.eval(f"state({port})")[0] == "closing", what="closing")
+    u.exec("call(reactor, port.delete, key)")
+    assert u.eval(f"state({port})") is None
+    assert u.eval("deleted") == ["ended"]
+    assert u.eval("len(fence)") == 0
+
+
+def test_without_route_the_unit_answers_itself(farm: tuple[Topology, Node, Node, Node]) -> None:
+    """Control: with no route the forwarder leaves the flow to the unit's kernel
+    (no listener on the VIP there: refused), and counts it as passed."""
+    _, client, unit, _ = farm
+    u = unit.worker()
+    u.exec(UNIT)
+    c = client.worker()
+    c.exec("import socket\n"
+           "def refused():\n"
+           "    try:\n"
+           "        socket.create_connection(('10.0.0.100', 80), timeout=10)\n"
+           "    except ConnectionRefusedError:\n"
+           "        return True\n"
+           "    return False\n")
+    assert c.eval("refused()") is True
+    assert u.eval("fwd.metrics()")["packets"] == 0
+    assert u.eval("fwd.metrics()")["passed"] >= 1
+
+
+TUNNEL_UNIT = UNIT.replace(
+    'fwd = Forwarder(table, {"eth0": interface_mac("eth0")})',
+    'from nlbproxy.handoff.tunnel import Encapsulator\n'
+    'fwd = Forwarder(table, {"eth0": interface_mac("eth0")}, tunnel=Encapsulator({4: "10.0.0.2"}))',
+).replace(
+    "def plumb(client_port, host_ip, host_mac):",
+    "def plumb(client_port, host_ip, host_mac, flow_id=None):",
+).replace(
+    'table.fence(key, Via(host_ip, host_mac, "eth0"))',
+    'table.fence(key, Via(host_ip, host_mac, "eth0", flow_id))',
+)
+
+DECAP = """
+import threading
+from twisted.internet import reactor
+from twisted.internet.threads import blockingCallFromThread as call
+from nlbproxy.handoff.fence import Fence, open_backend
+from nlbproxy.handoff.forwarder import DecapsulatorPort
+from nlbproxy.handoff.routes import FlowKey
+from nlbproxy.handoff.tunnel import Decapsulator, Mapping
+
+decap = Decapsulator()
+fence = Fence(open_backend(), "nlbhost")
+fence.setup()
+port = DecapsulatorPort(reactor, decap, "eth0", "nlbtun0")
+threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True).start()
+call(reactor, port.start)
+
+def expect(flow_id, client_port):
+    # The mapping sent ahead with the handoff.
+    mapping = Mapping(flow_id, "10.0.0.2", FlowKey("10.0.0.5", client_port, "10.0.0.100", 80))
+    call(reactor, decap.add, Mapping.decode(mapping.encode()))
+    fence.add_tunnel("10.0.0.2", flow_id)
+"""
+
+
+def test_tunnel_to_a_host_on_another_segment() -> None:
+    """client and unit on one segment, the host behind a router: the forwarder
+    tunnels (flow id in the ports), the host decapsulates, replies are routed direct."""
+    require_netns()
+    require_tools("nft")
+    with Topology() as topo:
+        topo.add_segment("back")
+        client = topo.add_node("client", "10.0.0.5")
+        unit = topo.add_node("unit", "10.0.0.2")
+        router = topo.add_node("router", "10.0.0.1")
+        topo.attach(router, "back", "10.1.0.1")
+        host = topo.add_node("host", "10.1.0.3", segment="back")
+        router.sysctl("net.ipv4.ip_forward", 1)
+        router.relax_rp_filter()
+        unit.run(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
+        unit.add_route("10.1.0.0/24", router.ip)
+        client.add_route(f"{VIP}/32", unit.ip)
+        host.add_vip(VIP)
+        host.add_route("default", "10.1.0.1")
+
+        d = host.worker()
+        d.exec(DECAP)
+        h = host.worker()
+        h.exec(f"SIZE = {SIZE}\n" + HOST)
+        u = unit.worker()
+        u.exec(TUNNEL_UNIT)
+        c = client.worker()
+        c.exec(f"SIZE = {SIZE}\n" + CLIENT)
+        port = c.eval("client_port")
+        flow_id = 0x00020003
+        d.exec(f"expect({flow_id}, {port})")
+        # The frames go to the router's MAC; the IP header takes them to the host.
+        u.exec(f"key = plumb({port}, {host.ip!r}, {router.mac!r}, {flow_id})")
+        u.exec("call(reactor, port.commit, key)")
+
+        assert c.eval("start()") == 115
+        assert c.eval("established()") == 0
+        ok_upload, ok_download, _ = c.eval("exchange()")
+        assert ok_upload and ok_download
+        wait_for(lambda: h.eval("result.get('received')"), what="the host's reading")
+        assert h.eval("result")["peer"] == ["10.0.0.5", port]
+        assert u.eval("fwd.metrics()")["drops"] == {}
+        assert u.eval("fwd.tunnel.stats['encoded']") > 0
+        assert d.eval("dict(port.stats)").get("drop_inject_error", 0) == 0
+        assert d.eval("decap.stats['decoded']") > 0
+
+
+PLUMBED_UNIT = """
+import socket, threading, types
+from twisted.internet import reactor
+from twisted.internet.threads import blockingCallFromThread as call
+from nlbproxy.handoff.fence import Fence, open_backend
+from nlbproxy.handoff.forwarder import Forwarder, ForwarderPlumbing, PacketPort, interface_mac, neighbour_mac
+from nlbproxy.handoff.routes import RouteTable
+
+table = RouteTable(reactor)
+fwd = Forwarder(table, {"eth0": interface_mac("eth0")})
+fence = Fence(open_backend(), "nlbplumb")
+fence.setup()
+port = PacketPort(reactor, fwd, "eth0")
+plumbing = ForwarderPlumbing(port, fence, "eth0")
+threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True).start()
+call(reactor, port.start)
+
+def arp(ip):
+    # The agent channel resolves the host's address in practice; here a datagram does.
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(b"", (ip, 9))
+    s.close()
+    try:
+        return neighbour_mac(ip)
+    except LookupError:
+        return None
+
+def flow(client_port):
+    return types.SimpleNamespace(client=("10.0.0.5", client_port), vip=("10.0.0.100", 80))
+"""
+
+
+def test_plumbing_resolves_the_host_and_lifts_the_fence(farm: tuple[Topology, Node, Node, Node]) -> None:
+    """The unit side's calls (fence, commit, ended) on the real forwarder, with
+    the host's MAC from the unit's neighbour table."""
+    _, client, unit, host = farm
+    u = unit.worker()
+    u.exec(PLUMBED_UNIT)
+    h = host.worker()
+    h.exec("SIZE = 1 << 20\n" + HOST)
+    c = client.worker()
+    c.exec("SIZE = 1 << 20\n" + CLIENT)
+    port = c.eval("client_port")
+    assert wait_for(lambda: u.eval(f"arp({host.ip!r})"), what="ARP") == host.mac
+    u.exec(f"call(reactor, plumbing.fence, flow({port}), {host.ip!r})")
+    assert u.eval("len(fence)") == 1
+    assert c.eval("start()") == 115
+    u.exec(f"call(reactor, plumbing.commit, flow({port}))")
+    assert c.eval("established()") == 0
+    assert c.eval("exchange()")[:2] == [True, True]
+    u.exec(f"call(reactor, plumbing.ended, flow({port}))")
+    assert u.eval("[len(fence), len(table)]") == [0, 0]
