@@ -323,3 +323,39 @@ def test_plumbing_resolves_the_host_and_lifts_the_fence(farm: tuple[Topology, No
     assert c.eval("exchange()")[:2] == [True, True]
     u.exec(f"call(reactor, plumbing.ended, flow({port}))")
     assert u.eval("[len(fence), len(table)]") == [0, 0]
+
+
+FAST_UNIT = PLUMBED_UNIT.replace(
+    'port = PacketPort(reactor, fwd, "eth0")',
+    'from nlbproxy.handoff.forwarder import KernelPath\n'
+    'kernel = KernelPath(open_backend(), "eth0", "eth0", ":".join(f"{b:02x}" for b in interface_mac("eth0")))\n'
+    'kernel.setup()\n'
+    'port = PacketPort(reactor, fwd, "eth0", kernel=kernel)',
+)
+
+
+def test_kernel_fast_path(farm: tuple[Topology, Node, Node, Node]) -> None:
+    """Committed flows forwarded by nftables in the kernel; the socket filter
+    lets Python see only the fenced flow's frames and the FIN/SYN/RST ones."""
+    _, client, unit, host = farm
+    u = unit.worker()
+    u.exec(FAST_UNIT)
+    h = host.worker()
+    h.exec(f"SIZE = {SIZE}\n" + HOST)
+    c = client.worker()
+    c.exec(f"SIZE = {SIZE}\n" + CLIENT)
+    port = c.eval("client_port")
+    wait_for(lambda: u.eval(f"arp({host.ip!r})"), what="ARP")
+    u.exec(f"call(reactor, plumbing.fence, flow({port}), {host.ip!r})")
+    assert c.eval("start()") == 115
+    wait_for(lambda: u.eval("table.stats['buffered_packets']") >= 1, what="the SYN buffered")
+    u.exec(f"call(reactor, plumbing.commit, flow({port}))")
+    assert u.eval("[len(kernel), table.routes()[0].offloaded]") == [1, True]
+    assert c.eval("established()") == 0
+    assert c.eval("exchange()")[:2] == [True, True]
+    # Megabytes went through; Python saw a handful of frames (the SYNs, the FIN).
+    seen = u.eval("fwd.stats['rx_frames']")
+    assert seen < 20, seen
+    wait_for(lambda: u.eval("table.routes()[0].state.value") == "closing", what="the FIN seen")
+    u.exec(f"call(reactor, plumbing.ended, flow({port}))")
+    assert u.eval("[len(kernel), len(fence), len(table)]") == [0, 0, 0]
