@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
+import tempfile
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -353,8 +355,9 @@ class PlumbingTests(SynchronousTestCase):
 
     def test_unknown_neighbour(self) -> None:
         self.plumbing.resolve_mac = lambda ip: neighbour_mac(ip, self.arp)
-        self.arp = self.mktemp()
-        with open(self.arp, "w") as f:
+        with tempfile.NamedTemporaryFile("w", suffix=".arp", delete=False) as f:
+            self.arp = f.name
+            self.addCleanup(os.unlink, f.name)
             f.write("IP address       HW type     Flags       HW address            Mask     Device\n"
                     "10.0.1.3         0x1         0x2         02:00:00:00:00:03     *        eth1\n"
                     "10.0.1.4         0x1         0x0         00:00:00:00:00:00     *        eth1\n")
