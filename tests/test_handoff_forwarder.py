@@ -22,7 +22,7 @@ from nlbproxy.handoff.packets import (
     NOT_TCP, VNET_HDR_LEN, Malformed, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
     tcp_checksum,
 )
-from nlbproxy.handoff.routes import ACK, FIN, SYN, FlowKey, RouteTable, State, Via, atom_key, from_atom
+from nlbproxy.handoff.routes import ACK, FIN, SYN, FlowKey, RouteTable, State, Via, atom_key, from_atom, to_atom
 from nlbproxy.session.dam import DAM
 
 CLIENT_MAC = mac_bytes("02:00:00:00:00:05")
@@ -366,6 +366,23 @@ class PlumbingTests(SynchronousTestCase):
         self.assertRaises(LookupError, self.plumbing.fence, Flow(("10.0.0.5", 1), ("10.0.0.100", 80)),
                           "10.0.1.9")
         self.assertEqual(len(self.table), 0)
+
+    def test_replumb_from_atoms(self) -> None:
+        source = RouteTable(Clock())
+        source.fence(KEY, Via("10.0.1.3", mac_text(HOST_MAC), "eth9"))
+        source.commit(KEY)
+        good = to_atom(source.get(KEY))[:2]  # type: ignore[arg-type]
+        other = FlowKey("10.0.0.6", 1, "10.0.0.100", 80)
+        atoms = [good, ("cookie", "app/10.0.1.3:80"), ("route 10.0.0.7:1 10.0.0.100:80", "9 c x")]
+        self.assertEqual(self.plumbing.replumb(atoms), (1, 1))
+        route = self.table.get(KEY)
+        assert route is not None
+        self.assertEqual((route.state, route.via.ifname), (State.COMMITTED, "eth1"))
+        self.assertEqual(self.fence.keys, {KEY})
+        self.fence.fail = True
+        source.fence(other, Via("10.0.1.3", mac_text(HOST_MAC), "eth9"))
+        self.assertEqual(self.plumbing.replumb([to_atom(source.get(other))[:2]]), (0, 1))  # type: ignore[arg-type]
+        self.assertIsNone(self.table.get(other))
 
     def test_timeout_lifts_fence_and_atom(self) -> None:
         self.plumbing.fence(self.flow, Host())

@@ -359,3 +359,78 @@ def test_kernel_fast_path(farm: tuple[Topology, Node, Node, Node]) -> None:
     wait_for(lambda: u.eval("table.routes()[0].state.value") == "closing", what="the FIN seen")
     u.exec(f"call(reactor, plumbing.ended, flow({port}))")
     assert u.eval("[len(kernel), len(fence), len(table)]") == [0, 0, 0]
+
+
+ECHO = """
+import socket, threading
+srv = socket.socket()
+srv.bind(("10.0.0.100", 80)); srv.listen(4)
+def serve():
+    conn, _ = srv.accept()
+    while data := conn.recv(65536):
+        conn.sendall(data)
+    conn.close()
+threading.Thread(target=serve, daemon=True).start()
+"""
+
+TALKER = """
+import select, socket
+c = socket.socket()
+c.bind(("10.0.0.5", 0))
+client_port = c.getsockname()[1]
+def start():
+    c.setblocking(False)
+    return c.connect_ex(("10.0.0.100", 80))
+def established():
+    if not select.select([], [c], [], 10)[1]:
+        return "timeout"
+    c.setblocking(True)
+    c.settimeout(20)
+    return c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+def say(text):
+    c.sendall(text.encode())
+    return c.recv(100).decode()
+"""
+
+
+def test_another_unit_takes_over_from_the_durable_routes() -> None:
+    """The unit that plumbed a connection fails; its route atoms (as the DAM
+    holds them) let a second unit fence and forward the same connection when
+    the client's traffic moves there."""
+    require_netns()
+    require_tools("nft")
+    with Topology() as topo:
+        client = topo.add_node("client", "10.0.0.5")
+        unit1 = topo.add_node("unit1", "10.0.0.2")
+        unit2 = topo.add_node("unit2", "10.0.0.4")
+        host = topo.add_node("host", "10.0.0.3")
+        for unit in (unit1, unit2):
+            unit.run(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
+        client.add_route(f"{VIP}/32", unit1.ip)
+        host.add_vip(VIP)
+        h = host.worker()
+        h.exec(ECHO)
+        u1, u2 = unit1.worker(), unit2.worker()
+        u1.exec(PLUMBED_UNIT)
+        u2.exec(PLUMBED_UNIT)
+        c = client.worker()
+        c.exec(TALKER)
+        port = c.eval("client_port")
+        for u in (u1, u2):
+            assert wait_for(lambda u=u: u.eval(f"arp({host.ip!r})"), what="ARP") == host.mac
+        u1.exec(f"call(reactor, plumbing.fence, flow({port}), {host.ip!r})")
+        u1.exec(f"call(reactor, plumbing.commit, flow({port}))")
+        assert c.eval("start()") == 115
+        assert c.eval("established()") == 0
+        assert c.eval("say('one')") == "one"
+
+        # What the DAM holds for the route; then unit 1 is gone.
+        u1.exec("from nlbproxy.handoff.routes import to_atom")
+        atoms = u1.eval("[list(to_atom(r)[:2]) for r in table.routes()]")
+        assert len(atoms) == 1 and atoms[0][0] == f"route 10.0.0.5:{port} {VIP}:80"
+        u1.close()
+        assert u2.eval(f"call(reactor, plumbing.replumb, {atoms!r})") == [1, 0]
+        assert u2.eval("len(fence)") == 1
+        client.add_route(f"{VIP}/32", unit2.ip)
+        assert c.eval("say('two')") == "two"
+        assert u2.eval("fwd.metrics()['packets']") >= 1

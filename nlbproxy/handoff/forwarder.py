@@ -30,7 +30,7 @@ import re
 import socket
 import struct
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.internet.interfaces import IReadDescriptor
@@ -41,7 +41,10 @@ from zope.interface import implementer
 from nlbproxy import limits
 from nlbproxy.handoff.fence import check_table_name
 from nlbproxy.handoff.packets import ETH_HLEN, VNET_HDR_LEN, Malformed, Parsed, parse, set_macs
-from nlbproxy.handoff.routes import Deleted, FlowKey, RouteTable, Verdict, Via, atom_key, to_atom
+from nlbproxy.handoff.routes import (
+    Deleted, FlowKey, RouteError, RouteTable, State, TableFull, Verdict, Via, WireError, atom_key, from_atom,
+    is_route_atom, to_atom,
+)
 
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
@@ -547,6 +550,46 @@ class ForwarderPlumbing:
 
     def ended(self, flow: Any) -> None:
         self.port.delete(self.key(flow), "ended")
+
+    def replumb(self, atoms: Iterable[tuple[str, str]]) -> tuple[int, int]:
+        """Takes over the routes of ``(key, data)`` DAM atoms (another unit
+        failed and its clients' traffic now arrives here): each is restored,
+        fenced (this unit owns the VIP too, and its kernel must not reset the
+        flow) and, when committed, offloaded if there is a fast path.
+        Returns (taken over, refused)."""
+        taken = refused = 0
+        for atom_key_, data in atoms:
+            if not is_route_atom(atom_key_):
+                continue
+            try:
+                key, via, state = from_atom(atom_key_, data, self.ifname)
+                self.table.restore(key, via, state)
+            except (WireError, TableFull, RouteError) as e:
+                refused += 1
+                self.stats["replumb_refused"] += 1
+                log.msg(f"route atom {atom_key_!r} not taken over: {e}")
+                continue
+            try:
+                self.port.refilter()
+                self.fence_.add(key)
+            except Exception as e:
+                self.table.delete(key, "aborted")
+                refused += 1
+                self.stats["replumb_refused"] += 1
+                log.msg(f"route {key} not taken over: {e}")
+                continue
+            kernel = self.port.kernel
+            if state is State.COMMITTED and kernel is not None and kernel.can_offload(via):
+                try:
+                    kernel.add(key, via.host_mac)
+                    self.table.offload(key)
+                except Exception as e:
+                    self.stats["offload_failed"] += 1
+                    log.msg(f"{key} not offloaded: {e}")
+            taken += 1
+        self.port.refilter()
+        self.stats["replumbed"] += taken
+        return taken, refused
 
     def _durable(self, key: FlowKey) -> None:
         route = self.table.get(key)
