@@ -108,7 +108,7 @@ class Forwarder:
             return None
         return self._rewrite(buf, size, route.via, parsed)
 
-    def _rewrite(self, buf: bytearray, size: int, via: Any, parsed: Parsed | None) -> tuple[str, memoryview] | None:
+    def _rewrite(self, buf: bytearray, size: int, via: Via, parsed: Parsed | None) -> tuple[str, memoryview] | None:
         src = self.macs.get(via.ifname)
         if src is None:
             self.table.count_drop("no_interface")
