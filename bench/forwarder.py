@@ -4,6 +4,7 @@ Side by side in one run, in namespaces this script creates (and always deletes):
 
 * ``direct``     client -> host (the client routes the VIP straight to the host)
 * ``forwarder``  client -> unit (AF_PACKET forwarder, MAC rewrite) -> host
+* ``fastpath``   client -> unit (committed flows offloaded to an nftables netdev map) -> host
 * ``tunnel``     client -> unit (forwarder + zero-overhead tunnel) -> router -> host (decapsulator)
 
 The host owns the VIP on ``lo`` and answers directly; each target gets a
@@ -107,6 +108,34 @@ def cpu():
     t = os.times(); return t.user + t.system
 """
 
+FAST_UNIT = """
+import os, threading
+from twisted.internet import reactor
+from twisted.internet.threads import blockingCallFromThread as call
+from nlbproxy.handoff.fence import Fence, open_backend
+from nlbproxy.handoff.forwarder import Forwarder, KernelPath, PacketPort, interface_mac
+from nlbproxy.handoff.routes import FlowKey, RouteTable, Via
+threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True).start()
+fence = Fence(open_backend(), "nlbbenchfast"); fence.setup()
+mac = ":".join(f"{b:02x}" for b in interface_mac("eth0"))
+fast_table = RouteTable(reactor)
+fast_fwd = Forwarder(fast_table, {"eth0": interface_mac("eth0")})
+kernel = KernelPath(open_backend(), "eth0", "eth0", mac)
+kernel.setup()
+fast_port = PacketPort(reactor, fast_fwd, "eth0", kernel=kernel)
+call(reactor, fast_port.start)
+def plumb_fast(client_port, host_ip, host_mac):
+    key = FlowKey("10.0.0.5", client_port, "10.0.0.100", 80)
+    def go():
+        fast_table.fence(key, Via(host_ip, host_mac, "eth0")); fast_port.refilter(); fence.add(key)
+        fast_port.commit(key)
+    call(reactor, go)
+def fast_seen():
+    return fast_fwd.stats["rx_frames"]
+def cpu():
+    t = os.times(); return t.user + t.system
+"""
+
 DECAP = """
 import threading, os
 from twisted.internet import reactor
@@ -170,7 +199,7 @@ def main() -> None:
         sys.exit("needs root (network namespaces)")
     one, five, _ = os.getloadavg()
     print(f"load average before the run: {one:.2f} (1 min), {five:.2f} (5 min)")
-    targets = ("direct", "forwarder", "tunnel")
+    targets = ("direct", "forwarder", "fastpath", "tunnel")
     results: dict[tuple[str, str], list[dict[str, float]]] = {
         (way, t): [] for way in ("download", "upload") for t in targets}
     with Topology() as topo:
@@ -183,6 +212,8 @@ def main() -> None:
         c.exec(SOURCE)
         u = unit.worker()
         u.exec(UNIT)
+        f = unit.worker()
+        f.exec(FAST_UNIT)
         d = far.worker()
         d.exec(DECAP)
         flow_id = 0x00010001
@@ -194,15 +225,23 @@ def main() -> None:
                 elif target == "forwarder":
                     client.add_route(f"{VIP}/32", unit.ip)
                     u.exec(f"plumb({port}, {host.ip!r}, {host.mac!r})")
+                elif target == "fastpath":
+                    client.add_route(f"{VIP}/32", unit.ip)
+                    f.exec(f"plumb_fast({port}, {host.ip!r}, {host.mac!r})")
+                    # The plain forwarder's unfiltered socket would copy every frame meanwhile.
+                    u.exec("call(reactor, port.stop)")
                 else:
                     client.add_route(f"{VIP}/32", unit.ip)
                     flow_id += 1
                     d.exec(f"expect({flow_id}, {port})")
                     u.exec(f"plumb({port}, {far.ip!r}, {router.mac!r}, {flow_id})")
-                unit_cpu, decap_cpu = u.eval("cpu()"), d.eval("cpu()")
+                w = f if target == "fastpath" else u
+                unit_cpu, decap_cpu = w.eval("cpu()"), d.eval("cpu()")
                 got, elapsed = c.eval(f"{way}({args.size}, {port})")
                 assert got == args.size << 20, (way, target, got)
-                unit_cpu, decap_cpu = u.eval("cpu()") - unit_cpu, d.eval("cpu()") - decap_cpu
+                unit_cpu, decap_cpu = w.eval("cpu()") - unit_cpu, d.eval("cpu()") - decap_cpu
+                if target == "fastpath":
+                    u.exec("call(reactor, port.start)")
                 gb = got / 1e9
                 results[way, target].append({"mb_s": got / elapsed / 1e6, "unit_cpu_s_per_gb": unit_cpu / gb,
                                         "decap_cpu_s_per_gb": decap_cpu / gb})
@@ -211,6 +250,7 @@ def main() -> None:
         fence_lib, fence_nft = cost.eval("cost('lib', 200)"), cost.eval("cost('nft', 30)")
         u.exec("call(reactor, port.poll_kernel_drops)")
         metrics = u.eval("fwd.metrics()")
+        fast_seen = f.eval("fast_seen()")
         drops = metrics["drops"]
 
     print(f"\n{args.size} MiB per transfer, median of {args.rounds} round(s); the forwarder carries the"
@@ -229,6 +269,8 @@ def main() -> None:
           f"({fence_nft / fence_lib:.0f}x)")
     print(f"forwarder drops: {drops or 'none'}; frames forwarded: {metrics['packets']}, "
           f"{metrics['bytes'] / max(metrics['packets'], 1):.0f} bytes each on average (GSO frames pass whole)")
+    print(f"fast path: frames Python saw in all its transfers: {fast_seen} (the socket filter keeps "
+          "fenced flows and FIN/SYN/RST only)")
     summary.update({"fence_lib_ms": fence_lib, "fence_nft_ms": fence_nft, "drops": drops})
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))

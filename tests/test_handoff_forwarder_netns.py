@@ -323,3 +323,114 @@ def test_plumbing_resolves_the_host_and_lifts_the_fence(farm: tuple[Topology, No
     assert c.eval("exchange()")[:2] == [True, True]
     u.exec(f"call(reactor, plumbing.ended, flow({port}))")
     assert u.eval("[len(fence), len(table)]") == [0, 0]
+
+
+FAST_UNIT = PLUMBED_UNIT.replace(
+    'port = PacketPort(reactor, fwd, "eth0")',
+    'from nlbproxy.handoff.forwarder import KernelPath\n'
+    'kernel = KernelPath(open_backend(), "eth0", "eth0", ":".join(f"{b:02x}" for b in interface_mac("eth0")))\n'
+    'kernel.setup()\n'
+    'port = PacketPort(reactor, fwd, "eth0", kernel=kernel)',
+)
+
+
+def test_kernel_fast_path(farm: tuple[Topology, Node, Node, Node]) -> None:
+    """Committed flows forwarded by nftables in the kernel; the socket filter
+    lets Python see only the fenced flow's frames and the FIN/SYN/RST ones."""
+    _, client, unit, host = farm
+    u = unit.worker()
+    u.exec(FAST_UNIT)
+    h = host.worker()
+    h.exec(f"SIZE = {SIZE}\n" + HOST)
+    c = client.worker()
+    c.exec(f"SIZE = {SIZE}\n" + CLIENT)
+    port = c.eval("client_port")
+    wait_for(lambda: u.eval(f"arp({host.ip!r})"), what="ARP")
+    u.exec(f"call(reactor, plumbing.fence, flow({port}), {host.ip!r})")
+    assert c.eval("start()") == 115
+    wait_for(lambda: u.eval("table.stats['buffered_packets']") >= 1, what="the SYN buffered")
+    u.exec(f"call(reactor, plumbing.commit, flow({port}))")
+    assert u.eval("[len(kernel), table.routes()[0].offloaded]") == [1, True]
+    assert c.eval("established()") == 0
+    assert c.eval("exchange()")[:2] == [True, True]
+    # Megabytes went through; Python saw a handful of frames (the SYNs, the FIN).
+    seen = u.eval("fwd.stats['rx_frames']")
+    assert seen < 20, seen
+    wait_for(lambda: u.eval("table.routes()[0].state.value") == "closing", what="the FIN seen")
+    u.exec(f"call(reactor, plumbing.ended, flow({port}))")
+    assert u.eval("[len(kernel), len(fence), len(table)]") == [0, 0, 0]
+
+
+ECHO = """
+import socket, threading
+srv = socket.socket()
+srv.bind(("10.0.0.100", 80)); srv.listen(4)
+def serve():
+    conn, _ = srv.accept()
+    while data := conn.recv(65536):
+        conn.sendall(data)
+    conn.close()
+threading.Thread(target=serve, daemon=True).start()
+"""
+
+TALKER = """
+import select, socket
+c = socket.socket()
+c.bind(("10.0.0.5", 0))
+client_port = c.getsockname()[1]
+def start():
+    c.setblocking(False)
+    return c.connect_ex(("10.0.0.100", 80))
+def established():
+    if not select.select([], [c], [], 10)[1]:
+        return "timeout"
+    c.setblocking(True)
+    c.settimeout(20)
+    return c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+def say(text):
+    c.sendall(text.encode())
+    return c.recv(100).decode()
+"""
+
+
+def test_another_unit_takes_over_from_the_durable_routes() -> None:
+    """The unit that plumbed a connection fails; its route atoms (as the DAM
+    holds them) let a second unit fence and forward the same connection when
+    the client's traffic moves there."""
+    require_netns()
+    require_tools("nft")
+    with Topology() as topo:
+        client = topo.add_node("client", "10.0.0.5")
+        unit1 = topo.add_node("unit1", "10.0.0.2")
+        unit2 = topo.add_node("unit2", "10.0.0.4")
+        host = topo.add_node("host", "10.0.0.3")
+        for unit in (unit1, unit2):
+            unit.run(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
+        client.add_route(f"{VIP}/32", unit1.ip)
+        host.add_vip(VIP)
+        h = host.worker()
+        h.exec(ECHO)
+        u1, u2 = unit1.worker(), unit2.worker()
+        u1.exec(PLUMBED_UNIT)
+        u2.exec(PLUMBED_UNIT)
+        c = client.worker()
+        c.exec(TALKER)
+        port = c.eval("client_port")
+        for u in (u1, u2):
+            assert wait_for(lambda u=u: u.eval(f"arp({host.ip!r})"), what="ARP") == host.mac
+        u1.exec(f"call(reactor, plumbing.fence, flow({port}), {host.ip!r})")
+        u1.exec(f"call(reactor, plumbing.commit, flow({port}))")
+        assert c.eval("start()") == 115
+        assert c.eval("established()") == 0
+        assert c.eval("say('one')") == "one"
+
+        # What the DAM holds for the route; then unit 1 is gone.
+        u1.exec("from nlbproxy.handoff.routes import to_atom")
+        atoms = u1.eval("[list(to_atom(r)[:2]) for r in table.routes()]")
+        assert len(atoms) == 1 and atoms[0][0] == f"route 10.0.0.5:{port} {VIP}:80"
+        u1.close()
+        assert u2.eval(f"call(reactor, plumbing.replumb, {atoms!r})") == [1, 0]
+        assert u2.eval("len(fence)") == 1
+        client.add_route(f"{VIP}/32", unit2.ip)
+        assert c.eval("say('two')") == "two"
+        assert u2.eval("fwd.metrics()['packets']") >= 1

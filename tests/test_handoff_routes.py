@@ -422,6 +422,7 @@ class RouteMachine(RuleBasedStateMachine):
             assert route.state is State.FENCED or not route.buffer
         inv = self.t.inventory()
         assert inv["routes"] == len(self.model) == sum(inv["by_state"].values())
+        assert set(self.t.fenced_keys()) == {k for k, v in self.model.items() if v is State.FENCED}
 
 
 class TestRouteMachine(RouteMachine.TestCase):  # type: ignore[name-defined,misc]

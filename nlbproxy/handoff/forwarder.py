@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import ipaddress
 import os
+import re
 import socket
 import struct
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.internet.interfaces import IReadDescriptor
@@ -37,8 +39,12 @@ from twisted.python import failure, log
 from zope.interface import implementer
 
 from nlbproxy import limits
+from nlbproxy.handoff.fence import check_table_name
 from nlbproxy.handoff.packets import ETH_HLEN, VNET_HDR_LEN, Malformed, Parsed, parse, set_macs
-from nlbproxy.handoff.routes import Deleted, FlowKey, RouteTable, Verdict, Via, atom_key, to_atom
+from nlbproxy.handoff.routes import (
+    Deleted, FlowKey, RouteError, RouteTable, State, TableFull, Verdict, Via, WireError, atom_key, from_atom,
+    is_route_atom, to_atom,
+)
 
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
@@ -49,6 +55,7 @@ ETH_P_ALL = 0x0003
 PACKET_HOST = 0
 PACKET_OUTGOING = 4
 SIOCGIFHWADDR = 0x8927
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 #: Receive buffer: a vnet header, a VLAN-tagged Ethernet header and the largest
 #: IP packet (GSO super-frames included).
@@ -97,9 +104,11 @@ class Forwarder:
                 self.stats["passed"] += 1
             return None
         assert route is not None
+        if route.offloaded:
+            return None
         return self._rewrite(buf, size, route.via, parsed)
 
-    def _rewrite(self, buf: bytearray, size: int, via: Any, parsed: Parsed | None) -> tuple[str, memoryview] | None:
+    def _rewrite(self, buf: bytearray, size: int, via: Via, parsed: Parsed | None) -> tuple[str, memoryview] | None:
         src = self.macs.get(via.ifname)
         if src is None:
             self.table.count_drop("no_interface")
@@ -200,8 +209,14 @@ class PacketPort:
     def __init__(self, reactor: Any, forwarder: Forwarder, rx_ifname: str,
                  on_deleted: Callable[[list[Deleted]], None] | None = None,
                  max_batch: int = limits.FORWARDER_BATCH, tick_interval: float = 1.0,
-                 opener: Callable[[str, bool], socket.socket] = open_packet_socket) -> None:
+                 opener: Callable[[str, bool], socket.socket] = open_packet_socket,
+                 kernel: KernelPath | None = None,
+                 attach: Callable[[socket.socket, list[Insn]], None] | None = None) -> None:
         self.reactor = reactor
+        #: The fast path, when the unit has one: committed flows are offloaded to it.
+        self.kernel = kernel
+        self._attach = attach or attach_filter
+        self.stats: Counter[str] = Counter()
         self.forwarder = forwarder
         self.rx_ifname = rx_ifname
         self.on_deleted = on_deleted
@@ -216,6 +231,7 @@ class PacketPort:
 
     def start(self) -> None:
         self._rx = self._opener(self.rx_ifname, True)
+        self.refilter()
         for ifname in self.forwarder.macs:
             self._tx_socket(ifname)
         self.reactor.addReader(self)
@@ -276,8 +292,26 @@ class PacketPort:
         table = self.forwarder.table
         if table.removed:
             gone, table.removed = table.removed, []
-            if self.on_deleted is not None:
-                self.on_deleted(gone)
+            self._deleted(gone)
+
+    def _deleted(self, gone: list[Deleted]) -> None:
+        if self.kernel is not None:
+            offloaded = [d.route.key for d in gone if d.route.offloaded]
+            try:
+                self.kernel.remove(*offloaded)
+            except Exception as e:
+                self.stats["kernel_remove_failed"] += 1
+                log.msg(f"{self.logPrefix()}: fast-path routes not removed: {e}")
+            self.refilter()
+        if self.on_deleted is not None:
+            self.on_deleted(gone)
+
+    def refilter(self) -> None:
+        """With a fast path, lets through the socket only what Python must see
+        (fenced flows, FIN/SYN/RST); call it before fencing a flow."""
+        if self.kernel is None or self._rx is None:
+            return
+        self._attach(self._rx, socket_filter(self.forwarder.table.fenced_keys()))
 
     def _send(self, ifname: str, data: memoryview) -> None:
         try:
@@ -288,16 +322,32 @@ class PacketPort:
     # the unit's calls
 
     def commit(self, key: FlowKey) -> int:
-        """Commits ``key`` and sends its buffered frames; returns how many."""
+        """Commits ``key`` and sends its buffered frames; returns how many.
+
+        With a fast path the route goes to the kernel first and the buffered
+        frames follow: a later frame may overtake them (TCP copes with that
+        reordering), but none arrives while no path exists.
+        """
+        table = self.forwarder.table
         sent = self.forwarder.commit(key)
+        route = table.get(key)
+        if self.kernel is not None and route is not None and self.kernel.can_offload(route.via):
+            try:
+                self.kernel.add(key, route.via.host_mac)
+                table.offload(key)
+            except Exception as e:
+                # The flow stays on the AF_PACKET path, which the filter must then let through.
+                self.stats["offload_failed"] += 1
+                log.msg(f"{self.logPrefix()}: {key} not offloaded: {e}")
         for ifname, data in sent:
             self._send(ifname, data)
+        self.refilter()
         return len(sent)
 
     def delete(self, key: FlowKey, reason: str = "ended") -> None:
         gone = self.forwarder.table.delete(key, reason)
-        if gone is not None and self.on_deleted is not None:
-            self.on_deleted([gone])
+        if gone is not None:
+            self._deleted([gone])
 
     def poll_kernel_drops(self) -> int:
         """Adds the frames the kernel dropped because the receive buffer was
@@ -315,8 +365,8 @@ class PacketPort:
     def _tick(self) -> None:
         self.poll_kernel_drops()
         gone = self.forwarder.table.tick()
-        if gone and self.on_deleted is not None:
-            self.on_deleted(gone)
+        if gone:
+            self._deleted(gone)
 
 
 # --- the host's side of the tunnel -----------------------------------------------------
@@ -482,6 +532,8 @@ class ForwarderPlumbing:
         via = Via(str(host_ip), self.resolve_mac(str(host_ip)), self.ifname)
         self.table.fence(key, via)
         try:
+            # The socket must let the flow's frames in before the kernel stops seeing them.
+            self.port.refilter()
             self.fence_.add(key)
         except BaseException:
             self.table.delete(key, "aborted")
@@ -498,6 +550,46 @@ class ForwarderPlumbing:
 
     def ended(self, flow: Any) -> None:
         self.port.delete(self.key(flow), "ended")
+
+    def replumb(self, atoms: Iterable[tuple[str, str]]) -> tuple[int, int]:
+        """Takes over the routes of ``(key, data)`` DAM atoms (another unit
+        failed and its clients' traffic now arrives here): each is restored,
+        fenced (this unit owns the VIP too, and its kernel must not reset the
+        flow) and, when committed, offloaded if there is a fast path.
+        Returns (taken over, refused)."""
+        taken = refused = 0
+        for atom_key_, data in atoms:
+            if not is_route_atom(atom_key_):
+                continue
+            try:
+                key, via, state = from_atom(atom_key_, data, self.ifname)
+                self.table.restore(key, via, state)
+            except (WireError, TableFull, RouteError) as e:
+                refused += 1
+                self.stats["replumb_refused"] += 1
+                log.msg(f"route atom {atom_key_!r} not taken over: {e}")
+                continue
+            try:
+                self.port.refilter()
+                self.fence_.add(key)
+            except Exception as e:
+                self.table.delete(key, "aborted")
+                refused += 1
+                self.stats["replumb_refused"] += 1
+                log.msg(f"route {key} not taken over: {e}")
+                continue
+            kernel = self.port.kernel
+            if state is State.COMMITTED and kernel is not None and kernel.can_offload(via):
+                try:
+                    kernel.add(key, via.host_mac)
+                    self.table.offload(key)
+                except Exception as e:
+                    self.stats["offload_failed"] += 1
+                    log.msg(f"{key} not offloaded: {e}")
+            taken += 1
+        self.port.refilter()
+        self.stats["replumbed"] += taken
+        return taken, refused
 
     def _durable(self, key: FlowKey) -> None:
         route = self.table.get(key)
@@ -522,3 +614,195 @@ class ForwarderPlumbing:
                     self.dam.delete(atom_key(key))
                 except Exception:
                     self.stats["dam_delete_failed"] += 1
+
+
+# --- the kernel fast path --------------------------------------------------------------------
+#
+# Forwarding every committed flow's frames through Python costs a wake-up and
+# two copies per frame.  nftables can do the same MAC rewrite in the kernel: a
+# netdev-family ingress chain on the client-facing interface looks the flow up
+# in a map (flow -> host MAC), rewrites both Ethernet addresses and sends the
+# frame out of the host-facing interface ("fwd to"), before the IP stack (and
+# the fence) ever sees it.  The AF_PACKET socket still sees those frames --
+# taps run before the ingress hook -- so a socket filter keeps only what
+# Python must still handle: frames of fenced flows (to buffer), and FIN, SYN
+# and RST frames (for the backstop).
+
+
+def kernel_path_commands(table: str, rx_ifname: str, out_ifname: str, out_mac: str) -> str:
+    """The netdev table of the fast path, created afresh (one transaction)."""
+    check_table_name(table)
+    for name in (rx_ifname, out_ifname):
+        if not _IFNAME.match(name):
+            raise ValueError(f"interface name {name!r}")
+    if not re.match(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", out_mac):
+        raise ValueError(f"MAC {out_mac!r}")
+    return (
+        f"add table netdev {table}\n"
+        f"delete table netdev {table}\n"
+        f"table netdev {table} {{\n"
+        f"  map routes4 {{ type ipv4_addr . inet_service . ipv4_addr . inet_service : ether_addr; }}\n"
+        f"  map routes6 {{ type ipv6_addr . inet_service . ipv6_addr . inet_service : ether_addr; }}\n"
+        f"  chain ingress {{\n"
+        f"    type filter hook ingress device \"{rx_ifname}\" priority -500; policy accept;\n"
+        f"    ether type ip ether daddr set ip saddr . tcp sport . ip daddr . tcp dport map @routes4"
+        f" ether saddr set {out_mac} fwd to \"{out_ifname}\"\n"
+        f"    ether type ip6 ether daddr set ip6 saddr . tcp sport . ip6 daddr . tcp dport map @routes6"
+        f" ether saddr set {out_mac} fwd to \"{out_ifname}\"\n"
+        f"  }}\n"
+        f"}}\n"
+    )
+
+
+def kernel_route_commands(verb: str, table: str, routes: list[tuple[FlowKey, str]]) -> str:
+    check_table_name(table)
+    lines = []
+    for key, mac in routes:
+        family = "6" if ":" in key.client_ip else "4"
+        element = f"{key.client_ip} . {key.client_port} . {key.vip} . {key.vport}"
+        if verb == "add":
+            lines.append(f"add element netdev {table} routes{family} {{ {element} : {mac} }}\n")
+        elif verb == "delete":
+            lines.append(f"delete element netdev {table} routes{family} {{ {element} }}\n")
+        else:
+            raise ValueError(f"verb {verb!r}")
+    return "".join(lines)
+
+
+class KernelPath:
+    """The fast path's nftables table, owned by the unit (see above).
+
+    Routes whose out interface is ``out_ifname`` and that are not tunnelled
+    can be offloaded; the others stay on the AF_PACKET path.
+    """
+
+    def __init__(self, backend: Any, rx_ifname: str, out_ifname: str, out_mac: str,
+                 table: str = "nlbproxy_fast") -> None:
+        self.backend = backend
+        self.rx_ifname = rx_ifname
+        self.out_ifname = out_ifname
+        self.out_mac = out_mac.lower()
+        self.table = check_table_name(table)
+        self._routes: dict[FlowKey, str] = {}
+        self.active = False
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def setup(self) -> None:
+        self.backend.run(kernel_path_commands(self.table, self.rx_ifname, self.out_ifname, self.out_mac))
+        self._routes.clear()
+        self.active = True
+
+    def teardown(self) -> None:
+        if self.active:
+            self.backend.run(f"add table netdev {self.table}\ndelete table netdev {self.table}\n")
+            self.active = False
+        self._routes.clear()
+
+    def can_offload(self, via: Via) -> bool:
+        return self.active and via.flow_id is None and via.ifname == self.out_ifname
+
+    def add(self, key: FlowKey, mac: str) -> None:
+        self.backend.run(kernel_route_commands("add", self.table, [(key, mac)]))
+        self._routes[key] = mac
+
+    def remove(self, *keys: FlowKey) -> None:
+        gone = [(k, self._routes[k]) for k in keys if k in self._routes]
+        if gone:
+            self.backend.run(kernel_route_commands("delete", self.table, gone))
+            for k, _ in gone:
+                del self._routes[k]
+
+
+# --- the socket filter (classic BPF) ------------------------------------------------------------
+
+SO_ATTACH_FILTER = 26
+_BPF_LD_H_ABS, _BPF_LD_B_ABS, _BPF_LD_W_ABS = 0x28, 0x30, 0x20
+_BPF_LDX_MSH = 0xB1
+_BPF_LD_B_IND, _BPF_LD_H_IND = 0x50, 0x48
+_BPF_JEQ_K, _BPF_JSET_K = 0x15, 0x45
+_BPF_RET_K = 0x06
+#: Fenced flows a filter names one by one; with more it lets every TCP frame through.
+MAX_FILTER_FLOWS = 48
+_ACCEPT = 0x40000
+
+#: A cBPF instruction: (code, jt, jf, k).
+Insn = tuple[int, int, int, int]
+
+
+def socket_filter(fenced: list[FlowKey], max_flows: int = MAX_FILTER_FLOWS) -> list[Insn]:
+    """A classic BPF program for the AF_PACKET socket of a fast-path unit: it
+    keeps IPv4 TCP frames with FIN, SYN or RST, frames of the ``fenced`` flows
+    (client address and port), and every IPv6 TCP frame (unfiltered: those
+    flows then cost a Python wake-up each); it drops the rest.  More than
+    ``max_flows`` fenced flows: every TCP frame is kept."""
+    v4 = [k for k in fenced if ":" not in k.client_ip]
+    everything = len(v4) > max_flows
+    prog: list[tuple[Any, ...]] = [
+        (_BPF_LD_H_ABS, 0, 0, 12),
+        (_BPF_JEQ_K, "v4", 0, 0x0800),
+        (_BPF_JEQ_K, 0, "drop", 0x86DD),
+        (_BPF_LD_B_ABS, 0, 0, 20),                 # IPv6 next header
+        (_BPF_JEQ_K, "accept", "drop", 6),
+        ("v4",),
+        (_BPF_LD_B_ABS, 0, 0, 23),                 # IPv4 protocol
+        (_BPF_JEQ_K, 0, "drop", 6),
+    ]
+    if everything:
+        prog.append((_BPF_RET_K, 0, 0, _ACCEPT))
+    else:
+        prog += [
+            (_BPF_LD_H_ABS, 0, 0, 20),             # fragment offset: only the first has ports
+            (_BPF_JSET_K, "drop", 0, 0x1FFF),
+            (_BPF_LDX_MSH, 0, 0, 14),              # X = IP header length
+            (_BPF_LD_B_IND, 0, 0, 14 + 13),        # TCP flags
+            (_BPF_JSET_K, "accept", 0, 0x07),      # FIN, SYN, RST
+        ]
+        for i, key in enumerate(v4):
+            address = int.from_bytes(ipaddress.ip_address(key.client_ip).packed, "big")
+            prog += [
+                (_BPF_LD_W_ABS, 0, 0, 26),         # source address
+                (_BPF_JEQ_K, 0, f"next{i}", address),
+                (_BPF_LD_H_IND, 0, 0, 14),         # source port
+                (_BPF_JEQ_K, "accept", f"next{i}", key.client_port),
+                (f"next{i}",),
+            ]
+    prog += [("drop",), (_BPF_RET_K, 0, 0, 0), ("accept",), (_BPF_RET_K, 0, 0, _ACCEPT)]
+    return _assemble(prog)
+
+
+def _assemble(prog: list[tuple[Any, ...]]) -> list[Insn]:
+    labels: dict[str, int] = {}
+    position = 0
+    for insn in prog:
+        if len(insn) == 1:
+            labels[insn[0]] = position
+        else:
+            position += 1
+
+    def offset(target: Any, here: int) -> int:
+        if isinstance(target, int):
+            return target
+        delta = labels[target] - here - 1
+        if not 0 <= delta < 256:
+            raise ValueError("filter too long for a jump")
+        return delta
+
+    out: list[Insn] = []
+    for insn in prog:
+        if len(insn) == 1:
+            continue
+        code, jt, jf, k = insn
+        here = len(out)
+        out.append((code, offset(jt, here), offset(jf, here), k))
+    return out
+
+
+def attach_filter(sock: socket.socket, program: list[Insn]) -> None:
+    import ctypes
+
+    raw = b"".join(struct.pack("HBBI", *insn) for insn in program)
+    buf = ctypes.create_string_buffer(raw)
+    fprog = struct.pack("HL", len(program), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)

@@ -264,6 +264,8 @@ class RouteTable:
         self.reset_timeout = reset_timeout
         self.idle_timeout = idle_timeout
         self._routes: dict[bytes, Route] = {}
+        # The FENCED ones, kept apart: the forwarder's socket filter names them.
+        self._fenced: dict[bytes, FlowKey] = {}
         #: Bytes held in all fence buffers.
         self.buffered_bytes = 0
         #: Packets, bytes, drops by reason and state changes, for metrics.
@@ -306,8 +308,12 @@ class RouteTable:
         route = Route(key, via, now)
         route.deadline = now + self.fence_timeout
         self._routes[packed] = route
+        self._fenced[packed] = key
         self.stats["fenced"] += 1
         return route
+
+    def fenced_keys(self) -> list[FlowKey]:
+        return list(self._fenced.values())
 
     def commit(self, key: FlowKey) -> list[bytes]:
         """The host holds the connection: returns the buffered packets, in
@@ -316,6 +322,7 @@ class RouteTable:
         if route.state is not State.FENCED:
             raise RouteError(f"cannot commit {key}: it is {route.state.value}")
         route.state = State.COMMITTED
+        self._fenced.pop(route.packed, None)
         route.deadline = self._clock.seconds() + self.idle_timeout
         held, route.buffer = route.buffer, []
         self.buffered_bytes -= route.buffered_bytes
@@ -353,6 +360,8 @@ class RouteTable:
             State.CLOSING: self.closing_timeout,
         }[state]
         self._routes[packed] = route
+        if state is State.FENCED:
+            self._fenced[packed] = key
         self.stats["restored"] += 1
         return route
 
@@ -473,6 +482,7 @@ class RouteTable:
 
     def _drop(self, route: Route) -> None:
         del self._routes[route.packed]
+        self._fenced.pop(route.packed, None)
         self.buffered_bytes -= route.buffered_bytes
         route.buffered_bytes = 0
         route.buffer = []
