@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy.classifier import Farm
 from nlbproxy.config import RouteConfig
-from nlbproxy.handoff.unitside import HandoffStats, Peeked, choose, peek_request
+from nlbproxy.handoff.unitside import HandoffStats, Peeked, RouteHere, choose, peek_request
 from nlbproxy.metrics import PrometheusWriter
 from nlbproxy.routing import RouteTable
 from tests.fakes import SECRET, pool
@@ -52,7 +52,13 @@ class ChooseTests(SynchronousTestCase):
         farm = Farm([pool("web", "10.0.0.11:80", "10.0.0.12:80", affinity=affinity), pool("api", "10.0.0.21:80")],
                     Clock(), SECRET)
         routes = RouteTable([RouteConfig("api", path_prefix="/api")], "web")
-        return SimpleNamespace(routes=routes, farm=farm)
+        return SimpleNamespace(routes=routes, farm=farm, scheme=b"http")
+
+    def test_rules_that_need_more_than_the_head_leave_it_to_the_router(self) -> None:
+        listener = self.listener()
+        listener.routes.body_prefix = 64
+        with self.assertRaises(RouteHere):
+            choose(listener, self.request(b"/api"), "10.0.0.2")  # type: ignore[arg-type]
 
     def request(self, target: bytes) -> object:
         peeked = peek_request(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n", LIMIT)

@@ -59,6 +59,7 @@ from nlbproxy.handoff.state import encode
 from nlbproxy.handoff.wire import Ended, Result
 from nlbproxy.metrics import Histogram, PrometheusWriter
 from nlbproxy.routers import headers as hdrs
+from nlbproxy.routing import Decision, Refusal, RequestView
 
 __all__ = [
     "Flow",
@@ -99,19 +100,40 @@ def peek_request(data: bytes, max_header_bytes: int) -> Peeked:
     return Peeked()
 
 
+class RouteHere(Exception):
+    """The listener's rules cannot decide at once (they want the body, a
+    plugin answers later, or they answer the request themselves): the
+    router, not the handoff, takes the connection."""
+
+
 def choose(listener: Any, request: h11.Request, client_ip: str) -> Host | None:
     """The host for ``request`` by the listener's routes and the pool's affinity.
 
     Cookie and session affinity pick through the pool's allotment here: the
     handoff moves the whole connection, and its later requests go to the
-    host that received it whatever they carry.
+    host that received it whatever they carry.  Raises :class:`RouteHere`
+    when routing needs more than the request head.
     """
     fields = hdrs.fields(request.headers)
     routes = listener.routes
-    name = routes.pool_for(request.method, request.target, hdrs.pairs(fields)) if routes.rules else routes.default_pool
-    pool = listener.farm.pools[name]
+    decision = routes.default
+    if routes.rules:
+        if routes.body_prefix:
+            raise RouteHere("the rules read the body")
+        try:
+            decision = routes.decide(RequestView(
+                request.method, request.target, hdrs.pairs(fields), client_ip, listener.scheme))
+        except Refusal:
+            raise RouteHere("the rules answer the request") from None
+        if not isinstance(decision, Decision):
+            raise RouteHere("the rules answer later")
+    pool = listener.farm.pools.get(decision.pool)
+    if pool is None:
+        raise RouteHere(f"unknown pool {decision.pool!r}")
     host = None
-    if pool.config.affinity == "client_ip":
+    if decision.affinity_key is not None:
+        host = pool.host_for_key(decision.affinity_key)
+    if host is None and pool.config.affinity == "client_ip":
         host = pool.host_for_client_ip(client_ip)
     if host is None:
         host = pool.choose(())
@@ -304,7 +326,11 @@ class _Peeking(Protocol):
     # -- the handoff ---------------------------------------------------------------------
     def _route(self, request: h11.Request) -> None:
         self.started = self.unit.clock()
-        host = choose(self.listener, request, self.addr.host)
+        try:
+            host = choose(self.listener, request, self.addr.host)
+        except RouteHere:
+            self.fall_back("routing")
+            return
         if host is None:
             self.fall_back("no_host")  # the router answers 503
             return
