@@ -15,6 +15,15 @@ tests) relies on; extend it, do not change it:
     200 with the host's new ``HOST_STATE`` plus ``pool`` and ``host``.  Path
     segments may be percent-encoded, which an IPv6 key such as ``[::1]:80``
     needs in most clients.
+``GET /api/v1/certificates``
+    JSON ``{"listeners": {NAME: {"certificates": [{"file", "names",
+    "not_after", "sha256"}], "handshakes": {"full", "resumed", "failed"}}}}``
+    for the listeners that terminate TLS.
+``POST /api/v1/certificates/reload``
+    Re-reads every listener's certificate files and serves new connections
+    with them; open connections keep theirs.  All listeners or none: a file
+    that cannot be used answers 400 with its name and the reason, and the
+    certificates in use stay.  Answers 200 with the document of ``GET``.
 ``GET /metrics``
     Prometheus text format 0.0.4, rendered on demand by :func:`render_metrics`.
 
@@ -47,6 +56,7 @@ from nlbproxy.config import format_host_port, parse_host_port
 from nlbproxy.health.cache import ConsolidatedCache
 from nlbproxy.health.udp import HealthSocket
 from nlbproxy.session.tracker import SessionTracker
+from nlbproxy.tls import CertificateError, TLSServer
 from nlbproxy.limits import MAX_ADMIN_BODY
 from nlbproxy.metrics import ListenerStats, PrometheusWriter, status_classes
 from nlbproxy.webapi import Answer, BoundedRequest, JsonApiResource, Refusal, json_answer, one_of, read_body
@@ -303,8 +313,10 @@ class AdminResource(JsonApiResource):
         clock: ReactorTime,
         health: HealthView | None = None,
         sessions: SessionTracker | None = None,
+        tls: Mapping[str, TLSServer] | None = None,
     ) -> None:
         super().__init__()
+        self.tls = tls or {}
         self.health = health
         self.sessions = sessions
         if token is not None and not token:
@@ -322,6 +334,8 @@ class AdminResource(JsonApiResource):
             (("api", "v1", "health"), {b"GET": self.get_health}),
             (("api", "v1", "pools", None, "sessions"), {b"GET": self.get_sessions}),
             (("api", "v1", "pools", None, "sessions", None), {b"DELETE": self.delete_session}),
+            (("api", "v1", "certificates"), {b"GET": self.get_certificates}),
+            (("api", "v1", "certificates", "reload"), {b"POST": self.reload_certificates}),
             (("metrics",), {b"GET": self.get_metrics}),
         ]
 
@@ -382,6 +396,20 @@ class AdminResource(JsonApiResource):
         text = render_metrics(self.farm, self.listeners, self.upstreams, self.clock.seconds(), self.health)
         return Answer(200, text.encode(), PROMETHEUS_TYPE)
 
+    def get_certificates(self, request: Request, params: list[str]) -> Answer:
+        return json_answer(200, certificates_document(self.tls))
+
+    def reload_certificates(self, request: Request, params: list[str]) -> Answer:
+        read_body(request, MAX_ADMIN_BODY)
+        try:
+            loaded = {name: server.load() for name, server in self.tls.items()}
+        except CertificateError as exc:
+            log.warn("certificate reload refused: {why}", why=str(exc))
+            raise Refusal(400, f"certificates not reloaded: {exc}") from None
+        for name, contexts in loaded.items():
+            self.tls[name].install(contexts)
+        return json_answer(200, certificates_document(self.tls))
+
     def put_directive(self, request: Request, params: list[str]) -> Answer:
         pool_name, key = params
         body = read_body(request, MAX_ADMIN_BODY)
@@ -416,6 +444,14 @@ class AdminRequest(BoundedRequest):
     logger = log
 
 
+def certificates_document(tls: Mapping[str, TLSServer]) -> dict[str, Any]:
+    return {"listeners": {
+        name: {"certificates": server.describe(), "handshakes": {
+            "full": server.stats.full, "resumed": server.stats.resumed, "failed": server.stats.failed}}
+        for name, server in tls.items()
+    }}
+
+
 def make_admin_site(
     farm: Farm,
     listeners: Mapping[str, ListenerStats],
@@ -425,13 +461,14 @@ def make_admin_site(
     clock: ReactorTime,
     health: HealthView | None = None,
     sessions: SessionTracker | None = None,
+    tls: Mapping[str, TLSServer] | None = None,
 ) -> Site:
     """The admin API as a Site, for ``serverFromString(...).listen(site)``.
 
     ``clock`` is the reactor (or a ``task.Clock`` in tests): health is judged
     at ``clock.seconds()`` and idle admin connections time out on it.
     """
-    resource = AdminResource(farm, listeners, upstreams, unit_name, token, clock, health, sessions)
+    resource = AdminResource(farm, listeners, upstreams, unit_name, token, clock, health, sessions, tls)
     site = Site(resource, requestFactory=AdminRequest, reactor=clock)
     site.displayTracebacks = False
     return site

@@ -29,7 +29,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from nlbproxy import limits
+from nlbproxy import limits, tls
 
 
 class ConfigError(Exception):
@@ -85,6 +85,25 @@ class ListenerConfig:
     client_timeout: float = limits.CLIENT_TIMEOUT
     max_requests_per_connection: int = limits.MAX_REQUESTS_PER_CONNECTION
     max_connections: int = limits.MAX_CONNECTIONS
+    #: PEM files (chain and key), absolute; TLS is on when there is one.  The
+    #: first is served to clients without SNI or with an unknown name.
+    certificates: tuple[str, ...] = ()
+    #: TLS session resumption: "unit" (tickets and a session cache of this
+    #: unit) or "off".
+    session_tickets: str = "unit"
+    tls_session_timeout: float = limits.TLS_SESSION_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTLSConfig:
+    """``tls = { ca_file, server_name, verify }`` of a pool: TLS to its hosts."""
+
+    #: CA bundle (PEM) the hosts' certificates must chain to; None: the system's.
+    ca_file: str | None = None
+    #: The name the hosts' certificates must carry (and SNI); None: each
+    #: host's IP address, which its certificate must then carry.
+    server_name: str | None = None
+    verify: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +164,7 @@ class PoolConfig:
     balance: str = "tokens"
     check: CheckConfig | None = None
     agent_check: AgentCheckConfig | None = None
+    tls: BackendTLSConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -532,6 +552,9 @@ _LISTENER: dict[str, _Convert] = {
     "client_timeout": _seconds(),
     "max_requests_per_connection": _integer(1),
     "max_connections": _integer(1),
+    "certificates": lambda value: tuple(_string(item) for item in _array(value)),
+    "session_tickets": _choice("unit", "farm", "off"),
+    "tls_session_timeout": _seconds(),
 }
 
 _ROUTE: dict[str, _Convert] = {
@@ -563,6 +586,13 @@ _POOL: dict[str, _Convert] = {
     "balance": _choice("tokens", "percentage", "round_robin"),
     "check": _table,
     "agent_check": _table,
+    "tls": _table,
+}
+
+_BACKEND_TLS: dict[str, _Convert] = {
+    "ca_file": _string,
+    "server_name": lambda value: _pattern(_HOSTNAME, "a DNS name")(value).lower(),
+    "verify": _boolean,
 }
 
 _CHECK: dict[str, _Convert] = {
@@ -697,7 +727,27 @@ class _Parser:
         listener["routes"] = tuple(
             self.route(route, f"{where}.route[{i}]") for i, route in enumerate(routes)
         )
+        if "certificates" in listener:
+            listener["certificates"] = self.certificates(listener["certificates"], _join(where, "certificates"))
+        elif "session_tickets" in listener or "tls_session_timeout" in listener:
+            raise self.error(_join(where, "certificates"), "TLS settings need certificates")
+        if listener.get("session_tickets") == "farm":
+            raise self.error(_join(where, "session_tickets"), tls.FARM_TICKETS_UNSUPPORTED)
         return ListenerConfig(**listener)
+
+    def certificates(self, names: tuple[str, ...], where: str) -> tuple[str, ...]:
+        """Resolve and check every certificate file now, so a bad one stops the start."""
+        if not names:
+            raise self.error(where, "expected at least one PEM file")
+        files = []
+        for i, name in enumerate(names):
+            file = self.resolve(name)
+            try:
+                tls.read_certificate(file)
+            except tls.CertificateError as exc:
+                raise self.error(f"{where}[{i}]", str(exc)) from exc
+            files.append(file)
+        return tuple(files)
 
     def route(self, value: object, where: str) -> RouteConfig:
         route = self.table(value, where, _ROUTE, required=("pool",))
@@ -740,7 +790,19 @@ class _Parser:
         if "agent_check" in pool:
             agent_check = self.table(pool["agent_check"], _join(where, "agent_check"), _AGENT_CHECK, ("port",))
             pool["agent_check"] = AgentCheckConfig(**agent_check)
+        if "tls" in pool:
+            pool["tls"] = self.backend_tls(pool["tls"], _join(where, "tls"))
         return PoolConfig(name, tuple(hosts.values()), **pool)
+
+    def backend_tls(self, value: object, where: str) -> BackendTLSConfig:
+        config = self.table(value, where, _BACKEND_TLS)
+        if "ca_file" in config:
+            file = config["ca_file"] = self.resolve(config["ca_file"])
+            try:
+                tls.read_ca_file(file)
+            except tls.CertificateError as exc:
+                raise self.error(_join(where, "ca_file"), str(exc)) from exc
+        return BackendTLSConfig(**config)
 
     def host(self, entry: object, key: str) -> HostConfig:
         """An ``"ip:port"`` string or an ``{ address, weight }`` table."""

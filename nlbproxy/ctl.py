@@ -5,6 +5,7 @@
 
     nlbctl [--admin URL] [--token-file FILE] state [--json]
     nlbctl [--admin URL] [--token-file FILE] drain|activate|deactivate POOL HOST [--json]
+    nlbctl [--admin URL] [--token-file FILE] certs|reload-certs [--json]
 
 The admin URL comes from ``--admin``, else ``$NLBCTL_ADMIN``, else
 ``http://127.0.0.1:9901``; the bearer token from ``--token-file``, else
@@ -80,6 +81,12 @@ class AdminClient:
 
     def drop_session(self, pool: str, key: str) -> dict[str, Any]:
         return self._call("DELETE", f"/api/v1/pools/{quote(pool, safe='')}/sessions/{quote(key, safe='')}")
+
+    def certificates(self) -> dict[str, Any]:
+        return self._call("GET", "/api/v1/certificates")
+
+    def reload_certificates(self) -> dict[str, Any]:
+        return self._call("POST", "/api/v1/certificates/reload", b"")
 
     def _call(self, method: str, path: str, body: bytes | None = None) -> dict[str, Any]:
         url = self.base + path
@@ -228,6 +235,10 @@ def _parser() -> argparse.ArgumentParser:
                                help="forget session KEY of POOL: its next request is balanced anew")
     drop.add_argument("pool", metavar="POOL")
     drop.add_argument("key", metavar="KEY")
+    commands.add_parser("certs", parents=[common, as_json],
+                        help="the certificates each TLS listener serves, and its handshake counts")
+    commands.add_parser("reload-certs", parents=[common, as_json],
+                        help="re-read every listener's certificate files; open connections keep theirs")
     return parser
 
 
@@ -316,9 +327,29 @@ def _drop_session(client: AdminClient, args: argparse.Namespace, out: TextIO) ->
     return 0
 
 
+def _certificates(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "reload-certs":
+        document = client.reload_certificates()
+    else:
+        document = client.certificates()
+    if args.json:
+        print(json.dumps(document, indent=2), file=out)
+        return 0
+    rows = []
+    for listener, doc in (document.get("listeners") or {}).items():
+        for cert in doc.get("certificates") or []:
+            rows.append([listener, str(cert.get("file", "")), " ".join(cert.get("names") or []),
+                         str(cert.get("not_after", ""))])
+    print("\n".join(format_table(("LISTENER", "FILE", "NAMES", "NOT AFTER"), rows)), file=out)
+    if args.command == "reload-certs":
+        print(f"reloaded {len(rows)} certificates", file=out)
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace, TextIO], int]] = {
     "state": _state, **dict.fromkeys(DIRECTIVE_COMMANDS, _directive),
     "sessions": _sessions, "drop-session": _drop_session,
+    "certs": _certificates, "reload-certs": _certificates,
 }
 
 

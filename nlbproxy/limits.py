@@ -39,6 +39,10 @@ MAX_CONNECTIONS = 20_000
 #: Request body bytes held for a request while its backend connection is being
 #: opened; past it the client is paused.
 MAX_PENDING_BODY = 64 * KiB
+#: Lifetime of a TLS session (its tickets and its entry in the unit's session
+#: cache); a client resumes within it, then does a full handshake.  The cache
+#: holds OpenSSL's default of 20,480 sessions per listener (oldest dropped).
+TLS_SESSION_TIMEOUT = 7200.0
 
 # --- backend side (per pool) ------------------------------------------------
 #: TCP connect to a host; failing it tries another host, then answers 502
