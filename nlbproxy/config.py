@@ -88,10 +88,12 @@ class ListenerConfig:
     #: PEM files (chain and key), absolute; TLS is on when there is one.  The
     #: first is served to clients without SNI or with an unknown name.
     certificates: tuple[str, ...] = ()
-    #: TLS session resumption: "unit" (tickets and a session cache of this
-    #: unit) or "off".
+    #: TLS session resumption: "farm" (ticket keys from the farm's secret:
+    #: resume on any unit), "unit" (this unit's tickets and session cache)
+    #: or "off".
     session_tickets: str = "unit"
     tls_session_timeout: float = limits.TLS_SESSION_TIMEOUT
+    ticket_key_period: float = limits.TICKET_KEY_PERIOD
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,6 +557,7 @@ _LISTENER: dict[str, _Convert] = {
     "certificates": lambda value: tuple(_string(item) for item in _array(value)),
     "session_tickets": _choice("unit", "farm", "off"),
     "tls_session_timeout": _seconds(),
+    "ticket_key_period": _seconds(),
 }
 
 _ROUTE: dict[str, _Convert] = {
@@ -620,6 +623,7 @@ class _Parser:
     def __init__(self, path: str) -> None:
         self.path = path
         self.pools: dict[str, PoolConfig] = {}
+        self.secret: bytes | None = None
 
     def error(self, key: str, reason: str) -> ConfigError:
         return ConfigError(self.path, key, reason)
@@ -680,6 +684,7 @@ class _Parser:
             unit["secret_file"], unit["secret"] = self.read(
                 "unit.secret_file", unit["secret_file"]
             )
+            self.secret = unit["secret"]
         if unit.get("access_log", "-") != "-":
             unit["access_log"] = self.resolve(unit["access_log"])
         if "health" in unit and "secret" not in unit:
@@ -729,10 +734,11 @@ class _Parser:
         )
         if "certificates" in listener:
             listener["certificates"] = self.certificates(listener["certificates"], _join(where, "certificates"))
-        elif "session_tickets" in listener or "tls_session_timeout" in listener:
+        elif listener.keys() & {"session_tickets", "tls_session_timeout", "ticket_key_period"}:
             raise self.error(_join(where, "certificates"), "TLS settings need certificates")
-        if listener.get("session_tickets") == "farm":
-            raise self.error(_join(where, "session_tickets"), tls.FARM_TICKETS_UNSUPPORTED)
+        if listener.get("session_tickets") == "farm" and self.secret is None:
+            raise self.error(_join(where, "session_tickets"),
+                             "farm ticket keys come from the farm's secret: set unit.secret_file too")
         return ListenerConfig(**listener)
 
     def certificates(self, names: tuple[str, ...], where: str) -> tuple[str, ...]:

@@ -43,6 +43,10 @@ MAX_PENDING_BODY = 64 * KiB
 #: cache); a client resumes within it, then does a full handshake.  The cache
 #: holds OpenSSL's default of 20,480 sessions per listener (oldest dropped).
 TLS_SESSION_TIMEOUT = 7200.0
+#: With ``session_tickets = "farm"``: how long one ticket key (derived from
+#: the farm's secret) is used.  Tickets of the previous period are refused
+#: (one full handshake), so this also caps how long a ticket resumes.
+TICKET_KEY_PERIOD = 3600.0
 
 # --- backend side (per pool) ------------------------------------------------
 #: TCP connect to a host; failing it tries another host, then answers 502

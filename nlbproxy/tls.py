@@ -35,44 +35,36 @@ either check.
 
 from __future__ import annotations
 
-import hashlib
 import re
+import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import connectionDone, Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from nlbproxy import libssl
 
 if TYPE_CHECKING:
     from nlbproxy.config import BackendTLSConfig
 
 log = Logger()
 
-#: Why ``session_tickets = "farm"`` is refused (see the module docstring).
-FARM_TICKETS_UNSUPPORTED = (
-    "shared ticket keys need OpenSSL's SSL_CTX_ctrl(SSL_CTRL_SET_TLSEXT_TICKET_KEYS), which "
-    "pyOpenSSL does not bind and cryptography's statically linked OpenSSL hides; use \"unit\""
-)
-
 ALPN = b"http/1.1"
 #: TLS 1.2 suites: forward secrecy (ECDHE) and AEAD only.  TLS 1.3 suites are
 #: all AEAD with forward secrecy and keep OpenSSL's defaults.
 TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
-_SERVER_OPTIONS = (
-    SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
-    | SSL.OP_NO_SSLv2 | SSL.OP_NO_SSLv3 | SSL.OP_NO_TLSv1 | SSL.OP_NO_TLSv1_1
-)
 
 _PEM_KEY = re.compile(
     rb"-----BEGIN ((?:RSA |EC |ENCRYPTED )?PRIVATE KEY)-----\r?\n.*?-----END \1-----", re.S
@@ -185,14 +177,25 @@ class TLSStats:
     failed: int = 0
 
 
+def farm_ticket_keys(secret: bytes, listener: str, epoch: int) -> bytes:
+    """The ticket keys of ``listener`` in ``epoch``: the same on every unit
+    that shares ``secret`` (the farm's ``secret_file``)."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=libssl.TICKET_KEYS_SIZE, salt=b"nlbproxy tls ticket keys v1",
+                info=b"%s\0%d" % (listener.encode(), epoch))
+    return hkdf.derive(secret)
+
+
 class _SNIMap:
     """One generation of a listener's contexts: by exact name and by wildcard parent."""
 
-    def __init__(self, certificates: list[Certificate], contexts: list[SSL.Context]) -> None:
+    def __init__(self, certificates: list[Certificate], contexts: list[ssl.SSLContext], pointers: list[int]) -> None:
         self.certificates = certificates
+        self.contexts = contexts
+        #: The contexts' SSL_CTX pointers (empty without libssl).
+        self.pointers = pointers
         self.default = contexts[0]
-        self.exact: dict[str, SSL.Context] = {}
-        self.wildcard: dict[str, SSL.Context] = {}
+        self.exact: dict[str, ssl.SSLContext] = {}
+        self.wildcard: dict[str, ssl.SSLContext] = {}
         # The first file naming a host wins, as the operator listed them.
         for cert, context in zip(certificates, contexts):
             for name in cert.names:
@@ -201,7 +204,7 @@ class _SNIMap:
                 else:
                     self.exact.setdefault(name, context)
 
-    def lookup(self, name: str) -> SSL.Context | None:
+    def lookup(self, name: str) -> ssl.SSLContext | None:
         context = self.exact.get(name)
         if context is None:
             _, dot, parent = name.partition(".")
@@ -210,27 +213,43 @@ class _SNIMap:
         return context
 
 
-def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> Any:
-    # A client offering only h2 gets no ALPN rather than a failed handshake:
-    # HTTP/1.1 is still what it will speak.
-    return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
-
-
-@implementer(IOpenSSLServerConnectionCreator)
 class TLSServer:
-    """The certificates of one listener, and the TLS connections it accepts."""
+    """The certificates of one listener, and the TLS connections it accepts.
+
+    Tickets: with ``session_tickets = "farm"`` their keys come from the
+    farm's secret and the clock (:func:`farm_ticket_keys`, a new key every
+    ``ticket_key_period`` seconds, set on the listener's contexts by the
+    first connection of a new period), so a ticket made by one unit resumes
+    on any other.  OpenSSL holds one key per context: after a change of
+    period, tickets of the previous one are not accepted and their clients
+    do one full handshake.  With ``"unit"`` OpenSSL's own random keys serve,
+    carried over to the new contexts on a reload.
+    """
 
     def __init__(self, listener: str, paths: tuple[str, ...], session_tickets: str = "unit",
-                 session_timeout: float = 7200.0) -> None:
+                 session_timeout: float = 7200.0, *, secret: bytes | None = None, clock: Any = None,
+                 ticket_key_period: float = 3600.0) -> None:
         self.listener = listener
         self.paths = paths
         self.session_tickets = session_tickets
         self.session_timeout = session_timeout
-        # Resumption checks that a session was made for the same listener;
-        # every context of the listener shares the value.
-        self.session_id_context = hashlib.sha256(b"nlbproxy listener " + listener.encode()).digest()[:32]
+        self.secret = secret
+        self.clock = clock
+        self.ticket_key_period = ticket_key_period
+        self.epoch = -1
+        self.lib: libssl.LibSSL | None = None
+        try:
+            self.lib = libssl.libssl()
+        except libssl.LibSSLUnavailable as exc:
+            if session_tickets == "farm":
+                raise CertificateError(listener, f"session_tickets = \"farm\" cannot work here: {exc}") from None
+            log.warn("listener {name}: {why}; sessions keep OpenSSL's defaults and tls_session affinity is off",
+                     name=listener, why=str(exc))
+        if session_tickets == "farm" and (secret is None or clock is None):
+            raise ValueError("farm ticket keys need the farm's secret and a clock")
         self.stats = TLSStats()
         self.contexts = self.load()
+        self._set_farm_keys(self.contexts)
 
     def load(self) -> _SNIMap:
         """Read every file and build its context; raises :class:`CertificateError`.
@@ -239,45 +258,64 @@ class TLSServer:
         a reload of several listeners loads them all before installing any.
         """
         certificates = [read_certificate(path) for path in self.paths]
-        return _SNIMap(certificates, [self._context(cert) for cert in certificates])
+        contexts = [self._context(cert) for cert in certificates]
+        pointers = [self._tune(ctx) for ctx in contexts] if self.lib is not None else []
+        return _SNIMap(certificates, contexts, pointers)
 
-    def _context(self, cert: Certificate) -> SSL.Context:
-        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-        ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
-        options = _SERVER_OPTIONS
+    def _context(self, cert: Certificate) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+        ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
         if self.session_tickets == "off":
-            options |= SSL.OP_NO_TICKET
-        ctx.set_options(options)
+            ctx.options |= ssl.OP_NO_TICKET
         try:
-            ctx.set_cipher_list(TLS12_CIPHERS)
-            ctx.use_certificate(cert.chain[0])
-            for extra in cert.chain[1:]:
-                ctx.add_extra_chain_cert(extra)
-            ctx.use_privatekey(cert.key)
-            ctx.check_privatekey()
-        except SSL.Error as exc:
+            ctx.set_ciphers(TLS12_CIPHERS.decode())
+            ctx.load_cert_chain(cert.path)
+        except (ssl.SSLError, OSError) as exc:
             raise CertificateError(cert.path, f"OpenSSL refused it: {exc}") from None
-        ctx.set_session_id(self.session_id_context)
-        if self.session_tickets == "off":
-            ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-        else:
-            ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
-            ctx.set_timeout(int(self.session_timeout))
-        ctx.set_tlsext_servername_callback(self._servername)
-        ctx.set_alpn_select_callback(_select_alpn)
+        ctx.set_alpn_protocols([ALPN.decode()])
+        ctx.sni_callback = self._servername
         return ctx
 
-    def _servername(self, conn: SSL.Connection) -> None:
-        name = conn.get_servername()
+    def _tune(self, ctx: ssl.SSLContext) -> int:
+        lib = self.lib
+        assert lib is not None
+        pointer = lib.context_pointer(ctx)
+        if self.session_tickets == "off":
+            lib.disable_session_cache(pointer)
+        else:
+            lib.set_session_timeout(pointer, int(self.session_timeout))
+            lib.tag_sessions(pointer)
+        return pointer
+
+    def _set_farm_keys(self, contexts: _SNIMap) -> None:
+        if self.session_tickets != "farm":
+            return
+        assert self.lib is not None and self.secret is not None
+        self.epoch = int(self.clock.seconds() // self.ticket_key_period)
+        keys = farm_ticket_keys(self.secret, self.listener, self.epoch)
+        for pointer in contexts.pointers:
+            self.lib.set_ticket_keys(pointer, keys)
+            if self.lib.ticket_keys(pointer) != keys:
+                raise libssl.LibSSLUnavailable("libssl did not keep the ticket keys")
+
+    def _servername(self, sslobj: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
         if not name:
             return
-        context = self.contexts.lookup(name.decode("ascii", "replace").lower().rstrip("."))
-        if context is not None and context is not conn.get_context():
-            conn.set_context(context)
+        context = self.contexts.lookup(name.lower().rstrip("."))
+        if context is not None and context is not ctx:
+            sslobj.context = context
 
     def install(self, contexts: _SNIMap) -> None:
         """Serve new connections with ``contexts``; open ones keep theirs."""
+        if self.session_tickets == "farm":
+            self._set_farm_keys(contexts)
+        elif self.session_tickets == "unit" and self.lib is not None:
+            # Tickets already out stay good across the reload.
+            keys = self.lib.ticket_keys(self.contexts.pointers[0])
+            for pointer in contexts.pointers:
+                self.lib.set_ticket_keys(pointer, keys)
         self.contexts = contexts
         log.info("listener {name}: certificates loaded: {files}", name=self.listener,
                  files=", ".join(f"{c.path} ({' '.join(c.names)})" for c in contexts.certificates))
@@ -289,43 +327,201 @@ class TLSServer:
             for cert in self.contexts.certificates
         ]
 
-    # IOpenSSLServerConnectionCreator
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        return SSL.Connection(self.contexts.default, None)
+    def new_connection(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
+        contexts = self.contexts
+        if self.session_tickets == "farm" and self.clock.seconds() // self.ticket_key_period != self.epoch:
+            self._set_farm_keys(contexts)
+        return contexts.default.wrap_bio(incoming, outgoing, server_side=True)
 
-    def wrap(self, factory: Any) -> TLSMemoryBIOFactory:
+    def session_tag(self, sslobj: ssl.SSLObject) -> str | None:
+        """The id stored in the connection's session tickets (stable across
+        resumptions, on every unit of a farm), or None."""
+        lib = self.lib
+        if lib is None:
+            return None
+        # The connection's context may be another than the default (SNI).
+        try:
+            pointer = lib.ssl_pointer(sslobj, self.contexts.pointers[self.contexts.contexts.index(sslobj.context)])
+        except ValueError:  # a context of before a reload
+            return None
+        tag = lib.session_tag(pointer) if pointer is not None else None
+        return tag.hex() if tag is not None else None
+
+    def wrap(self, factory: Any) -> TLSListenerFactory:
         """``factory`` (the listener's router) behind this TLS."""
-        return _ListenerTLSFactory(self, factory)
+        return TLSListenerFactory(self, factory)
 
 
-class _ServerTLSProtocol(TLSMemoryBIOProtocol):
-    """Counts how each connection's handshake went, once it closes."""
+#: Plaintext read from OpenSSL at a time.
+READ_SIZE = 64 * 1024
 
-    factory: _ListenerTLSFactory
+
+class TLSServerProtocol(Protocol):
+    """TLS between a client's TCP connection and the listener's router.
+
+    A thin byte pump around an ``ssl.SSLObject`` with memory BIOs: records
+    in, plaintext to the router; plaintext out, records to the socket.  It
+    is the router's transport: flow control, peer address and aborts go
+    straight to the TCP transport, as TLS neither adds nor holds bytes a
+    producer could care about.  Decrypted data is always read out whole, so
+    none waits inside OpenSSL while the router is paused (h11 holds it,
+    bounded as usual).  A handshake that fails (garbage, old versions, no
+    common cipher) closes the connection after OpenSSL's alert, and is
+    counted.
+    """
+
+    transport: Any
+
+    def __init__(self, server: TLSServer, wrapped: Any) -> None:
+        self.server = server
+        self.wrapped = wrapped
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.tls = server.new_connection(self._incoming, self._outgoing)
+        self.handshaken = False
+        self.disconnecting = False
+        self.error: Exception | None = None
+        self._pending: list[bytes] = []
+
+    # -- from the socket -------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self.wrapped.makeConnection(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        tls = self.tls
+        self._incoming.write(data)
+        if not self.handshaken:
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                return
+            except (ssl.SSLError, ValueError) as exc:
+                self._fail(exc)
+                return
+            self.handshaken = True
+            self._flush()
+            if self._pending:
+                pending, self._pending = self._pending, []
+                self.write(b"".join(pending))
+        while not self.disconnecting:
+            try:
+                chunk = tls.read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # the client's close_notify
+                self.loseConnection()
+                return
+            except ssl.SSLError as exc:
+                self._fail(exc)
+                return
+            if not chunk:
+                break
+            self.wrapped.dataReceived(chunk)
+        self._flush()
+
+    def _fail(self, exc: Exception) -> None:
+        self.error = exc
+        self.disconnecting = True
+        self._flush()  # OpenSSL's alert says why
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        stats = self.factory.stats
-        if not self._handshakeDone:
+        stats = self.server.stats
+        if not self.handshaken:
             stats.failed += 1
-        elif session_reused(self.getHandle()):
+        elif self.tls.session_reused:
             stats.resumed += 1
         else:
             stats.full += 1
-        super().connectionLost(reason)
+        self.wrapped.connectionLost(reason if self.error is None else Failure(self.error))
+
+    # -- the router's transport --------------------------------------------------------
+    def _flush(self) -> None:
+        data = self._outgoing.read()
+        if data:
+            self.transport.write(data)
+
+    def write(self, data: bytes) -> None:
+        if self.disconnecting:
+            return
+        if not self.handshaken:
+            self._pending.append(data)
+            return
+        try:
+            self.tls.write(data)
+        except ssl.SSLError as exc:
+            self._fail(exc)
+            return
+        self._flush()
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        if self.disconnecting:
+            return
+        self.disconnecting = True
+        if self.handshaken:
+            try:
+                self.tls.unwrap()  # our close_notify; the client's is not awaited
+            except (ssl.SSLError, ValueError):
+                pass
+            self._flush()
+        self.transport.loseConnection()
+
+    def abortConnection(self) -> None:
+        self.disconnecting = True
+        self.transport.abortConnection()
+
+    def session_tag(self) -> str | None:
+        return self.server.session_tag(self.tls) if self.handshaken else None
+
+    def getPeer(self) -> Any:
+        return self.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.transport.getHost()
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.transport.setTcpNoDelay(enabled)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
 
 
-class _ListenerTLSFactory(TLSMemoryBIOFactory):
-    protocol = _ServerTLSProtocol
+class TLSListenerFactory(Factory):
+    """The listener's router factory, each connection behind a :class:`TLSServerProtocol`."""
+
     noisy = False
 
-    def __init__(self, server: TLSServer, factory: Any) -> None:
-        super().__init__(server, False, factory)
-        self.stats = server.stats
+    def __init__(self, server: TLSServer, wrapped: Any) -> None:
+        self.server = server
+        self.wrapped = wrapped
 
+    def doStart(self) -> None:
+        self.wrapped.doStart()
 
-def session_reused(conn: SSL.Connection) -> bool:
-    """Whether ``conn``'s handshake resumed a session (pyOpenSSL has no method for it)."""
-    return bool(SSL._lib.SSL_session_reused(conn._ssl))
+    def doStop(self) -> None:
+        self.wrapped.doStop()
+
+    def buildProtocol(self, addr: Any) -> TLSServerProtocol | None:
+        protocol = self.wrapped.buildProtocol(addr)
+        if protocol is None:
+            return None
+        return TLSServerProtocol(self.server, protocol)
 
 
 # -- hosts ------------------------------------------------------------------------------

@@ -72,7 +72,8 @@ class Unit(service.Service):
         # Certificates were checked when the config was read; a file changed
         # since then fails here with the same CertificateError.
         self.tls = {
-            lc.name: TLSServer(lc.name, lc.certificates, lc.session_tickets, lc.tls_session_timeout)
+            lc.name: TLSServer(lc.name, lc.certificates, lc.session_tickets, lc.tls_session_timeout,
+                               secret=config.secret, clock=reactor, ticket_key_period=lc.ticket_key_period)
             for lc in config.listeners if lc.certificates
         }
         self.listeners = {
