@@ -247,3 +247,45 @@ def test_a_bad_certificate_stops_the_start_with_file_key_and_reason(farm: Farm, 
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert f"{config}: listener[0].certificates[1]: {mismatched}: the private key does not match" in out, out
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_farm_tickets_resume_on_another_unit(farm: Farm, ca: CA, version: ssl.TLSVersion) -> None:
+    secret = farm.tmp / "secret"
+    secret.write_bytes(b"farm secret shared by both units\n")
+    backend = farm.backend("b0")[1]
+    certs = standard_certs(ca)
+    files = ", ".join(f'"{c}"' for c in certs)
+    units = [
+        farm.unit(unit_config([backend], extra_unit=f'secret_file = "{secret}"', name=f"u{i}",
+                              extra_listener=f'certificates = [{files}]\nsession_tickets = "farm"\n'), f"u{i}.toml")
+        for i in range(2)
+    ]
+    ctx = client_context(ca, minimum_version=version, maximum_version=version)
+    body, session, reused = https_get(units[0].port(), ctx, "a.test")
+    assert body.startswith("HTTP/1.1 200") and not reused
+    for unit in (units[1], units[0], units[1]):
+        body, session, reused = https_get(unit.port(), ctx, "b.test", session=session)
+        assert body.startswith("HTTP/1.1 200") and reused, unit.url()
+    for unit in units:
+        assert "sessions keep OpenSSL's defaults" not in unit.process.output()
+
+
+def test_unit_tickets_do_not_resume_on_another_unit(farm: Farm, ca: CA) -> None:
+    backend = farm.backend("b0")[1]
+    units = [tls_unit(farm, ca, standard_certs(ca), backend, name=f"u{i}.toml", unit_name=f"u{i}") for i in range(2)]
+    ctx = client_context(ca)
+    _, session, _ = https_get(units[0].port(), ctx, "a.test")
+    _, _, reused = https_get(units[1].port(), ctx, "a.test", session=session)
+    assert not reused
+    _, _, reused = https_get(units[0].port(), ctx, "a.test", session=session)
+    assert reused
+
+
+def test_reload_keeps_tickets_good(farm: Farm, ca: CA) -> None:
+    unit = tls_unit(farm, ca, standard_certs(ca))
+    ctx = client_context(ca)
+    _, session, _ = https_get(unit.port(), ctx, "a.test")
+    admin_json(unit, "/api/v1/certificates/reload", "POST")
+    _, _, reused = https_get(unit.port(), ctx, "a.test", session=session)
+    assert reused
