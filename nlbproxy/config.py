@@ -574,7 +574,7 @@ _MATCH: dict[str, _Convert] = {"name": _token, "value": _field_value}
 
 _POOL: dict[str, _Convert] = {
     "hosts": _array,
-    "affinity": _choice("none", "cookie", "client_ip", "session"),
+    "affinity": _choice("none", "cookie", "client_ip", "session", "tls_session"),
     "session_cookie": _token,
     "affinity_cookie": _token,
     "client_ip_timeout": _seconds(),

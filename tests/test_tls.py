@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.certs import CA, leaf_names
-from tests.realnet import Farm, Unit, unit_config, wait_until
+from tests.realnet import Farm, Unit, free_port, unit_config, wait_until
 
 
 def tls_unit(farm: Farm, ca: CA, certs: list[Path], backend: str | None = None, extra: str = "",
@@ -289,3 +289,38 @@ def test_reload_keeps_tickets_good(farm: Farm, ca: CA) -> None:
     admin_json(unit, "/api/v1/certificates/reload", "POST")
     _, _, reused = https_get(unit.port(), ctx, "a.test", session=session)
     assert reused
+
+
+def backend_of(body: str) -> str:
+    return body.split("\r\n\r\n", 1)[1].split()[0]
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_tls_session_affinity_holds_across_resumption_and_units(farm: Farm, ca: CA, version: ssl.TLSVersion) -> None:
+    secret = farm.tmp / "secret"
+    secret.write_bytes(b"farm secret shared by both units\n")
+    backends = [farm.backend(f"b{i}")[1] for i in range(3)]
+    files = ", ".join(f'"{c}"' for c in standard_certs(ca))
+    dam_ports = [free_port(), free_port()]
+    units = []
+    for i in range(2):
+        config = unit_config(
+            backends, name=f"u{i}", pools='balance = "round_robin"\naffinity = "tls_session"\n',
+            extra_listener=f'certificates = [{files}]\nsession_tickets = "farm"\n',
+            extra_unit=(f'secret_file = "{secret}"\ndam = "tcp:{dam_ports[i]}:interface=127.0.0.1"\n'
+                        f'peers = ["127.0.0.1:{dam_ports[1 - i]}"]\nreplication = 1'))
+        units.append(farm.unit(config, f"u{i}.toml"))
+    for unit in units:
+        unit.process.wait_for(r"farm known")
+    seen = set()
+    for client in range(3):
+        ctx = client_context(ca, minimum_version=version, maximum_version=version)
+        body, session, reused = https_get(units[0].port(), ctx, "a.test")
+        assert not reused
+        host = backend_of(body)
+        seen.add(host)
+        for i in range(6):
+            body, session, reused = https_get(units[i % 2].port(), ctx, "a.test", session=session)
+            assert reused and backend_of(body) == host, (client, i, body)
+    # Three new TLS sessions, round robin: three hosts.
+    assert seen == {"b0", "b1", "b2"}
