@@ -8,7 +8,8 @@ PIP_INSTALL = $(PYTHON) -m pip install -q --disable-pip-version-check
 TRIAL_MODULES = tests.test_config tests.test_metrics tests.test_router tests.test_headers \
 	tests.test_routing tests.test_classifier tests.test_flow tests.test_admin \
 	tests.test_health_codec tests.test_health_table tests.test_health_agent tests.test_agent_config \
-	tests.test_health_cache tests.test_allotment tests.test_dam tests.test_session_agent tests.test_session_tracker
+	tests.test_health_cache tests.test_allotment tests.test_dam tests.test_session_agent tests.test_session_tracker \
+	tests.test_tls_keys tests.test_tls_config
 
 # System packages the tests drive as real clients and servers.
 deps:
