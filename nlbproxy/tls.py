@@ -1,36 +1,33 @@
 # -*- test-case-name: tests.test_tls -*-
 """TLS for a balancing unit: listener certificates chosen by SNI, and TLS to hosts.
 
-Listeners.  A listener with ``certificates`` terminates TLS (pyOpenSSL under
-Twisted's ``TLSMemoryBIOProtocol``) before its router sees a byte.  Every
-certificate file gets its own OpenSSL context, built once: pyOpenSSL refuses
-to change a context after it served a connection, so the SNI callback only
-switches a connection to the context of the name the client asked for, and
-a reload builds a whole new set and swaps it in.  Connections keep the
-context they started with, so a reload drops none of them.
+Listeners.  A listener with ``certificates`` terminates TLS before its
+router sees a byte: :class:`TLSServerProtocol` pumps records through an
+``ssl.SSLObject`` and hands plaintext to the router, whose transport it is.
+Python's ``ssl`` serves here rather than pyOpenSSL because it is linked to
+the system's shared libssl, which :mod:`nlbproxy.libssl` reaches for what no
+Python binding offers: ticket keys shared by the units of a farm, the session
+timeout, and an id stored in each session's tickets (TLS-session affinity).
+pyOpenSSL's OpenSSL (inside cryptography's wheel) is static with hidden
+symbols, and building cryptography from source needs Rust crates these
+machines cannot download.
 
-Every context of a listener offers the same things: TLS 1.2 and 1.3 only,
-ECDHE with AEAD ciphers for 1.2 (1.3 has nothing else), no compression, no
+Every certificate file gets its own context, built once and never changed
+once it served (OpenSSL contexts are not safe to change under live
+connections): the SNI callback only moves a connection to the context of the
+name it asked for, and a reload builds a whole new set and swaps it in.
+Connections keep the context they started with, so a reload drops none.
+Every context of a listener offers the same: TLS 1.2 and 1.3 only, ECDHE
+with AEAD ciphers for 1.2 (1.3 has nothing else), no compression, no
 renegotiation, ALPN ``http/1.1`` only.  Sessions resume by ticket or by the
-unit's session cache.  OpenSSL encrypts tickets with keys of the context a
-connection started on (the listener's default context) and checks the
-listener's session id context, so a client resumes whatever name it asked
-for, on this unit, until a reload (new contexts, new keys).
+unit's session cache; OpenSSL encrypts tickets with the keys of the
+listener's default context, so a client resumes whatever name it asked for.
 
-Why tickets are not shared across the units of a farm: that needs the same
-ticket keys in every unit (``SSL_CTX_ctrl`` with
-``SSL_CTRL_SET_TLSEXT_TICKET_KEYS``, or the ticket key callback), and
-neither pyOpenSSL nor cryptography binds them; their wheels link OpenSSL
-statically with hidden symbols, so nothing else can reach those functions
-either, and building cryptography against the system's libssl needs its
-Rust crates, which this project's machines cannot download.  A client that
-moves to another unit does one full handshake there.
-
-Hosts.  A pool with ``tls`` talks TLS to its hosts: OpenSSL checks the chain
-against the pool's CA bundle during the handshake, and service-identity
-checks the name (``server_name``, or else the host's IP address) before the
-connection is handed to a request, so nothing is sent to a host that failed
-either check.
+Hosts.  A pool with ``tls`` talks TLS to its hosts with pyOpenSSL under
+Twisted's ``TLSMemoryBIOProtocol``: OpenSSL checks the chain against the
+pool's CA bundle during the handshake, and service-identity checks the name
+(``server_name``, or else the host's IP address) before the connection is
+handed to a request, so nothing is sent to a host that failed either check.
 """
 
 from __future__ import annotations
