@@ -406,14 +406,14 @@ class TLSServerProtocol(Protocol):
                 chunk = tls.read(READ_SIZE)
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLZeroReturnError:  # the client's close_notify
-                self.loseConnection()
-                return
             except ssl.SSLError as exc:
                 self._fail(exc)
                 return
             if not chunk:
-                break
+                # The client's close_notify (Python's ssl returns no data
+                # for it): it sends nothing more; answer and close.
+                self.loseConnection()
+                return
             self.wrapped.dataReceived(chunk)
         self._flush()
 

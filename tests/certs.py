@@ -14,7 +14,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _DAY = datetime.timedelta(days=1)
@@ -60,9 +60,10 @@ class CA:
         self.file.write_bytes(_pem(self.cert))
 
     def issue(self, file: str, dns: list[str] = (), ips: list[str] = (), cn: str | None = None,
-              expired: bool = False, with_key: bool = True) -> Path:
-        """A PEM file with the leaf certificate, the CA certificate and the leaf's key."""
-        key = _key()
+              expired: bool = False, with_key: bool = True, rsa_bits: int = 0) -> Path:
+        """A PEM file with the leaf certificate, the CA certificate and the leaf's key
+        (ECDSA P-256, or RSA of ``rsa_bits``)."""
+        key: Any = rsa.generate_private_key(65537, rsa_bits) if rsa_bits else _key()
         now = datetime.datetime.now(datetime.UTC)
         if expired:
             start, end = now - 30 * _DAY, now - _DAY

@@ -186,6 +186,20 @@ class Protocol_(SynchronousTestCase):
         self.protocol.loseConnection()
         self.assertTrue(self.transport.disconnecting)
 
+    def test_the_clients_close_notify_closes(self) -> None:
+        client, incoming, outgoing = self.client()
+        try:
+            client.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        self.pump(client, incoming, outgoing)
+        with self.assertRaises(ssl.SSLWantReadError):
+            client.unwrap()
+        self.protocol.dataReceived(outgoing.read())
+        self.assertTrue(self.transport.disconnecting)
+        incoming.write(self.transport.value())
+        client.unwrap()  # our close_notify came back
+
     def test_garbage_closes_and_counts(self) -> None:
         self.protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
         self.assertTrue(self.transport.disconnecting)
