@@ -200,9 +200,15 @@ def render_metrics(
     upstreams: UpstreamCounts,
     now: float,
     health: HealthView | None = None,
+    tls: Mapping[str, TLSServer] | None = None,
 ) -> str:
     """The body of ``GET /metrics``."""
     w = PrometheusWriter()
+    for name, server in (tls or {}).items():
+        for kind in ("full", "resumed", "failed"):
+            w.add("nlbproxy_tls_handshakes_total", "counter",
+                  "TLS connections closed, by how their handshake went (failed: garbage, refused "
+                  "versions or ciphers, clients gone).", getattr(server.stats, kind), listener=name, kind=kind)
     if health is not None and health.cache is not None and health.socket is not None:
         w.add("nlbproxy_health_agents", "gauge", "Host agents the unit hears from.", len(health.cache.hosts()))
         w.add("nlbproxy_health_datagrams_total", "counter", "Health datagrams received and accepted.",
@@ -393,7 +399,7 @@ class AdminResource(JsonApiResource):
         return json_answer(200, health_document(self.health))
 
     def get_metrics(self, request: Request, params: list[str]) -> Answer:
-        text = render_metrics(self.farm, self.listeners, self.upstreams, self.clock.seconds(), self.health)
+        text = render_metrics(self.farm, self.listeners, self.upstreams, self.clock.seconds(), self.health, self.tls)
         return Answer(200, text.encode(), PROMETHEUS_TYPE)
 
     def get_certificates(self, request: Request, params: list[str]) -> Answer:

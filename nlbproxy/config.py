@@ -29,7 +29,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from nlbproxy import limits, tls
+from nlbproxy import libssl, limits, tls
 
 
 class ConfigError(Exception):
@@ -736,9 +736,15 @@ class _Parser:
             listener["certificates"] = self.certificates(listener["certificates"], _join(where, "certificates"))
         elif listener.keys() & {"session_tickets", "tls_session_timeout", "ticket_key_period"}:
             raise self.error(_join(where, "certificates"), "TLS settings need certificates")
-        if listener.get("session_tickets") == "farm" and self.secret is None:
-            raise self.error(_join(where, "session_tickets"),
-                             "farm ticket keys come from the farm's secret: set unit.secret_file too")
+        if listener.get("session_tickets") == "farm":
+            if self.secret is None:
+                raise self.error(_join(where, "session_tickets"),
+                                 "farm ticket keys come from the farm's secret: set unit.secret_file too")
+            try:
+                libssl.libssl()
+            except libssl.LibSSLUnavailable as exc:
+                # Never a unit that silently does not share its tickets.
+                raise self.error(_join(where, "session_tickets"), f"cannot share ticket keys here: {exc}") from None
         return ListenerConfig(**listener)
 
     def certificates(self, names: tuple[str, ...], where: str) -> tuple[str, ...]:

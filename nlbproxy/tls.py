@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 import ssl
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -245,6 +246,9 @@ class TLSServer:
         if session_tickets == "farm" and (secret is None or clock is None):
             raise ValueError("farm ticket keys need the farm's secret and a clock")
         self.stats = TLSStats()
+        #: Every context still in use (by a connection of before a reload
+        #: too) and its SSL_CTX pointer.
+        self._pointers: weakref.WeakKeyDictionary[ssl.SSLContext, int] = weakref.WeakKeyDictionary()
         self.contexts = self.load()
         self._set_farm_keys(self.contexts)
 
@@ -257,6 +261,7 @@ class TLSServer:
         certificates = [read_certificate(path) for path in self.paths]
         contexts = [self._context(cert) for cert in certificates]
         pointers = [self._tune(ctx) for ctx in contexts] if self.lib is not None else []
+        self._pointers.update(zip(contexts, pointers))
         return _SNIMap(certificates, contexts, pointers)
 
     def _context(self, cert: Certificate) -> ssl.SSLContext:
@@ -336,11 +341,10 @@ class TLSServer:
         lib = self.lib
         if lib is None:
             return None
-        # The connection's context may be another than the default (SNI).
-        try:
-            pointer = lib.ssl_pointer(sslobj, self.contexts.pointers[self.contexts.contexts.index(sslobj.context)])
-        except ValueError:  # a context of before a reload
-            return None
+        # The connection's context: the default, another one (SNI), or one
+        # of before a reload.
+        context_pointer = self._pointers.get(sslobj.context)
+        pointer = lib.ssl_pointer(sslobj, context_pointer) if context_pointer is not None else None
         tag = lib.session_tag(pointer) if pointer is not None else None
         return tag.hex() if tag is not None else None
 

@@ -149,6 +149,7 @@ def test_sessions_do_not_resume_with_tickets_off(farm: Farm, ca: CA) -> None:
     assert body.startswith("HTTP/1.1 200") and not reused
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
 def test_old_protocol_versions_are_refused(farm: Farm, ca: CA, version: ssl.TLSVersion) -> None:
     unit = tls_unit(farm, ca, standard_certs(ca))
@@ -192,6 +193,9 @@ def test_garbage_records_close_the_connection_and_others_are_served(farm: Farm, 
         assert body.startswith("HTTP/1.1 200")
     wait_until(lambda: admin_json(unit, "/api/v1/certificates")["listeners"]["web"]["handshakes"]["failed"] >= 4,
                what="four failed handshakes counted")
+    with urllib.request.urlopen(unit.admin + "/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'nlbproxy_tls_handshakes_total{listener="web",kind="failed"} 4' in metrics, metrics
 
 
 def test_reload_keeps_open_connections_and_refuses_a_bad_file(farm: Farm, ca: CA) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from nlbproxy import libssl
 from nlbproxy.config import BackendTLSConfig, ConfigError, load_config
 from tests.certs import CA
 
@@ -55,6 +56,14 @@ class TLSConfig(SynchronousTestCase):
             error = self.error(listener=listener)
             self.assertEqual(error.key, key, listener)
             self.assertIn(reason, error.reason, listener)
+
+    def test_farm_tickets_need_the_process_libssl(self) -> None:
+        self.patch(libssl, "_instance", libssl.LibSSLUnavailable("Python's ssl module is not linked to a shared libssl"))
+        error = self.error(listener='certificates = ["a.pem"]\nsession_tickets = "farm"', unit='secret_file = "secret"')
+        self.assertEqual(error.key, "listener[0].session_tickets")
+        self.assertEqual(error.reason, "cannot share ticket keys here: Python's ssl module is not linked to a shared libssl")
+        # "unit" tickets need nothing of it.
+        self.load('certificates = ["a.pem"]')
 
     def test_pool_tls(self) -> None:
         config = self.load(pool='tls = { ca_file = "ca.pem", server_name = "Backend.Test" }\naffinity = "tls_session"')

@@ -182,7 +182,11 @@ class Protocol_(SynchronousTestCase):
         self.protocol.write(b"HTTP/1.1 200 OK\r\n\r\n")
         incoming.write(self.transport.value())
         self.assertEqual(client.read(100), b"HTTP/1.1 200 OK\r\n\r\n")
-        self.assertIsNotNone(self.protocol.session_tag())
+        tag = self.protocol.session_tag()
+        self.assertIsNotNone(tag)
+        # A reload does not lose the tag of a connection made before it.
+        self.server.install(self.server.load())
+        self.assertEqual(self.protocol.session_tag(), tag)
         self.protocol.loseConnection()
         self.assertTrue(self.transport.disconnecting)
 
