@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,3 +93,11 @@ def leaf_names(der: bytes) -> list[str]:
     cert = x509.load_der_x509_certificate(der)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return san.get_values_for_type(x509.DNSName)
+
+
+def temp_dir(case: Any) -> Path:
+    """A directory removed after the test (not mktemp(): under pytest it
+    leaves directories in the working tree)."""
+    path = Path(tempfile.mkdtemp(prefix="nlb-tls-test-"))
+    case.addCleanup(shutil.rmtree, path, True)
+    return path

@@ -5,19 +5,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy import libssl
 from nlbproxy.config import BackendTLSConfig, ConfigError, load_config
-from tests.certs import CA
+from tests.certs import CA, temp_dir
 
 
 class TLSConfig(SynchronousTestCase):
     def setUp(self) -> None:
-        self.dir = Path(self.mktemp()).absolute()
+        self.dir = temp_dir(self)
         self.ca = CA(self.dir)
         self.ca.issue("a.pem", dns=["a.test"])
         (self.dir / "secret").write_text("farm secret\n")

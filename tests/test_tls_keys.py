@@ -7,7 +7,6 @@ through the process's libssl, and the TLS protocol driven by an in-memory client
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -16,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy import libssl
 from nlbproxy.tls import CertificateError, TLSServer, TLSServerProtocol, farm_ticket_keys, read_certificate
-from tests.certs import CA
+from tests.certs import CA, temp_dir
 
 
 class Recorder(Protocol):
@@ -33,7 +32,7 @@ class Recorder(Protocol):
 
 class CertificateFiles(SynchronousTestCase):
     def setUp(self) -> None:
-        self.ca = CA(Path(self.mktemp()))
+        self.ca = CA(temp_dir(self))
 
     def test_names_come_from_the_san(self) -> None:
         cert = read_certificate(str(self.ca.issue("a.pem", dns=["A.test", "*.wild.test"], cn="ignored.test")))
@@ -74,7 +73,7 @@ class CertificateFiles(SynchronousTestCase):
 
 class SNI(SynchronousTestCase):
     def test_exact_names_wildcards_and_the_first_file_wins(self) -> None:
-        ca = CA(Path(self.mktemp()))
+        ca = CA(temp_dir(self))
         paths = (str(ca.issue("a.pem", dns=["a.test", "*.w.test"])), str(ca.issue("b.pem", dns=["a.test", "b.test"])))
         server = TLSServer("web", paths)
         first, second = server.contexts.contexts
@@ -90,7 +89,7 @@ class SNI(SynchronousTestCase):
 
 class TicketKeys(SynchronousTestCase):
     def setUp(self) -> None:
-        ca = CA(Path(self.mktemp()))
+        ca = CA(temp_dir(self))
         self.paths = (str(ca.issue("a.pem", dns=["a.test"])), str(ca.issue("b.pem", dns=["b.test"])))
         self.lib = libssl.libssl()
 
@@ -137,7 +136,7 @@ class Protocol_(SynchronousTestCase):
     """The TLS protocol between an in-memory client and a recording router."""
 
     def setUp(self) -> None:
-        self.ca = CA(Path(self.mktemp()))
+        self.ca = CA(temp_dir(self))
         self.server = TLSServer("web", (str(self.ca.issue("a.pem", dns=["a.test"])),))
         self.router = Recorder()
         self.protocol = TLSServerProtocol(self.server, self.router)
