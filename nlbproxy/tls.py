@@ -240,7 +240,7 @@ class TLSServer:
             self.lib = libssl.libssl()
         except libssl.LibSSLUnavailable as exc:
             if session_tickets == "farm":
-                raise CertificateError(listener, f"session_tickets = \"farm\" cannot work here: {exc}") from None
+                raise  # the config check refuses it first, with the same reason
             log.warn("listener {name}: {why}; sessions keep OpenSSL's defaults and tls_session affinity is off",
                      name=listener, why=str(exc))
         if session_tickets == "farm" and (secret is None or clock is None):
