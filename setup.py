@@ -15,6 +15,7 @@ setup(
     install_requires=[
         "twisted>=24.7",
         "pyopenssl>=24",
+        "cryptography>=42",
         "h11>=0.16",
         "service-identity>=24",
         "zope.interface>=6",

@@ -20,6 +20,15 @@ tests) relies on; extend it, do not change it:
     whose path starts with the prefix (on every host name); answers 200 with
     ``{"pool": POOL, "prefix": ..., "purged": N}``, 404 for a pool without
     a cache, 400 for a body that is not such an object.
+``GET /api/v1/certificates``
+    JSON ``{"listeners": {NAME: {"certificates": [{"file", "names",
+    "not_after", "sha256"}], "handshakes": {"full", "resumed", "failed"}}}}``
+    for the listeners that terminate TLS.
+``POST /api/v1/certificates/reload``
+    Re-reads every listener's certificate files and serves new connections
+    with them; open connections keep theirs.  All listeners or none: a file
+    that cannot be used answers 400 with its name and the reason, and the
+    certificates in use stay.  Answers 200 with the document of ``GET``.
 ``GET /metrics``
     Prometheus text format 0.0.4, rendered on demand by :func:`render_metrics`.
 ``GET /`` and ``GET /status``
@@ -59,6 +68,7 @@ from nlbproxy.health.cache import ConsolidatedCache
 from nlbproxy.health.udp import HealthSocket
 from nlbproxy.session.tracker import SessionTracker
 from nlbproxy import statuspage
+from nlbproxy.tls import CertificateError, TLSServer
 from nlbproxy.limits import MAX_ADMIN_BODY
 from nlbproxy.metrics import ListenerStats, PrometheusWriter, status_classes
 from nlbproxy.webapi import Answer, BoundedRequest, JsonApiResource, Refusal, json_answer, one_of, read_body
@@ -217,9 +227,15 @@ def render_metrics(
     now: float,
     health: HealthView | None = None,
     caches: Mapping[str, ResponseCache] | None = None,
+    tls: Mapping[str, TLSServer] | None = None,
 ) -> str:
     """The body of ``GET /metrics``."""
     w = PrometheusWriter()
+    for name, server in (tls or {}).items():
+        for kind in ("full", "resumed", "failed"):
+            w.add("nlbproxy_tls_handshakes_total", "counter",
+                  "TLS connections closed, by how their handshake went (failed: garbage, refused "
+                  "versions or ciphers, clients gone).", getattr(server.stats, kind), listener=name, kind=kind)
     if health is not None and health.cache is not None and health.socket is not None:
         w.add("nlbproxy_health_agents", "gauge", "Host agents the unit hears from.", len(health.cache.hosts()))
         w.add("nlbproxy_health_datagrams_total", "counter", "Health datagrams received and accepted.",
@@ -372,8 +388,10 @@ class AdminResource(JsonApiResource):
         health: HealthView | None = None,
         sessions: SessionTracker | None = None,
         caches: Mapping[str, ResponseCache] | None = None,
+        tls: Mapping[str, TLSServer] | None = None,
     ) -> None:
         super().__init__()
+        self.tls = tls or {}
         self.health = health
         self.caches = caches or {}
         self.sessions = sessions
@@ -393,6 +411,8 @@ class AdminResource(JsonApiResource):
             (("api", "v1", "pools", None, "sessions"), {b"GET": self.get_sessions}),
             (("api", "v1", "pools", None, "sessions", None), {b"DELETE": self.delete_session}),
             (("api", "v1", "pools", None, "cache", "purge"), {b"POST": self.post_purge}),
+            (("api", "v1", "certificates"), {b"GET": self.get_certificates}),
+            (("api", "v1", "certificates", "reload"), {b"POST": self.reload_certificates}),
             (("metrics",), {b"GET": self.get_metrics}),
         ]
         self.routes += [(path, {b"GET": self.get_page}) for path in statuspage.PATHS]
@@ -461,8 +481,8 @@ class AdminResource(JsonApiResource):
         return json_answer(200, health_document(self.health))
 
     def get_metrics(self, request: Request, params: list[str]) -> Answer:
-        text = render_metrics(
-            self.farm, self.listeners, self.upstreams, self.clock.seconds(), self.health, self.caches)
+        text = render_metrics(self.farm, self.listeners, self.upstreams, self.clock.seconds(), self.health,
+                              caches=self.caches, tls=self.tls)
         return Answer(200, text.encode(), PROMETHEUS_TYPE)
 
     def post_purge(self, request: Request, params: list[str]) -> Answer:
@@ -480,6 +500,20 @@ class AdminResource(JsonApiResource):
         log.info("cache of {pool}: {n} responses under {prefix} purged by {client}",
                  pool=pool_name, n=purged, prefix=prefix, client=getattr(client, "host", client))
         return json_answer(200, {"pool": pool_name, "prefix": prefix, "purged": purged})
+
+    def get_certificates(self, request: Request, params: list[str]) -> Answer:
+        return json_answer(200, certificates_document(self.tls))
+
+    def reload_certificates(self, request: Request, params: list[str]) -> Answer:
+        read_body(request, MAX_ADMIN_BODY)
+        try:
+            loaded = {name: server.load() for name, server in self.tls.items()}
+        except CertificateError as exc:
+            log.warn("certificate reload refused: {why}", why=str(exc))
+            raise Refusal(400, f"certificates not reloaded: {exc}") from None
+        for name, contexts in loaded.items():
+            self.tls[name].install(contexts)
+        return json_answer(200, certificates_document(self.tls))
 
     def put_directive(self, request: Request, params: list[str]) -> Answer:
         pool_name, key = params
@@ -515,6 +549,14 @@ class AdminRequest(BoundedRequest):
     logger = log
 
 
+def certificates_document(tls: Mapping[str, TLSServer]) -> dict[str, Any]:
+    return {"listeners": {
+        name: {"certificates": server.describe(), "handshakes": {
+            "full": server.stats.full, "resumed": server.stats.resumed, "failed": server.stats.failed}}
+        for name, server in tls.items()
+    }}
+
+
 def make_admin_site(
     farm: Farm,
     listeners: Mapping[str, ListenerStats],
@@ -525,13 +567,15 @@ def make_admin_site(
     health: HealthView | None = None,
     sessions: SessionTracker | None = None,
     caches: Mapping[str, ResponseCache] | None = None,
+    tls: Mapping[str, TLSServer] | None = None,
 ) -> Site:
     """The admin API as a Site, for ``serverFromString(...).listen(site)``.
 
     ``clock`` is the reactor (or a ``task.Clock`` in tests): health is judged
     at ``clock.seconds()`` and idle admin connections time out on it.
     """
-    resource = AdminResource(farm, listeners, upstreams, unit_name, token, clock, health, sessions, caches)
+    resource = AdminResource(farm, listeners, upstreams, unit_name, token, clock, health, sessions,
+                             caches=caches, tls=tls)
     site = Site(resource, requestFactory=AdminRequest, reactor=clock)
     site.displayTracebacks = False
     return site

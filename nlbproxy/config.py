@@ -30,7 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from nlbproxy import limits
+from nlbproxy import libssl, limits, tls
 
 
 class ConfigError(Exception):
@@ -140,6 +140,27 @@ class ListenerConfig:
     max_soap_attributes: int = limits.MAX_SOAP_ATTRIBUTES
     max_soap_name: int = limits.MAX_SOAP_NAME
     max_soap_header_text: int = limits.MAX_SOAP_HEADER_TEXT
+    #: PEM files (chain and key), absolute; TLS is on when there is one.  The
+    #: first is served to clients without SNI or with an unknown name.
+    certificates: tuple[str, ...] = ()
+    #: TLS session resumption: "farm" (ticket keys from the farm's secret:
+    #: resume on any unit), "unit" (this unit's tickets and session cache)
+    #: or "off".
+    session_tickets: str = "unit"
+    tls_session_timeout: float = limits.TLS_SESSION_TIMEOUT
+    ticket_key_period: float = limits.TICKET_KEY_PERIOD
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTLSConfig:
+    """``tls = { ca_file, server_name, verify }`` of a pool: TLS to its hosts."""
+
+    #: CA bundle (PEM) the hosts' certificates must chain to; None: the system's.
+    ca_file: str | None = None
+    #: The name the hosts' certificates must carry (and SNI); None: each
+    #: host's IP address, which its certificate must then carry.
+    server_name: str | None = None
+    verify: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +222,7 @@ class PoolConfig:
     check: CheckConfig | None = None
     agent_check: AgentCheckConfig | None = None
     cache: CacheConfig | None = None
+    tls: BackendTLSConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -647,6 +669,10 @@ _LISTENER: dict[str, _Convert] = {
     "max_soap_attributes": _integer(1, 10_000),
     "max_soap_name": _integer(64, 64 * limits.KiB),
     "max_soap_header_text": _integer(0, limits.MiB),
+    "certificates": lambda value: tuple(_string(item) for item in _array(value)),
+    "session_tickets": _choice("unit", "farm", "off"),
+    "tls_session_timeout": _seconds(),
+    "ticket_key_period": _seconds(),
 }
 
 _ROUTE: dict[str, _Convert] = {
@@ -687,7 +713,7 @@ _CACHE: dict[str, _Convert] = {
 
 _POOL: dict[str, _Convert] = {
     "hosts": _array,
-    "affinity": _choice("none", "cookie", "client_ip", "session"),
+    "affinity": _choice("none", "cookie", "client_ip", "session", "tls_session"),
     "session_cookie": _token,
     "affinity_cookie": _token,
     "client_ip_timeout": _seconds(),
@@ -703,6 +729,13 @@ _POOL: dict[str, _Convert] = {
     "check": _table,
     "agent_check": _table,
     "cache": _table,
+    "tls": _table,
+}
+
+_BACKEND_TLS: dict[str, _Convert] = {
+    "ca_file": _string,
+    "server_name": lambda value: _pattern(_HOSTNAME, "a DNS name")(value).lower(),
+    "verify": _boolean,
 }
 
 _CHECK: dict[str, _Convert] = {
@@ -730,6 +763,7 @@ class _Parser:
     def __init__(self, path: str) -> None:
         self.path = path
         self.pools: dict[str, PoolConfig] = {}
+        self.secret: bytes | None = None
 
     def error(self, key: str, reason: str) -> ConfigError:
         return ConfigError(self.path, key, reason)
@@ -790,6 +824,7 @@ class _Parser:
             unit["secret_file"], unit["secret"] = self.read(
                 "unit.secret_file", unit["secret_file"]
             )
+            self.secret = unit["secret"]
         if unit.get("access_log", "-") != "-":
             unit["access_log"] = self.resolve(unit["access_log"])
         if "health" in unit and "secret" not in unit:
@@ -852,6 +887,22 @@ class _Parser:
                         raise self.error(
                             f"{where}.route[{i}].{key}", 'needs the listener\'s protocol = "soap"'
                         )
+        if "certificates" in listener:
+            listener["certificates"] = self.certificates(listener["certificates"], _join(where, "certificates"))
+        elif listener.keys() & {"session_tickets", "tls_session_timeout", "ticket_key_period"}:
+            raise self.error(_join(where, "certificates"), "TLS settings need certificates")
+        if listener.get("session_tickets") == "farm":
+            if self.secret is None:
+                raise self.error(_join(where, "session_tickets"),
+                                 "farm ticket keys come from the farm's secret: set unit.secret_file too")
+            try:
+                libssl.libssl()
+            except libssl.LibSSLUnavailable as exc:
+                # Never a unit that silently does not share its tickets.
+                raise self.error(_join(where, "session_tickets"), f"cannot share ticket keys here: {exc}") from None
+        if listener.get("handoff") and "certificates" in listener:
+            # The handoff moves a TCP connection; TLS state cannot move with it.
+            raise self.error(_join(where, "handoff"), "a listener that terminates TLS cannot hand off connections")
         return ListenerConfig(**listener)
 
     def deny(self, value: object, where: str, index: int) -> DenyConfig:
@@ -870,6 +921,20 @@ class _Parser:
         table = self.table(value, where, _RATE_LIMIT, required=("requests_per_second",))
         rate = table["requests_per_second"]
         return RateLimitConfig(rate, table.get("burst", max(1, math.ceil(rate))))
+
+    def certificates(self, names: tuple[str, ...], where: str) -> tuple[str, ...]:
+        """Resolve and check every certificate file now, so a bad one stops the start."""
+        if not names:
+            raise self.error(where, "expected at least one PEM file")
+        files = []
+        for i, name in enumerate(names):
+            file = self.resolve(name)
+            try:
+                tls.read_certificate(file)
+            except tls.CertificateError as exc:
+                raise self.error(f"{where}[{i}]", str(exc)) from exc
+            files.append(file)
+        return tuple(files)
 
     def route(self, value: object, where: str) -> RouteConfig:
         # A plugin's route may leave the pool to the plugin.
@@ -937,6 +1002,8 @@ class _Parser:
             pool["agent_check"] = AgentCheckConfig(**agent_check)
         if "cache" in pool:
             pool["cache"] = self.cache(pool["cache"], _join(where, "cache"))
+        if "tls" in pool:
+            pool["tls"] = self.backend_tls(pool["tls"], _join(where, "tls"))
         return PoolConfig(name, tuple(hosts.values()), **pool)
 
     def cache(self, value: object, where: str) -> CacheConfig:
@@ -945,6 +1012,16 @@ class _Parser:
             raise self.error(_join(where, "max_object_bytes"),
                              f"must not exceed max_bytes ({cache.max_bytes}), got {cache.max_object_bytes}")
         return cache
+
+    def backend_tls(self, value: object, where: str) -> BackendTLSConfig:
+        config = self.table(value, where, _BACKEND_TLS)
+        if "ca_file" in config:
+            file = config["ca_file"] = self.resolve(config["ca_file"])
+            try:
+                tls.read_ca_file(file)
+            except tls.CertificateError as exc:
+                raise self.error(_join(where, "ca_file"), str(exc)) from exc
+        return BackendTLSConfig(**config)
 
     def host(self, entry: object, key: str) -> HostConfig:
         """An ``"ip:port"`` string or an ``{ address, weight }`` table."""

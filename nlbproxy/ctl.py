@@ -6,6 +6,7 @@
     nlbctl [--admin URL] [--token-file FILE] state [--json]
     nlbctl [--admin URL] [--token-file FILE] drain|activate|deactivate POOL HOST [--json]
     nlbctl [--admin URL] [--token-file FILE] purge POOL PREFIX [--json]
+    nlbctl [--admin URL] [--token-file FILE] certs|reload-certs [--json]
 
 The admin URL comes from ``--admin``, else ``$NLBCTL_ADMIN``, else
 ``http://127.0.0.1:9901``; the bearer token from ``--token-file``, else
@@ -85,6 +86,12 @@ class AdminClient:
     def purge(self, pool: str, prefix: str) -> dict[str, Any]:
         path = f"/api/v1/pools/{quote(pool, safe='')}/cache/purge"
         return self._call("POST", path, json.dumps({"prefix": prefix}).encode(), "application/json")
+
+    def certificates(self) -> dict[str, Any]:
+        return self._call("GET", "/api/v1/certificates")
+
+    def reload_certificates(self) -> dict[str, Any]:
+        return self._call("POST", "/api/v1/certificates/reload", b"")
 
     def _call(self, method: str, path: str, body: bytes | None = None,
               content_type: str = "text/plain; charset=utf-8") -> dict[str, Any]:
@@ -238,6 +245,10 @@ def _parser() -> argparse.ArgumentParser:
                                 help="drop the cached responses of POOL whose path starts with PREFIX")
     purge.add_argument("pool", metavar="POOL")
     purge.add_argument("prefix", metavar="PREFIX", help="a path prefix such as /static/ (/ for all)")
+    commands.add_parser("certs", parents=[common, as_json],
+                        help="the certificates each TLS listener serves, and its handshake counts")
+    commands.add_parser("reload-certs", parents=[common, as_json],
+                        help="re-read every listener's certificate files; open connections keep theirs")
     return parser
 
 
@@ -333,11 +344,29 @@ def _purge(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
     text = f"purged {answer.get('purged', 0)} cached responses of {args.pool} under {args.prefix}"
     print(json.dumps(answer, indent=2) if args.json else text, file=out)
     return 0
+def _certificates(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "reload-certs":
+        document = client.reload_certificates()
+    else:
+        document = client.certificates()
+    if args.json:
+        print(json.dumps(document, indent=2), file=out)
+        return 0
+    rows = []
+    for listener, doc in (document.get("listeners") or {}).items():
+        for cert in doc.get("certificates") or []:
+            rows.append([listener, str(cert.get("file", "")), " ".join(cert.get("names") or []),
+                         str(cert.get("not_after", ""))])
+    print("\n".join(format_table(("LISTENER", "FILE", "NAMES", "NOT AFTER"), rows)), file=out)
+    if args.command == "reload-certs":
+        print(f"reloaded {len(rows)} certificates", file=out)
+    return 0
 
 
 _COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace, TextIO], int]] = {
     "state": _state, **dict.fromkeys(DIRECTIVE_COMMANDS, _directive),
     "sessions": _sessions, "drop-session": _drop_session, "purge": _purge,
+    "certs": _certificates, "reload-certs": _certificates,
 }
 
 

@@ -57,6 +57,14 @@ MAX_SOAP_NAME = 1024
 #: Characters of text kept from one selected header entry (WS-Addressing
 #: ``To``/``Action``); longer text is refused.
 MAX_SOAP_HEADER_TEXT = 4 * KiB
+#: Lifetime of a TLS session (its tickets and its entry in the unit's session
+#: cache); a client resumes within it, then does a full handshake.  The cache
+#: holds OpenSSL's default of 20,480 sessions per listener (oldest dropped).
+TLS_SESSION_TIMEOUT = 7200.0
+#: With ``session_tickets = "farm"``: how long one ticket key (derived from
+#: the farm's secret) is used.  Tickets of the previous period are refused
+#: (one full handshake), so this also caps how long a ticket resumes.
+TICKET_KEY_PERIOD = 3600.0
 
 # --- backend side (per pool) ------------------------------------------------
 #: A host's response status line and fields; larger is the host's error (502).

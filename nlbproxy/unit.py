@@ -29,6 +29,7 @@ from nlbproxy.session.dam import DAM
 from nlbproxy.session.peering import DamService
 from nlbproxy.session.tracker import SessionTracker
 from nlbproxy.handoff.unitside import HandoffFactory, HandoffUnit, Plumbing
+from nlbproxy.tls import TLSServer
 from nlbproxy.routers.http import Listener, RouterFactory
 from nlbproxy.routers.upstream import Upstreams
 
@@ -71,9 +72,17 @@ class Unit(service.Service):
         elif config.access_log:
             self.access_log = FileAccessLog(config.access_log, config.log_format, reactor)
         self.caches = pool_caches(config.pools.values(), reactor)
+        # Certificates were checked when the config was read; a file changed
+        # since then fails here with the same CertificateError.
+        self.tls = {
+            lc.name: TLSServer(lc.name, lc.certificates, lc.session_tickets, lc.tls_session_timeout,
+                               secret=config.secret, clock=reactor, ticket_key_period=lc.ticket_key_period)
+            for lc in config.listeners if lc.certificates
+        }
         self.listeners = {
             lc.name: Listener(lc, self.farm, self.upstreams, reactor, config.name, self.access_log,
-                              sessions=self.sessions, caches=self.caches)
+                              scheme=b"https" if lc.name in self.tls else b"http", sessions=self.sessions,
+                              caches=self.caches)
             for lc in config.listeners
         }
         self.health = UnitHealth(config, self.farm, reactor, self.sessions)
@@ -100,11 +109,13 @@ class Unit(service.Service):
             factory: Any = RouterFactory(listener)
             if listener.config.handoff and self.handoff is not None:
                 factory = HandoffFactory(factory, self.handoff)
+            if name in self.tls:
+                factory = self.tls[name].wrap(factory)
             self.ports[name] = self._listen(listener.config.endpoint, factory)
         site = make_admin_site(
             self.farm, {n: li.stats for n, li in self.listeners.items()}, self.upstreams,
             self.config.name, self.config.admin_token, self.reactor, health=self.health,
-            sessions=self.sessions, caches=self.caches,
+            sessions=self.sessions, caches=self.caches, tls=self.tls,
         )
         self.admin_port = self._listen(self.config.admin, site)
         try:
@@ -134,7 +145,8 @@ class Unit(service.Service):
                 port.stopReading()
             defer.gatherResults(ready).addCallback(self._serve)
         for name, port in self.ports.items():
-            log.info("listener {name} on {url}", name=name, url=url_of(port))
+            scheme = "https" if name in self.tls else "http"
+            log.info("listener {name} on {url}", name=name, url=url_of(port, scheme))
         log.info("admin API on {url}", url=url_of(self.admin_port))
         if self.health.address is not None:
             ip, port = self.health.address
@@ -179,11 +191,11 @@ def _no_peers(peer: str, call: Any) -> None:
     raise AssertionError(f"a unit without peers sent {call!r} to {peer}")
 
 
-def url_of(port: Any) -> str:
+def url_of(port: Any, scheme: str = "http") -> str:
     address = port.getHost()
     host = getattr(address, "host", None)
     if host is None:
         return f"unix:{address.name}"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{address.port}/"
+    return f"{scheme}://{host}:{address.port}/"

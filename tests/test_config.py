@@ -455,7 +455,7 @@ ERRORS: list[tuple[tuple[str | int, ...], object, str, str]] = [
         (*WEB, "affinity"),
         "sticky",
         "pool.web.affinity",
-        "expected one of 'none', 'cookie', 'client_ip', 'session', got 'sticky'",
+        "expected one of 'none', 'cookie', 'client_ip', 'session', 'tls_session', got 'sticky'",
     ),
     (
         ("unit",),

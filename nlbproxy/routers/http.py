@@ -627,6 +627,17 @@ class Exchange:
                     return  # the DAM asks the other units; _session_found goes on
                 self._session_found(*found)
                 return
+        elif affinity == "tls_session" and sessions is not None:
+            # The id in the client's TLS session tickets (nlbproxy.tls): the
+            # same on resumption, on whichever unit the client resumes.
+            tag = getattr(self.client.transport, "session_tag", None)
+            self.session = tag() if tag is not None else None
+            if self.session is not None:
+                found = sessions.lookup(pool, self.session, self._session_found)
+                if found is None:
+                    return
+                self._session_found(*found)
+                return
         self._start_with(self._classify())
 
     def _from_cache(self, cache: ResponseCache) -> bool:
@@ -680,7 +691,10 @@ class Exchange:
         if host is None:
             host = self._classify()
             sessions = self.client.listener.sessions
-            if known and host is not None and sessions is not None and self.session is not None:
+            # A TLS session is bound on its first request (its id is ours,
+            # not made up by the client).
+            bind = known or self.pool.config.affinity == "tls_session"
+            if bind and host is not None and sessions is not None and self.session is not None:
                 # Its host is down or inactive: the session moves to the one
                 # chosen.  (An unknown cookie binds nothing: clients must not
                 # be able to fill the session table with made-up values.)
@@ -700,7 +714,7 @@ class Exchange:
             if keyed is not None:
                 return keyed
         affinity = pool.config.affinity
-        if affinity == "none" or affinity == "session":
+        if affinity == "none" or affinity == "session" or affinity == "tls_session":
             return pool.choose(self.tried)
         host = None
         if not self.tried:

@@ -19,8 +19,11 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as neterror
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import connectionDone, ClientFactory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from nlbproxy.classifier import Host
 from nlbproxy.config import PoolConfig
@@ -36,6 +39,7 @@ from nlbproxy.routers.hostside import (
     chunk,
     request_head,
 )
+from nlbproxy.tls import BackendCreator, BackendTLS
 
 if TYPE_CHECKING:
     from nlbproxy.routers.http import Exchange
@@ -205,6 +209,66 @@ class UpstreamConnection(Protocol):
         exchange.upstream_error(self, "timeout", "no data from the host")
 
 
+@implementer(IHandshakeListener)
+class TLSUpstreamConnection(UpstreamConnection):
+    """A connection to a host of a pool with ``tls``.
+
+    It counts as connected only once the handshake is done and the host's
+    certificate names what the pool expects; until then it is still
+    "connecting" for the pool, so no request byte is written to a host that
+    failed verification, and a failure is a connect failure (no retry on
+    another host: a certificate problem is the operator's to fix, and a 502
+    says so).
+    """
+
+    tls_error: str | None = None
+    handshaken = False
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        self.pauser.transport = self.transport
+        # The TCP connect is timed by the reactor; the handshake by us.
+        self.deadline.set(self.owner.config.connect_timeout)
+
+    def handshakeCompleted(self) -> None:
+        tls = self.owner.tls
+        assert tls is not None
+        problem = tls.check_identity(self.transport.getHandle())
+        if problem is not None:
+            self.tls_error = problem
+            self.transport.abortConnection()
+            return
+        self.handshaken = True
+        self.deadline.cancel()
+        self.owner.connected(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.handshaken:
+            super().connectionLost(reason)
+            return
+        self.deadline.stop()
+        connector, self.connector = self.connector, None
+        if connector is None:  # timed out (reported already)
+            return
+        if self.tls_error is not None:
+            kind, detail = "tls_verify", self.tls_error
+        elif reason.check(neterror.ConnectionLost, neterror.ConnectionDone):
+            kind, detail = "tls_handshake", "the host closed the connection during the TLS handshake"
+        else:
+            kind, detail = "tls_handshake", f"TLS handshake failed: {reason.getErrorMessage()}"
+        self.owner.connect_failed(connector, reason, kind, detail)
+
+    def _timed_out(self) -> None:
+        if self.handshaken:
+            super()._timed_out()
+            return
+        connector, self.connector = self.connector, None
+        self.transport.abortConnection()
+        if connector is not None:
+            self.owner.connect_failed(connector, Failure(neterror.TimeoutError()), "connect_timeout",
+                                      "no TLS handshake from the host in time")
+
+
 class _Connector(ClientFactory):
     """Opens one connection and hands it to its first exchange."""
 
@@ -215,6 +279,8 @@ class _Connector(ClientFactory):
         self.exchange: Exchange | None = exchange
 
     def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        if self.owner.tls is not None:
+            return TLSUpstreamConnection(self.owner, self)
         return UpstreamConnection(self.owner, self)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
@@ -224,8 +290,10 @@ class _Connector(ClientFactory):
 class HostConnections:
     """All connections of the unit to one host of one pool."""
 
-    def __init__(self, host: Host, config: PoolConfig, reactor: Any) -> None:
+    def __init__(self, host: Host, config: PoolConfig, reactor: Any, tls: BackendTLS | None = None) -> None:
         self.host = host
+        #: How TLS connections to this host are made (a pool with ``tls``).
+        self.tls: BackendCreator | None = tls.creator(host.host) if tls is not None else None
         self.config = config
         self.reactor = reactor
         self.clock = reactor
@@ -264,8 +332,12 @@ class HostConnections:
     def _connect(self, exchange: Exchange) -> None:
         connector = _Connector(self, exchange)
         self.connecting[connector] = None
+        factory: Any = connector
+        if self.tls is not None:
+            factory = TLSMemoryBIOFactory(self.tls, True, connector)
+            factory.noisy = False
         self.reactor.connectTCP(
-            self.host.host, self.host.port, connector, timeout=self.config.connect_timeout
+            self.host.host, self.host.port, factory, timeout=self.config.connect_timeout
         )
 
     # -- callbacks from connections -------------------------------------------
@@ -281,15 +353,19 @@ class HostConnections:
         else:
             exchange.upstream_ready(conn)
 
-    def connect_failed(self, connector: _Connector, reason: Failure) -> None:
+    def connect_failed(self, connector: _Connector, reason: Failure, kind: str | None = None,
+                       detail: str | None = None) -> None:
         self.connecting.pop(connector, None)
         exchange = connector.exchange
-        kind = "connect_timeout" if reason.check(neterror.TimeoutError) else "connect_refused"
+        if kind is None:
+            kind = "connect_timeout" if reason.check(neterror.TimeoutError) else "connect_refused"
+        if detail is None:
+            detail = reason.getErrorMessage()
         if exchange is not None:
-            exchange.upstream_error(None, kind, reason.getErrorMessage())
+            exchange.upstream_error(None, kind, detail)
         # Queued requests would meet the same fate; let them try other hosts.
         while self.waiters:
-            self.waiters.popleft().upstream_error(None, kind, reason.getErrorMessage())
+            self.waiters.popleft().upstream_error(None, kind, detail)
 
     def release(self, conn: UpstreamConnection) -> None:
         if self.waiters:
@@ -318,11 +394,18 @@ class Upstreams:
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self._by_host: dict[Host, HostConnections] = {}
+        #: One client TLS context per pool with ``tls``, built on first use.
+        self._tls: dict[str, BackendTLS] = {}
 
     def for_host(self, host: Host, config: PoolConfig) -> HostConnections:
         pool = self._by_host.get(host)
         if pool is None:
-            pool = self._by_host[host] = HostConnections(host, config, self.reactor)
+            tls = None
+            if config.tls is not None:
+                tls = self._tls.get(config.name)
+                if tls is None:
+                    tls = self._tls[config.name] = BackendTLS(config.tls)
+            pool = self._by_host[host] = HostConnections(host, config, self.reactor, tls)
         return pool
 
     def counts(self, host: Host) -> tuple[int, int]:
