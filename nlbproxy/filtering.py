@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,9 +37,9 @@ from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
 from nlbproxy import limits
-from nlbproxy.config import DenyConfig, HeaderMatch, ListenerConfig, RateLimitConfig
+from nlbproxy.config import DenyConfig, ListenerConfig, RateLimitConfig
 from nlbproxy.metrics import FilterStats
-from nlbproxy.routing import header_values, path_of
+from nlbproxy.routing import RequestMatch, path_of
 
 Headers = Sequence[tuple[bytes, bytes]]
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -103,7 +102,7 @@ def client_key(address: _Address | None, client_ip: str) -> int | str:
 class DenyRule:
     """One compiled ``[[listener.deny]]``."""
 
-    __slots__ = ("name", "_v4", "_v6", "_any_network", "_methods", "_prefix", "_regex", "_headers")
+    __slots__ = ("name", "_v4", "_v6", "_any_network", "_request")
 
     def __init__(self, config: DenyConfig) -> None:
         self.name = config.name
@@ -111,10 +110,7 @@ class DenyRule:
         self._v4 = tuple(n for n in networks if n.version == 4)
         self._v6 = tuple(n for n in networks if n.version == 6)
         self._any_network = bool(networks)
-        self._methods = frozenset(config.method)
-        self._prefix = config.path_prefix.encode() if config.path_prefix else None
-        self._regex = re.compile(config.path_regex.encode()) if config.path_regex else None
-        self._headers: tuple[HeaderMatch, ...] = config.header
+        self._request = RequestMatch(config.method, config.path_prefix, config.path_regex, config.header)
 
     def matches(self, address: _Address | None, method: bytes, path: bytes, headers: Headers) -> bool:
         if self._any_network:
@@ -123,17 +119,7 @@ class DenyRule:
             networks = self._v4 if address.version == 4 else self._v6
             if not any(address in network for network in networks):
                 return False
-        if self._methods and method not in self._methods:
-            return False
-        if self._prefix is not None and not path.startswith(self._prefix):
-            return False
-        if self._regex is not None and self._regex.search(path) is None:
-            return False
-        for match in self._headers:
-            values = header_values(headers, match.name)
-            if not values or (match.value is not None and match.value not in values):
-                return False
-        return True
+        return self._request.matches(method, path, headers)
 
 
 class RateLimiter:

@@ -135,6 +135,38 @@ class Refusal(Exception):
         self.headers = tuple(headers)
 
 
+class RequestMatch:
+    """The match keys rules of every kind share: method, path prefix, path
+    regex and headers (all must hold; an absent key holds)."""
+
+    __slots__ = ("_methods", "_prefix", "_regex", "_headers")
+
+    def __init__(
+        self,
+        methods: Sequence[bytes] = (),
+        path_prefix: str | None = None,
+        path_regex: str | None = None,
+        headers: Sequence[HeaderMatch] = (),
+    ) -> None:
+        self._methods = frozenset(methods)
+        self._prefix = path_prefix.encode() if path_prefix else None
+        self._regex = re.compile(path_regex.encode()) if path_regex else None
+        self._headers = tuple(headers)
+
+    def matches(self, method: bytes, path: bytes, headers: Headers) -> bool:
+        if self._methods and method not in self._methods:
+            return False
+        if self._prefix is not None and not path.startswith(self._prefix):
+            return False
+        if self._regex is not None and self._regex.search(path) is None:
+            return False
+        for match in self._headers:
+            values = header_values(headers, match.name)
+            if not values or (match.value is not None and match.value not in values):
+                return False
+        return True
+
+
 #: What a rule answers: a decision, no match (None), or either later.
 MaybeDecision = Union[Decision, None, "Deferred[Decision | None]"]
 
@@ -143,7 +175,7 @@ class Rule:
     """One compiled ``[[listener.route]]``."""
 
     __slots__ = (
-        "pool", "decision", "_host", "_wildcard", "_prefix", "_regex", "_methods", "_headers", "_cookies",
+        "pool", "decision", "_host", "_wildcard", "_request", "_cookies",
         "_soap_action", "_soap_operation",
     )
 
@@ -157,10 +189,7 @@ class Rule:
         host = route.host.encode("idna") if route.host else None
         self._wildcard = host is not None and host.startswith(b"*.")
         self._host = host[1:] if self._wildcard and host else host  # ".example.com"
-        self._prefix = route.path_prefix.encode() if route.path_prefix else None
-        self._regex = re.compile(route.path_regex.encode()) if route.path_regex else None
-        self._methods = frozenset(route.method)
-        self._headers: tuple[HeaderMatch, ...] = route.header
+        self._request = RequestMatch(route.method, route.path_prefix, route.path_regex, route.header)
         self._cookies: tuple[HeaderMatch, ...] = route.cookie
         self._soap_action = route.soap_action
         self._soap_operation = route.soap_operation
@@ -194,11 +223,7 @@ class Rule:
         return True
 
     def matches(self, method: bytes, path: bytes, headers: Headers) -> bool:
-        if self._methods and method not in self._methods:
-            return False
-        if self._prefix is not None and not path.startswith(self._prefix):
-            return False
-        if self._regex is not None and self._regex.search(path) is None:
+        if not self._request.matches(method, path, headers):
             return False
         if self._host is not None:
             host = host_of(headers)
@@ -206,10 +231,6 @@ class Rule:
                 if not host.endswith(self._host):
                     return False
             elif host != self._host:
-                return False
-        for match in self._headers:
-            values = header_values(headers, match.name)
-            if not values or (match.value is not None and match.value not in values):
                 return False
         if self._cookies:
             jar = cookies_of(headers)

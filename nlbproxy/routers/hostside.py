@@ -227,12 +227,8 @@ class ResponseReader:
         if state == HEAD:
             return self._head(events)
         if state == LENGTH:
-            if not buf:
+            if not self._take_body(events):
                 return False
-            take = buf[: self.remaining] if len(buf) > self.remaining else buf
-            self.remaining -= len(take)
-            self._buf = buf[len(take):]
-            events.append(Body(take))
             if self.remaining == 0:
                 self._finish(events, [])
             return self.state != DONE and bool(self._buf)
@@ -257,12 +253,8 @@ class ResponseReader:
                 self.state = CHUNK_DATA
             return True
         if state == CHUNK_DATA:
-            if not buf:
+            if not self._take_body(events):
                 return False
-            take = buf[: self.remaining] if len(buf) > self.remaining else buf
-            self.remaining -= len(take)
-            self._buf = buf[len(take):]
-            events.append(Body(take))
             if self.remaining == 0:
                 self.state = CHUNK_CRLF
             return bool(self._buf)
@@ -288,6 +280,17 @@ class ResponseReader:
             self._finish(events, parse_fields(_split_lines(block)))
             return False
         raise AssertionError(f"_step in state {state}")
+
+    def _take_body(self, events: list[Event]) -> bool:
+        """Up to ``remaining`` buffered bytes as a Body; False if none are buffered."""
+        buf = self._buf
+        if not buf:
+            return False
+        take = buf[: self.remaining] if len(buf) > self.remaining else buf
+        self.remaining -= len(take)
+        self._buf = buf[len(take):]
+        events.append(Body(take))
+        return True
 
     def _head(self, events: list[Event]) -> bool:
         buf = self._buf
