@@ -16,19 +16,19 @@ TRIAL_MODULES = tests.test_config tests.test_metrics tests.test_router tests.tes
 	tests.test_handoff_fence tests.test_handoff_forwarder tests.test_handoff_tunnel \
 	tests.test_tls_keys tests.test_tls_config
 
-# System packages the tests drive as real clients and servers; Chromium (and
-# its chromedriver) for the status page, systemd-analyze for the unit files.
+# System packages the tests drive as real clients and servers: curl and wrk;
+# Chromium and chromedriver for the status page; systemd-analyze for the unit
+# files; an unmodified nginx on the handoff hosts; iproute2 for the network
+# namespaces; nftables (libnftables in-process, nft as fallback) for the
+# handoff fence.  One apt run installs whatever is missing.
+DEB_PACKAGES = curl wrk chromium chromium-driver systemd nginx-light iproute2 procps libnftables1 nftables
+
 deps:
-	@command -v curl >/dev/null && command -v wrk >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl wrk >/dev/null; }
-	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver && command -v systemd-analyze >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver systemd >/dev/null; }
-	@# The handoff end-to-end tests drive a real, unmodified nginx on the hosts.
-	@command -v nginx >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
-	@# The handoff fence: libnftables in-process, the nft command as fallback and for tests.
-	@command -v nft >/dev/null && ldconfig -p | grep -q libnftables.so.1 || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnftables1 nftables >/dev/null; }
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 install:
 	$(PIP_INSTALL) -e '.[test]' --config-settings editable_mode=compat
