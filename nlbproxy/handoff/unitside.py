@@ -59,6 +59,7 @@ from nlbproxy.handoff.state import encode
 from nlbproxy.handoff.wire import Ended, Result
 from nlbproxy.metrics import Histogram, PrometheusWriter
 from nlbproxy.routers import headers as hdrs
+from nlbproxy.routing import Decision, RequestView
 
 __all__ = [
     "Flow",
@@ -99,6 +100,11 @@ def peek_request(data: bytes, max_header_bytes: int) -> Peeked:
     return Peeked()
 
 
+class Unroutable(Exception):
+    """Routing cannot decide on the head alone (a rule refused the request or
+    answers later): the connection is proxied, and the router decides."""
+
+
 def choose(listener: Any, request: h11.Request, client_ip: str) -> Host | None:
     """The host for ``request`` by the listener's routes and the pool's affinity.
 
@@ -107,11 +113,20 @@ def choose(listener: Any, request: h11.Request, client_ip: str) -> Host | None:
     host that received it whatever they carry.
     """
     fields = hdrs.fields(request.headers)
-    routes = listener.routes
-    name = routes.pool_for(request.method, request.target, hdrs.pairs(fields)) if routes.rules else routes.default_pool
-    pool = listener.farm.pools[name]
+    view = RequestView(request.method, request.target, hdrs.pairs(fields), client_ip,
+                       getattr(listener, "scheme", b"http"), b"", False)
+    try:
+        decision = listener.routes.decide(view)
+    except Exception as exc:  # a Refusal, or a plugin's error: the router answers it
+        raise Unroutable(str(exc)) from exc
+    if not isinstance(decision, Decision):
+        decision.addErrback(lambda _: None)
+        raise Unroutable("a routing rule answers later")
+    pool = listener.farm.pools[decision.pool]
     host = None
-    if pool.config.affinity == "client_ip":
+    if decision.affinity_key is not None:
+        host = pool.host_for_key(decision.affinity_key)
+    elif pool.config.affinity == "client_ip":
         host = pool.host_for_client_ip(client_ip)
     if host is None:
         host = pool.choose(())
@@ -304,7 +319,11 @@ class _Peeking(Protocol):
     # -- the handoff ---------------------------------------------------------------------
     def _route(self, request: h11.Request) -> None:
         self.started = self.unit.clock()
-        host = choose(self.listener, request, self.addr.host)
+        try:
+            host = choose(self.listener, request, self.addr.host)
+        except Unroutable:
+            self.fall_back("routing")
+            return
         if host is None:
             self.fall_back("no_host")  # the router answers 503
             return
