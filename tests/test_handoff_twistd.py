@@ -151,14 +151,12 @@ def test_curl_download_through_a_handed_off_connection(farm: Farm) -> None:
     assert forwarder["metrics"]["packets"] > 100, forwarder
     assert "handed_off" in state["pools"]["h1"]["hosts"][f"{HOSTS['h1']}:8080"]
     metrics = farm.get("u1", "/metrics")
-    assert "nlbproxy_handoff_total 1" in metrics or "nlbproxy_handoff_total " in metrics
     total = next(line for line in metrics.splitlines() if line.startswith("nlbproxy_handoff_total "))
     assert float(total.split()[1]) >= 1
     assert "nlbproxy_forwarder_packets_total" in metrics
     agent = json.loads(farm.get("agent-h1", "/v1/handoff"))
     assert agent["stats"]["restored"] >= 1 and agent["stats"]["bridged"] >= 1, agent
-    # The route was durable in the DAM: both units hold its atom while it lives.
-    # (It has ended by now: curl closed, nginx's close reached the agent.)
+    # curl closed; the agent reported the end and the unit deleted the route.
     wait_for(lambda: farm.state("u1")["handoff"]["live"] == 0, what="the route deleted after the end")
 
 
