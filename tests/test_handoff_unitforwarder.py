@@ -188,6 +188,14 @@ class UnitForwarderTests(SynchronousTestCase):
         self.assertEqual(len(self.sockets["u2:tx:eth1"].sent), 1)
         self.reactor.advance(1)
         self.assertEqual(other.stats["taken_over"], 1)  # once
+        # u1 was only cut off: its host's agent reported the end to it, and
+        # the atom's deletion reaches u2 when they reconnect.
+        self.forwarders["u1"].ended(FLOW)
+        self.net.dams["u2"].set_peers({"u1"})
+        self.net.dams["u1"].set_peers(())
+        self.net.dams["u1"].set_peers({"u2"})
+        self.reactor.advance(1)
+        self.assertEqual((len(other.table), other.table.stats["deleted_ended_elsewhere"]), (0, 1))
 
     def test_admin_view(self) -> None:
         self.fwd.start()

@@ -38,7 +38,7 @@ from nlbproxy.handoff.fence import Fence, open_backend
 from nlbproxy.handoff.forwarder import (
     Forwarder, ForwarderPlumbing, KernelPath, PacketPort, interface_mac, neighbour_mac, open_packet_socket,
 )
-from nlbproxy.handoff.routes import ATOM_KIND, RouteTable, State
+from nlbproxy.handoff.routes import ATOM_KIND, FlowKey, RouteTable, State, WireError, atom_key, from_atom
 from nlbproxy.metrics import PrometheusWriter
 
 log = Logger()
@@ -104,6 +104,8 @@ class UnitForwarder:
         self._backend: Any = None
         self._fence: Fence | None = None
         self._peers: frozenset[str] = frozenset()
+        #: Routes taken over from failed peers, watched for their atom's end.
+        self._taken: set[FlowKey] = set()
         self._watch = LoopingCall(self.watch)
         self._watch.clock = reactor
         self._watch_interval = watch_interval
@@ -186,6 +188,7 @@ class UnitForwarder:
         if self.plumbing is None or self.port is None:
             return
         self.take_over_departed()
+        self.drop_ended_elsewhere()
         for address in dead_hosts((r.via.host for r in self.table.routes()), self.farm):
             count = self.port.delete_host(address, "host_down")
             self.stats["host_down_routes"] += count
@@ -204,11 +207,34 @@ class UnitForwarder:
         atoms = [(a.key, a.data) for a in self.dam.atoms()
                  if not a.dead and a.kind == ATOM_KIND and a.origin in left]
         taken, refused = self.plumbing.replumb(atoms)
+        for key, data in atoms:
+            try:
+                flow = from_atom(key, data)[0]
+            except WireError:
+                continue  # counted as refused by replumb
+            if flow in self.table:
+                self._taken.add(flow)
         self.stats["taken_over"] += taken
         if atoms:
             log.info("peer {peers} left: took over {taken} of its handed-off connections ({refused} refused)",
                      peers=", ".join(sorted(left)), taken=taken, refused=refused)
         return taken
+
+    def drop_ended_elsewhere(self) -> int:
+        """Deletes taken-over routes whose atom was deleted (the unit thought
+        failed was only cut off, and its host's agent reported the end to
+        it); returns how many."""
+        if self.dam is None or self.port is None:
+            return 0
+        gone = 0
+        for key in list(self._taken):
+            if key not in self.table:
+                self._taken.discard(key)
+            elif self.dam.get(atom_key(key)) is None:
+                self._taken.discard(key)
+                self.port.delete(key, "ended_elsewhere")
+                gone += 1
+        return gone
 
     # --- views ------------------------------------------------------------------------
 
