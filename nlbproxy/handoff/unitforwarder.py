@@ -115,11 +115,12 @@ class UnitForwarder:
     def start(self) -> None:
         """Creates the fence (and fast path) tables and opens the sockets;
         :class:`ForwarderStartError` with one line when that fails."""
-        try:
-            out_mac = self._mac_of(self.out_ifname)
-            self._mac_of(self.in_ifname)
-        except OSError as e:
-            raise ForwarderStartError(f"forwarder interfaces {self.in_ifname}, {self.out_ifname}: {e}") from e
+        for ifname in dict.fromkeys((self.in_ifname, self.out_ifname)):
+            try:
+                mac = self._mac_of(ifname)
+            except OSError as e:
+                raise ForwarderStartError(f"forwarder interface {ifname}: {e.strerror or e}") from e
+        out_mac = mac
         try:
             self._backend = self._backend_factory()
             self._fence = Fence(self._backend, self.fence_table)
