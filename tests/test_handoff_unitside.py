@@ -79,6 +79,30 @@ class ChooseTests(SynchronousTestCase):
         self.assertIsNone(choose(listener, self.request(b"/api"), "10.0.0.2"))  # type: ignore[arg-type]
 
 
+    def test_undecidable_on_the_head_alone(self) -> None:
+        """A rule that refuses the request or answers later: the connection is proxied."""
+        from twisted.internet.defer import Deferred
+
+        from nlbproxy.handoff.unitside import Unroutable
+        from nlbproxy.routing import Refusal
+
+        later: Deferred[object] = Deferred()
+
+        class Routes:
+            def __init__(self, answer: object) -> None:
+                self.answer = answer
+
+            def decide(self, view: object) -> object:
+                if isinstance(self.answer, Exception):
+                    raise self.answer
+                return self.answer
+
+        listener = self.listener()
+        for answer in (Refusal(403, "denied"), later, ValueError("plugin bug")):
+            listener.routes = Routes(answer)
+            self.assertRaises(Unroutable, choose, listener, self.request(b"/"), "10.0.0.2")  # type: ignore[arg-type]
+        later.errback(ValueError("late failure"))  # swallowed, not an unhandled error
+
 class MetricsTests(SynchronousTestCase):
     def test_counters_render(self) -> None:
         stats = HandoffStats()
