@@ -98,7 +98,7 @@ class ChooseTests(SynchronousTestCase):
                 return self.answer
 
         listener = self.listener()
-        for answer in (Refusal(403, "denied"), later, ValueError("plugin bug")):
+        for answer in (Refusal(403, b"denied"), later, ValueError("plugin bug")):
             listener.routes = Routes(answer)
             self.assertRaises(Unroutable, choose, listener, self.request(b"/"), "10.0.0.2")  # type: ignore[arg-type]
         later.errback(ValueError("late failure"))  # swallowed, not an unhandled error
