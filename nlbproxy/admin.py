@@ -8,7 +8,10 @@ tests) relies on; extend it, do not change it:
     JSON ``{"unit": NAME, "pools": {POOL: {"affinity": ..., "hosts": {KEY:
     HOST_STATE}}}, "listeners": {NAME: {...}}}`` where ``KEY`` is the host's
     ``"ip:port"`` (``"[v6]:port"``) and ``HOST_STATE`` is what
-    :func:`host_state` returns.
+    :func:`host_state` returns.  A unit with ``handoff = true`` listeners
+    adds ``"handoff": {...}`` (counters, the forwarder's metrics and route
+    inventory) and, per host, ``handed_off``: the live handed-off
+    connections to the host's address.
 ``PUT /api/v1/pools/POOL/hosts/HOST/directive``
     Body ``draining``, ``active`` or ``inactive`` (surrounding whitespace is
     ignored; a JSON string such as ``"draining"`` is accepted too).  Answers
@@ -102,6 +105,21 @@ class HealthView(Protocol):
     def socket(self) -> HealthSocket | None: ...
 
 
+class HandoffView(Protocol):
+    """What a unit with handoff listeners tells the admin API
+    (:class:`nlbproxy.handoff.unitforwarder.HandoffReport`)."""
+
+    def handed_off(self) -> Mapping[str, int]:
+        """Live handed-off connections by host address."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """The ``handoff`` section of the state document."""
+        ...
+
+    def write_metrics(self, w: PrometheusWriter) -> None: ...
+
+
 class UpstreamCounts(Protocol):
     """What the router's backend connection pool tells the admin API."""
 
@@ -168,23 +186,30 @@ def state_document(
     unit_name: str,
     now: float,
     sessions: SessionTracker | None = None,
+    handoff: HandoffView | None = None,
 ) -> dict[str, Any]:
-    """The body of ``GET /api/v1/state``; pools and hosts keep config order."""
+    """The body of ``GET /api/v1/state``; pools and hosts keep config order.
+
+    With handoff listeners each host has ``handed_off`` (its address's live
+    handed-off connections) and the document a ``handoff`` section."""
     counts = sessions.counts() if sessions is not None else {}
-    return {
+    handed_off = handoff.handed_off() if handoff is not None else None
+    pools = {}
+    for pool in farm.pools.values():
+        hosts = {}
+        for host in pool.hosts:
+            hosts[host.key] = host_state(host, upstreams, now, counts.get((pool.name, host.key), 0))
+            if handed_off is not None:
+                hosts[host.key]["handed_off"] = handed_off.get(host.host, 0)
+        pools[pool.name] = {"affinity": pool.config.affinity, "hosts": hosts}
+    document = {
         "unit": unit_name,
-        "pools": {
-            pool.name: {
-                "affinity": pool.config.affinity,
-                "hosts": {
-                    host.key: host_state(host, upstreams, now, counts.get((pool.name, host.key), 0))
-                    for host in pool.hosts
-                },
-            }
-            for pool in farm.pools.values()
-        },
+        "pools": pools,
         "listeners": {name: listener_state(stats) for name, stats in listeners.items()},
     }
+    if handoff is not None:
+        document["handoff"] = handoff.state()
+    return document
 
 
 def health_document(health: HealthView | None) -> dict[str, Any]:
@@ -228,6 +253,7 @@ def render_metrics(
     health: HealthView | None = None,
     caches: Mapping[str, ResponseCache] | None = None,
     tls: Mapping[str, TLSServer] | None = None,
+    handoff: HandoffView | None = None,
 ) -> str:
     """The body of ``GET /metrics``."""
     w = PrometheusWriter()
@@ -236,6 +262,11 @@ def render_metrics(
             w.add("nlbproxy_tls_handshakes_total", "counter",
                   "TLS connections closed, by how their handshake went (failed: garbage, refused "
                   "versions or ciphers, clients gone).", getattr(server.stats, kind), listener=name, kind=kind)
+    if handoff is not None:
+        handoff.write_metrics(w)
+        for address, count in sorted(handoff.handed_off().items()):
+            w.add("nlbproxy_handoff_connections", "gauge",
+                  "Live handed-off connections, by host address.", count, host=address)
     if health is not None and health.cache is not None and health.socket is not None:
         w.add("nlbproxy_health_agents", "gauge", "Host agents the unit hears from.", len(health.cache.hosts()))
         w.add("nlbproxy_health_datagrams_total", "counter", "Health datagrams received and accepted.",
@@ -389,10 +420,12 @@ class AdminResource(JsonApiResource):
         sessions: SessionTracker | None = None,
         caches: Mapping[str, ResponseCache] | None = None,
         tls: Mapping[str, TLSServer] | None = None,
+        handoff: HandoffView | None = None,
     ) -> None:
         super().__init__()
         self.tls = tls or {}
         self.health = health
+        self.handoff = handoff
         self.caches = caches or {}
         self.sessions = sessions
         if token is not None and not token:
@@ -439,7 +472,8 @@ class AdminResource(JsonApiResource):
 
     def get_state(self, request: Request, params: list[str]) -> Answer:
         return json_answer(200, state_document(
-            self.farm, self.listeners, self.upstreams, self.unit_name, self.clock.seconds(), self.sessions))
+            self.farm, self.listeners, self.upstreams, self.unit_name, self.clock.seconds(), self.sessions,
+            self.handoff))
 
     def _tracked_pool(self, name: str) -> tuple[Pool, SessionTracker]:
         pool = self.farm.pools.get(name)
@@ -482,7 +516,7 @@ class AdminResource(JsonApiResource):
 
     def get_metrics(self, request: Request, params: list[str]) -> Answer:
         text = render_metrics(self.farm, self.listeners, self.upstreams, self.clock.seconds(), self.health,
-                              caches=self.caches, tls=self.tls)
+                              caches=self.caches, tls=self.tls, handoff=self.handoff)
         return Answer(200, text.encode(), PROMETHEUS_TYPE)
 
     def post_purge(self, request: Request, params: list[str]) -> Answer:
@@ -568,6 +602,7 @@ def make_admin_site(
     sessions: SessionTracker | None = None,
     caches: Mapping[str, ResponseCache] | None = None,
     tls: Mapping[str, TLSServer] | None = None,
+    handoff: HandoffView | None = None,
 ) -> Site:
     """The admin API as a Site, for ``serverFromString(...).listen(site)``.
 
@@ -575,7 +610,7 @@ def make_admin_site(
     at ``clock.seconds()`` and idle admin connections time out on it.
     """
     resource = AdminResource(farm, listeners, upstreams, unit_name, token, clock, health, sessions,
-                             caches=caches, tls=tls)
+                             caches=caches, tls=tls, handoff=handoff)
     site = Site(resource, requestFactory=AdminRequest, reactor=clock)
     site.displayTracebacks = False
     return site

@@ -250,6 +250,15 @@ class UnitConfig:
     #: TCP port of the host agents' ``handoff`` endpoint, on each host's address
     #: (listeners with ``handoff = true`` hand connections to it); needs secret_file.
     handoff_port: int = 9904
+    #: The client-facing interface the handoff forwarder reads (None: no
+    #: forwarder, handoff listeners proxy every connection).
+    forwarder_in: str | None = None
+    #: The host-facing interface the forwarder sends from (default: forwarder_in).
+    forwarder_out: str | None = None
+    #: Committed flows forwarded by an nftables netdev map (the kernel fast path).
+    forwarder_fast_path: bool = False
+    #: The nftables table of the fence (family inet; the fast path's is ``<name>_fast``, netdev).
+    fence_table: str = "nlbproxy_fence"
     listeners: tuple[ListenerConfig, ...]
     pools: Mapping[str, PoolConfig]
     path: str
@@ -623,6 +632,24 @@ def _soap_operation(value: object) -> str:
     return text
 
 
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_NFT_TABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,25}")
+
+
+def _ifname(value: object) -> str:
+    text = _string(value)
+    if not _IFNAME.fullmatch(text) or text in (".", ".."):
+        raise ValueError(f"expected a network interface name (1-15 of A-Z a-z 0-9 _ . -), got {text!r}")
+    return text
+
+
+def _nft_table(value: object) -> str:
+    text = _string(value)
+    if not _NFT_TABLE.fullmatch(text):
+        raise ValueError(f"expected an nftables table name (a letter, then up to 25 of A-Z a-z 0-9 _), got {text!r}")
+    return text
+
+
 # --- the tables and their keys ------------------------------------------------
 
 _TOP: dict[str, _Convert] = {"unit": _table, "listener": _array, "pool": _table}
@@ -643,6 +670,10 @@ _UNIT: dict[str, _Convert] = {
     "peers": lambda value: tuple(_address(item) for item in _array(value)),
     "replication": _replication,
     "handoff_port": _integer(1, 65535),
+    "forwarder_in": _ifname,
+    "forwarder_out": _ifname,
+    "forwarder_fast_path": _boolean,
+    "fence_table": _nft_table,
 }
 
 _LISTENER: dict[str, _Convert] = {
@@ -854,6 +885,11 @@ class _Parser:
         for i, config in enumerate(listeners.values()):
             if config.handoff and "secret" not in unit:
                 raise self.error(f"listener[{i}].handoff", "handoffs go to authenticated agents: set unit.secret_file")
+        for key in ("forwarder_in", "forwarder_out", "forwarder_fast_path", "fence_table"):
+            if key in unit and not any(config.handoff for config in listeners.values()):
+                raise self.error(f"unit.{key}", "the forwarder serves handoff listeners: no listener has handoff = true")
+            if key != "forwarder_in" and key in unit and "forwarder_in" not in unit:
+                raise self.error(f"unit.{key}", "set unit.forwarder_in, the client-facing interface, too")
 
         return UnitConfig(
             **unit,

@@ -164,3 +164,9 @@ FORWARDER_RCVBUF = 4 * MiB
 FORWARDER_SNDBUF = 4 * MiB
 #: Frames read per wake-up before the reactor serves other sockets.
 FORWARDER_BATCH = 64
+#: How often a unit's forwarder looks for dead hosts (their routes are
+#: deleted, so their clients get a RST) and for failed peers (their routes
+#: are taken over from the DAM).
+FORWARDER_WATCH_INTERVAL = 0.5
+#: Routes listed in the admin API's state document (the counts cover all).
+ADMIN_ROUTE_ROWS = 100

@@ -28,6 +28,7 @@ from nlbproxy.health.unitside import UnitHealth
 from nlbproxy.session.dam import DAM
 from nlbproxy.session.peering import DamService
 from nlbproxy.session.tracker import SessionTracker
+from nlbproxy.handoff.unitforwarder import ForwarderStartError, HandoffReport, UnitForwarder, build_forwarder
 from nlbproxy.handoff.unitside import HandoffFactory, HandoffUnit, Plumbing
 from nlbproxy.tls import TLSServer
 from nlbproxy.routers.http import Listener, RouterFactory
@@ -88,10 +89,15 @@ class Unit(service.Service):
         self.health = UnitHealth(config, self.farm, reactor, self.sessions)
         self.ports: dict[str, Any] = {}
         self.admin_port: Any = None
-        # Listeners with ``handoff = true``: ``plumbing`` is the forwarder.
+        # Listeners with ``handoff = true``: ``plumbing`` is the forwarder,
+        # by default the one ``[unit] forwarder_in`` configures.
         self.handoff: HandoffUnit | None = None
+        self.forwarder: UnitForwarder | None = None
         if any(lc.handoff for lc in config.listeners):
             assert config.secret is not None  # the config requires it
+            if plumbing is None:
+                self.forwarder = build_forwarder(config, reactor, self.farm, dam)
+                plumbing = self.forwarder
             self.handoff = HandoffUnit(config.secret, config.handoff_port, plumbing, reactor)
 
     def _listen(self, description: str, factory: Any) -> Any:
@@ -105,6 +111,11 @@ class Unit(service.Service):
         return port
 
     def privilegedStartService(self) -> None:
+        if self.forwarder is not None:
+            try:
+                self.forwarder.start()
+            except ForwarderStartError as exc:
+                raise StartError(str(exc)) from exc
         for name, listener in self.listeners.items():
             factory: Any = RouterFactory(listener)
             if listener.config.handoff and self.handoff is not None:
@@ -116,6 +127,7 @@ class Unit(service.Service):
             self.farm, {n: li.stats for n, li in self.listeners.items()}, self.upstreams,
             self.config.name, self.config.admin_token, self.reactor, health=self.health,
             sessions=self.sessions, caches=self.caches, tls=self.tls,
+            handoff=HandoffReport(self.handoff, self.forwarder) if self.handoff is not None else None,
         )
         self.admin_port = self._listen(self.config.admin, site)
         try:
@@ -176,6 +188,8 @@ class Unit(service.Service):
         self.upstreams.close_idle()
         if self.handoff is not None:
             self.handoff.close()
+        if self.forwarder is not None:
+            self.forwarder.stop()
         yield self.health.stop()
         self.sessions.stop()
         if self.dam_service is not None and self.dam_service.running:

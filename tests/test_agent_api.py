@@ -175,6 +175,24 @@ class TableTests(SynchronousTestCase):
         self.assertEqual(f.call(b"GET", "/v1/apps/web/directive")[0], 405)
 
 
+class HandoffTests(SynchronousTestCase):
+    def test_handoff_counters(self) -> None:
+        from collections import Counter
+
+        f = Fixture()
+        self.assertEqual(f.call(b"GET", "/v1/handoff")[0], 404)  # the agent takes no handoffs
+
+        class Receiver:
+            bridges = {object(), object()}
+            held = 1
+            stats = Counter(restored=3, bridged=2, no_app=1)
+
+        f.resource = AgentApi(f.table, f.published.extend, "host-7", handoff=Receiver())
+        self.assertEqual(f.call(b"GET", "/v1/handoff"), (200, {
+            "agent": "host-7", "bridges": 2, "held": 1, "stats": {"restored": 3, "bridged": 2, "no_app": 1}}))
+        self.assertEqual(f.call(b"POST", "/v1/handoff")[0], 405)
+
+
 class SiteTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.f = Fixture()

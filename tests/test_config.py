@@ -452,6 +452,31 @@ ERRORS: list[tuple[tuple[str | int, ...], object, str, str]] = [
     ),
     (("unit",), {"handoff_port": 0}, "unit.handoff_port", "must be between 1 and 65535, got 0"),
     (
+        ("unit",),
+        {"forwarder_in": "eth0"},
+        "unit.forwarder_in",
+        "the forwarder serves handoff listeners: no listener has handoff = true",
+    ),
+    (
+        ("unit",),
+        {"forwarder_in": "eth 0"},
+        "unit.forwarder_in",
+        "expected a network interface name (1-15 of A-Z a-z 0-9 _ . -), got 'eth 0'",
+    ),
+    (
+        ("unit",),
+        {"forwarder_out": "a-very-long-interface"},
+        "unit.forwarder_out",
+        "expected a network interface name (1-15 of A-Z a-z 0-9 _ . -), got 'a-very-long-interface'",
+    ),
+    (("unit",), {"forwarder_fast_path": "yes"}, "unit.forwarder_fast_path", "expected a boolean, got string"),
+    (
+        ("unit",),
+        {"fence_table": "nlb-fence"},
+        "unit.fence_table",
+        "expected an nftables table name (a letter, then up to 25 of A-Z a-z 0-9 _), got 'nlb-fence'",
+    ),
+    (
         (*WEB, "affinity"),
         "sticky",
         "pool.web.affinity",
@@ -787,6 +812,25 @@ class FileTests(ConfigTestCase):
                 path = self.write("unit.toml", f'[unit]\n{key} = "{name}"\n' + MINIMAL)
                 error = self.assertRaises(ConfigError, load_config, path)
                 self.assertConfigError(error, path, f"unit.{key}", reason)
+
+    def test_forwarder_keys(self) -> None:
+        """The forwarder's keys serve handoff listeners and start from forwarder_in."""
+        self.write("secret", b"key\n")
+        handoff = MINIMAL.replace('pool = "web"\n', 'pool = "web"\nhandoff = true\n', 1)
+        path = self.write("unit.toml", '[unit]\nsecret_file = "secret"\nforwarder_in = "eth0"\n'
+                          'forwarder_out = "veth.1"\nforwarder_fast_path = true\nfence_table = "nlb_u1"\n' + handoff)
+        config = load_config(path)
+        self.assertEqual((config.forwarder_in, config.forwarder_out, config.forwarder_fast_path, config.fence_table),
+                         ("eth0", "veth.1", True, "nlb_u1"))
+        defaults = load_config(self.write("unit.toml", '[unit]\nsecret_file = "secret"\n' + handoff))
+        self.assertEqual((defaults.forwarder_in, defaults.forwarder_out, defaults.forwarder_fast_path,
+                          defaults.fence_table), (None, None, False, "nlbproxy_fence"))
+        for key, value in (("forwarder_out", '"eth1"'), ("forwarder_fast_path", "true"), ("fence_table", '"t"')):
+            with self.subTest(key=key):
+                path = self.write("unit.toml", f'[unit]\nsecret_file = "secret"\n{key} = {value}\n' + handoff)
+                error = self.assertRaises(ConfigError, load_config, path)
+                self.assertConfigError(error, path, f"unit.{key}",
+                                       "set unit.forwarder_in, the client-facing interface, too")
 
     def test_syntax_error(self) -> None:
         path = self.write("unit.toml", "[unit]\nname = \n")

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy.classifier import Farm
 from nlbproxy.config import RouteConfig
-from nlbproxy.handoff.unitside import HandoffStats, Peeked, RouteHere, choose, peek_request
+from nlbproxy.handoff.unitside import HandoffStats, Peeked, Unroutable, choose, peek_request
 from nlbproxy.metrics import PrometheusWriter
 from nlbproxy.routing import RouteTable
 from tests.fakes import SECRET, pool
@@ -57,7 +57,7 @@ class ChooseTests(SynchronousTestCase):
     def test_rules_that_need_more_than_the_head_leave_it_to_the_router(self) -> None:
         listener = self.listener()
         listener.routes.body_prefix = 64
-        with self.assertRaises(RouteHere):
+        with self.assertRaises(Unroutable):
             choose(listener, self.request(b"/api"), "10.0.0.2")  # type: ignore[arg-type]
 
     def request(self, target: bytes) -> object:
@@ -83,6 +83,32 @@ class ChooseTests(SynchronousTestCase):
             host.operator_directive = "inactive"
             host.refresh_directive()
         self.assertIsNone(choose(listener, self.request(b"/api"), "10.0.0.2"))  # type: ignore[arg-type]
+
+    def test_undecidable_on_the_head_alone(self) -> None:
+        """A rule that refuses the request or answers later: the connection is proxied."""
+        from twisted.internet.defer import Deferred
+
+        from nlbproxy.routing import Refusal
+
+        later: Deferred[object] = Deferred()
+
+        class Routes:
+            body_prefix = 0
+            rules = ()
+
+            def __init__(self, answer: object) -> None:
+                self.answer = answer
+
+            def decide(self, view: object) -> object:
+                if isinstance(self.answer, Exception):
+                    raise self.answer
+                return self.answer
+
+        listener = self.listener()
+        for answer in (Refusal(403, b"denied"), later, ValueError("plugin bug")):
+            listener.routes = Routes(answer)
+            self.assertRaises(Unroutable, choose, listener, self.request(b"/"), "10.0.0.2")  # type: ignore[arg-type]
+        later.errback(ValueError("late failure"))  # swallowed, not an unhandled error
 
 
 class MetricsTests(SynchronousTestCase):

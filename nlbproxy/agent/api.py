@@ -18,6 +18,13 @@
     "rows": [ROW, ...]}``; ``GET /v1/apps/NAME`` gives ``{"app": NAME, "rows":
     [ROW, ...]}`` for one application, as the PUTs answer.
 
+``GET /v1/handoff``
+    Present when the agent takes handoffs (``[agent] handoff``): ``{"agent":
+    NAME, "bridges": N, "held": N, "stats": {COUNTER: N}}`` -- live bridged
+    connections, restored connections waiting for the unit's commit, and the
+    receiver's counters (``restored``, ``adopted``, ``bridged``,
+    ``bridge_ended``, refusals and channel drops by reason).
+
 Sessions (the seed's session API; present when the agent tracks sessions):
 
 ``POST /v1/sessions``
@@ -324,9 +331,11 @@ class AgentApi(JsonApiResource):
     """
 
     def __init__(
-        self, table: HealthTable, publish: Publish, agent_name: str, sessions: SessionSender | None = None
+        self, table: HealthTable, publish: Publish, agent_name: str, sessions: SessionSender | None = None,
+        handoff: Any = None,
     ) -> None:
         super().__init__()
+        self.handoff = handoff
         self.table = table
         self.publish = publish
         self.agent_name = agent_name
@@ -336,6 +345,8 @@ class AgentApi(JsonApiResource):
             (("v1", "apps", None), {b"GET": self.get_app, b"PUT": self.put_app}),
             (("v1", "apps", None, "directive"), {b"PUT": self.put_directive, b"DELETE": self.delete_directive}),
         ]
+        if handoff is not None:
+            self.routes.append((("v1", "handoff"), {b"GET": self.get_handoff}))
         if sessions is not None:
             # ("v1", "sessions", "end") only takes POST; other methods on it
             # fall through to the session named "end".
@@ -364,6 +375,11 @@ class AgentApi(JsonApiResource):
             200,
             {"agent": self.agent_name, "generation": table.generation, "checksum": table.checksum(), "rows": rows},
         )
+
+    def get_handoff(self, request: Request, params: list[str]) -> Answer:
+        receiver = self.handoff
+        return json_answer(200, {"agent": self.agent_name, "bridges": len(receiver.bridges),
+                                 "held": receiver.held, "stats": dict(receiver.stats)})
 
     def get_app(self, request: Request, params: list[str]) -> Answer:
         return self._app_answer(params[0])
@@ -562,9 +578,11 @@ class ApiRequest(BoundedRequest):
 
 
 def make_api_site(
-    table: HealthTable, publish: Publish, agent_name: str, reactor: Any = None, sessions: SessionSender | None = None
+    table: HealthTable, publish: Publish, agent_name: str, reactor: Any = None, sessions: SessionSender | None = None,
+    handoff: Any = None,
 ) -> Site:
-    """The API as a Site, for ``serverFromString(...).listen(site)``."""
-    site = Site(AgentApi(table, publish, agent_name, sessions), requestFactory=ApiRequest, reactor=reactor)
+    """The API as a Site, for ``serverFromString(...).listen(site)``; ``handoff``
+    is the agent's :class:`~nlbproxy.agent.handoff.HandoffReceiver`, if any."""
+    site = Site(AgentApi(table, publish, agent_name, sessions, handoff), requestFactory=ApiRequest, reactor=reactor)
     site.displayTracebacks = False
     return site

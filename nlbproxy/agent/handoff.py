@@ -88,6 +88,11 @@ class HandoffReceiver:
         # (channel, handoff id) -> the connection waiting for COMMIT
         self._held: dict[tuple[ChannelProtocol, int], tuple[socket.socket, ConnState, AppConfig, Any]] = {}
 
+    @property
+    def held(self) -> int:
+        """Restored connections waiting for the unit's COMMIT."""
+        return len(self._held)
+
     def factory(self) -> Factory:
         return Factory.forProtocol(lambda: ChannelProtocol(
             "agent", self.config.secret, self.reactor, self.stats, self._message, on_lost=self._lost))

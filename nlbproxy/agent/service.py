@@ -105,7 +105,8 @@ class AgentService(service.Service):
 
     # -- start and stop ----------------------------------------------------------------
     def privilegedStartService(self) -> None:
-        site = make_api_site(self.table, self.core.publish, self.config.name, self.reactor, self.sessions)
+        site = make_api_site(self.table, self.core.publish, self.config.name, self.reactor, self.sessions,
+                             self.handoff)
         result: list[Any] = []
         serverFromString(self.reactor, self.config.api).listen(site).addBoth(result.append)
         if not result or isinstance(result[0], Failure):

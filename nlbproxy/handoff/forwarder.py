@@ -349,6 +349,16 @@ class PacketPort:
         if gone is not None:
             self._deleted([gone])
 
+    def delete_host(self, host: str, reason: str = "host_gone") -> int:
+        """Deletes every route to ``host`` (health says it is down); returns
+        how many.  The fence goes with them, so the client's next packets
+        reach the unit's kernel, which owns the VIP and has no socket for
+        the flow: it answers them with a RST."""
+        gone = self.forwarder.table.delete_host(host, reason)
+        if gone:
+            self._deleted(gone)
+        return len(gone)
+
     def poll_kernel_drops(self) -> int:
         """Adds the frames the kernel dropped because the receive buffer was
         full (``PACKET_STATISTICS``, which resets on read) to ``drop_rx_overflow``."""

@@ -82,6 +82,8 @@ class FlowKey:
     client_port: int
     vip: str
     vport: int
+    #: Computed once: the route table looks keys up by it on every call.
+    packed: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         client = ipaddress.ip_address(self.client_ip)
@@ -94,11 +96,7 @@ class FlowKey:
         # Canonical text, so that keys made from text and from packed bytes compare equal.
         object.__setattr__(self, "client_ip", str(client))
         object.__setattr__(self, "vip", str(vip))
-
-    @property
-    def packed(self) -> bytes:
-        return (ipaddress.ip_address(self.client_ip).packed + ipaddress.ip_address(self.vip).packed
-                + _PORT.pack(self.client_port, self.vport))
+        object.__setattr__(self, "packed", client.packed + vip.packed + _PORT.pack(self.client_port, self.vport))
 
     @classmethod
     def from_packed(cls, packed: bytes) -> FlowKey:

@@ -59,7 +59,7 @@ from nlbproxy.handoff.state import encode
 from nlbproxy.handoff.wire import Ended, Result
 from nlbproxy.metrics import Histogram, PrometheusWriter
 from nlbproxy.routers import headers as hdrs
-from nlbproxy.routing import Decision, Refusal, RequestView
+from nlbproxy.routing import Decision, RequestView
 
 __all__ = [
     "Flow",
@@ -100,10 +100,10 @@ def peek_request(data: bytes, max_header_bytes: int) -> Peeked:
     return Peeked()
 
 
-class RouteHere(Exception):
-    """The listener's rules cannot decide at once (they want the body, a
-    plugin answers later, or they answer the request themselves): the
-    router, not the handoff, takes the connection."""
+class Unroutable(Exception):
+    """Routing cannot decide on the head alone (the rules want the body, a
+    rule refused the request or failed, or it answers later): the connection
+    is proxied, and the router decides."""
 
 
 def choose(listener: Any, request: h11.Request, client_ip: str) -> Host | None:
@@ -116,20 +116,20 @@ def choose(listener: Any, request: h11.Request, client_ip: str) -> Host | None:
     """
     fields = hdrs.fields(request.headers)
     routes = listener.routes
-    decision = routes.default
-    if routes.rules:
-        if routes.body_prefix:
-            raise RouteHere("the rules read the body")
-        try:
-            decision = routes.decide(RequestView(
-                request.method, request.target, hdrs.pairs(fields), client_ip, listener.scheme))
-        except Refusal:
-            raise RouteHere("the rules answer the request") from None
-        if not isinstance(decision, Decision):
-            raise RouteHere("the rules answer later")
+    if routes.body_prefix and routes.rules:
+        raise Unroutable("the rules read the body")
+    view = RequestView(request.method, request.target, hdrs.pairs(fields), client_ip,
+                       getattr(listener, "scheme", b"http"), b"", False)
+    try:
+        decision = routes.decide(view)
+    except Exception as exc:  # a Refusal, or a plugin's error: the router answers it
+        raise Unroutable(str(exc)) from exc
+    if not isinstance(decision, Decision):
+        decision.addErrback(lambda _: None)
+        raise Unroutable("a routing rule answers later")
     pool = listener.farm.pools.get(decision.pool)
     if pool is None:
-        raise RouteHere(f"unknown pool {decision.pool!r}")
+        raise Unroutable(f"unknown pool {decision.pool!r}")
     host = None
     if decision.affinity_key is not None:
         host = pool.host_for_key(decision.affinity_key)
@@ -328,7 +328,7 @@ class _Peeking(Protocol):
         self.started = self.unit.clock()
         try:
             host = choose(self.listener, request, self.addr.host)
-        except RouteHere:
+        except Unroutable:
             self.fall_back("routing")
             return
         if host is None:
