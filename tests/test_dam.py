@@ -946,3 +946,19 @@ class TestDamConvergence(DamMachine.TestCase):  # type: ignore[name-defined,misc
 
     def test_convergence(self) -> None:
         self.runTest()
+
+
+class ReplayWhileQueryingTests(SynchronousTestCase):
+    """Found by the state machine: a replayed old add reaching a unit while it
+    queried the key was taken as the query's answer and cached for good."""
+
+    def test_a_push_does_not_answer_a_query(self) -> None:
+        machine = DamMachine()
+        machine.setup(n=4, replication=1)
+        machine.add(host="app/10.0.0.1:80", i=0, key="k2")
+        machine.add(host="app/10.0.0.2:80", i=0, key="k2")
+        machine.restart(i=0)
+        machine.query(i=2, key="k2")
+        machine.add(host="app/10.0.0.1:80", i=0, key="k0")
+        machine.replay(i=2, j=0, k=0)
+        machine.check()

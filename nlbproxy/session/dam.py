@@ -883,7 +883,7 @@ class DAM:
         if atom is not None and atom.key != query.key:
             self.stats["drop_malformed"] += 1
         elif atom is not None and query.cache:
-            if self._apply(atom, False, peer) and not atom.dead:
+            if self._apply(atom, False, peer, answer=True) and not atom.dead:
                 # Stored, so _apply resolved the query: caching upon acquisition.
                 if self.me not in self.holders(atom.key, atom.origin):
                     self.stats["cached"] += 1
@@ -937,8 +937,13 @@ class DAM:
 
     # --- the conflict rule ---------------------------------------------------------
 
-    def _apply(self, atom: Atom, refresh: bool = False, peer: str | None = None) -> bool:
+    def _apply(self, atom: Atom, refresh: bool = False, peer: str | None = None, answer: bool = False) -> bool:
         """Store ``atom`` if it is newer than what we have; True if stored.
+
+        Only an ``answer`` (a ReturnAtom) resolves a pending query for the
+        key: a push that happens to arrive meanwhile may be a replay of an
+        older write, and taking it as the answer would cache it for good
+        (the real answer then arrives late and is dropped).
 
         A refresh is only applied over an entry we have (or a key we query).
         A unit that replaces a live atom by one with other data, or revives a
@@ -965,7 +970,7 @@ class DAM:
                 if self._expiry(atom) <= self._clock.seconds():
                     self.stats["expired_on_arrival"] += 1
                     return False
-            elif peer is not None and key not in self._queries and self.me not in assigned(
+            elif peer is not None and not answer and not refresh and self.me not in assigned(
                     key, self._ring, self.replication):
                 # Pushed by a unit whose view of the ring differs from ours (a
                 # membership change in flight), or our own write coming back
@@ -1002,7 +1007,7 @@ class DAM:
             for other in self._live:
                 if other != atom.origin and other != peer:
                     self._queue(other, atom, refresh=True)
-        if not atom.dead:
+        if answer and not atom.dead:
             query = self._queries.get(key)
             if query is not None:
                 self._resolve(query, atom)
