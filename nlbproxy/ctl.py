@@ -6,6 +6,7 @@
     nlbctl [--admin URL] [--token-file FILE] state [--json]
     nlbctl [--admin URL] [--token-file FILE] drain|activate|deactivate POOL HOST [--json]
     nlbctl [--admin URL] [--token-file FILE] purge POOL PREFIX [--json]
+    nlbctl [--admin URL] [--token-file FILE] reload|upgrade [--json]
 
 The admin URL comes from ``--admin``, else ``$NLBCTL_ADMIN``, else
 ``http://127.0.0.1:9901``; the bearer token from ``--token-file``, else
@@ -85,6 +86,12 @@ class AdminClient:
     def purge(self, pool: str, prefix: str) -> dict[str, Any]:
         path = f"/api/v1/pools/{quote(pool, safe='')}/cache/purge"
         return self._call("POST", path, json.dumps({"prefix": prefix}).encode(), "application/json")
+
+    def reload(self) -> dict[str, Any]:
+        return self._call("POST", "/api/v1/reload", b"")
+
+    def upgrade(self) -> dict[str, Any]:
+        return self._call("POST", "/api/v1/upgrade", b"")
 
     def _call(self, method: str, path: str, body: bytes | None = None,
               content_type: str = "text/plain; charset=utf-8") -> dict[str, Any]:
@@ -238,6 +245,10 @@ def _parser() -> argparse.ArgumentParser:
                                 help="drop the cached responses of POOL whose path starts with PREFIX")
     purge.add_argument("pool", metavar="POOL")
     purge.add_argument("prefix", metavar="PREFIX", help="a path prefix such as /static/ (/ for all)")
+    commands.add_parser("reload", parents=[common, as_json],
+                        help="re-read the unit's config file and apply it (a refused file changes nothing)")
+    commands.add_parser("upgrade", parents=[common, as_json],
+                        help="start the new program on the unit's sockets; the old process then drains")
     return parser
 
 
@@ -335,9 +346,23 @@ def _purge(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _reload(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    answer = client.reload()
+    print(json.dumps(answer, indent=2) if args.json else f"reloaded: {answer.get('summary', '')}", file=out)
+    return 0
+
+
+def _upgrade(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    answer = client.upgrade()
+    text = f"upgrading: the new program runs as process {answer.get('pid')}; this one drains once it serves"
+    print(json.dumps(answer, indent=2) if args.json else text, file=out)
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace, TextIO], int]] = {
     "state": _state, **dict.fromkeys(DIRECTIVE_COMMANDS, _directive),
     "sessions": _sessions, "drop-session": _drop_session, "purge": _purge,
+    "reload": _reload, "upgrade": _upgrade,
 }
 
 

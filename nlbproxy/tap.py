@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application import service
 from twisted.python import usage
 
+from nlbproxy import sockets
 from nlbproxy.config import ConfigError, demo_config, load_config
 
 
@@ -47,7 +49,18 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         unit.demo_ports = ports  # type: ignore[attr-defined]
         reactor.callWhenRunning(_announce_demo, unit)
         return unit
-    return Unit(options["unit_config"], reactor)
+    # An upgrading unit started us with its listening sockets: adopt them
+    # (and keep the variables from any process we start in turn).
+    try:
+        inherited = sockets.inherited_listeners()
+    except sockets.InheritedError as exc:
+        raise usage.UsageError(str(exc)) from None
+    os.environ.pop(sockets.LISTEN_FDS_ENV, None)
+    ready = os.environ.pop(sockets.READY_FD_ENV, "")
+    return Unit(
+        options["unit_config"], reactor, config_path=os.path.abspath(options["config"]), signals=True,
+        inherited=inherited, ready_fd=int(ready) if ready.isdigit() else None,
+    )
 
 
 def _announce_demo(unit: Any) -> None:
