@@ -13,7 +13,8 @@ TRIAL_MODULES = tests.test_config tests.test_metrics tests.test_router tests.tes
 	tests.test_plugin tests.test_plugin_tenant tests.test_plugin_soap tests.test_testing \
 	tests.test_soap \
 	tests.test_handoff_state tests.test_handoff_wire tests.test_handoff_unitside tests.test_handoff_routes \
-	tests.test_handoff_fence tests.test_handoff_forwarder tests.test_handoff_tunnel
+	tests.test_handoff_fence tests.test_handoff_forwarder tests.test_handoff_tunnel \
+	tests.test_reload tests.test_sockets
 
 # System packages the tests drive as real clients and servers; Chromium (and
 # its chromedriver) for the status page, systemd-analyze for the unit files.

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 #: The inherited listening sockets: ``NAME=FD`` pairs separated by commas.
@@ -114,16 +114,23 @@ def release(port: Any) -> Any:
     return port.stopListening()
 
 
-def signal_ready(environ: Mapping[str, str] | None = None) -> bool:
-    """Tells the process that started us that we serve; False if none asked."""
+def take_inherited(environ: MutableMapping[str, str] | None = None) -> tuple[dict[str, int], int | None]:
+    """The inherited listening sockets (:func:`inherited_listeners`) and the
+    ready pipe's fd, taken out of the environment so that processes we start
+    in turn do not inherit stale names.  Raises :class:`InheritedError`."""
     environ = os.environ if environ is None else environ
-    text = environ.get(READY_FD_ENV)
-    if not text or not text.isdigit():
-        return False
-    fd = int(text)
+    fds = inherited_listeners(environ)
+    environ.pop(LISTEN_FDS_ENV, None)
+    ready = environ.pop(READY_FD_ENV, "")
+    return fds, int(ready) if ready.isdigit() else None
+
+
+def tell_ready(fd: int) -> None:
+    """Tells the process that started us (on its pipe ``fd``) that we serve.
+
+    Raises OSError when that process is gone.
+    """
     try:
         os.write(fd, READY_LINE)
+    finally:
         os.close(fd)
-    except OSError:
-        return False
-    return True

@@ -52,14 +52,12 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     # An upgrading unit started us with its listening sockets: adopt them
     # (and keep the variables from any process we start in turn).
     try:
-        inherited = sockets.inherited_listeners()
+        inherited, ready_fd = sockets.take_inherited()
     except sockets.InheritedError as exc:
         raise usage.UsageError(str(exc)) from None
-    os.environ.pop(sockets.LISTEN_FDS_ENV, None)
-    ready = os.environ.pop(sockets.READY_FD_ENV, "")
     return Unit(
         options["unit_config"], reactor, config_path=os.path.abspath(options["config"]), signals=True,
-        inherited=inherited, ready_fd=int(ready) if ready.isdigit() else None,
+        inherited=inherited, ready_fd=ready_fd,
     )
 
 

@@ -207,8 +207,7 @@ class Unit(service.Service):
         if self.ready_fd is not None:
             # The process that upgrades to us waits for this line to drain.
             try:
-                os.write(self.ready_fd, sockets.READY_LINE)
-                os.close(self.ready_fd)
+                sockets.tell_ready(self.ready_fd)
             except OSError as exc:
                 log.warn("cannot tell the old process we serve: {error}", error=exc)
             self.ready_fd = None

@@ -164,7 +164,7 @@ def test_twenty_reloads_under_load_fail_nothing(farm: Farm) -> None:
             else:
                 before = unit.process.output().count("reloaded ")
                 unit.process.signal(signal.SIGHUP)
-                wait_until(lambda: unit.process.output().count("reloaded ") > before, what="SIGHUP reload")
+                wait_until(lambda n=before: unit.process.output().count("reloaded ") > n, what="SIGHUP reload")
             load.wait_for_more()
     load.check()
     # Config A again: pool "extra" back, "other" and the side listener gone.
