@@ -57,8 +57,25 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         raise usage.UsageError(str(exc)) from None
     return Unit(
         options["unit_config"], reactor, config_path=os.path.abspath(options["config"]), signals=True,
-        inherited=inherited, ready_fd=ready_fd,
+        inherited=inherited, ready_fd=ready_fd, upgrade_blocker=_upgrade_blocker(options),
     )
+
+
+def _upgrade_blocker(options: Options) -> str | None:
+    """Why this twistd cannot upgrade itself in place, if it cannot.
+
+    The new program runs the same command line as a child of this process:
+    a daemon's child would daemonize away (its first process exits at once),
+    and twistd refuses to start while a pidfile names a running process.
+    """
+    parent = getattr(options, "parent", None)  # twistd's own options
+    if parent is None:
+        return None
+    if not parent.get("nodaemon"):
+        return "upgrade needs twistd -n (run in the foreground, e.g. under systemd)"
+    if parent.get("pidfile"):
+        return "upgrade needs twistd --pidfile= (the new process would find the old one's pidfile)"
+    return None
 
 
 def _announce_demo(unit: Any) -> None:

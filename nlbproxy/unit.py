@@ -74,6 +74,7 @@ class Unit(service.Service):
         signals: bool = False,
         inherited: dict[str, int] | None = None,
         ready_fd: int | None = None,
+        upgrade_blocker: str | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -87,6 +88,8 @@ class Unit(service.Service):
         self.ready_fd = ready_fd
         self.serving = False
         self.upgrading: _Upgrade | None = None
+        #: Why this process cannot upgrade in place (how twistd runs it), if it cannot.
+        self.upgrade_blocker = upgrade_blocker
         self.farm = Farm(config.pools.values(), reactor, config.secret)
         self.upstreams = Upstreams(reactor)
         dam = DAM(config.name, reactor, _no_peers, config.replication)
@@ -404,6 +407,8 @@ class Unit(service.Service):
             reasons.append(f"an upgrade is already running (new process {self.upgrading.pid})")
         if self.config_path is None:
             reasons.append("this unit was not started from a config file")
+        if self.upgrade_blocker is not None:
+            reasons.append(self.upgrade_blocker)
         if not self.serving:
             reasons.append("this unit does not serve yet")
         # Sockets that are not handed over yet: the new process would fail to bind them.

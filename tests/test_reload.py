@@ -10,11 +10,13 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from nlbproxy.admin import AdminResource
 from nlbproxy.classifier import DRAINING, Farm
 from nlbproxy.config import UnitConfig, parse_config
 from nlbproxy.reload import RESTART_KEYS, ReloadRefused, plan_reload
 from nlbproxy.unit import Unit
 from tests.fakes import SECRET, Harness, pool, route
+from tests.test_admin import FakeUpstreams, call_json, make_farm
 from tests.test_router import get, ok, relayed_ok
 
 
@@ -336,6 +338,23 @@ class UnitReloadTests(SynchronousTestCase):
         self.assertEqual(sorted(unit.listeners), ["web"])
         self.assertEqual(sorted(unit.farm.pools["app"].by_key), ["10.0.0.1:80", "10.0.0.2:80"])
 
+    def test_probes_follow_hosts_and_checks(self) -> None:
+        checked = {"hosts": ["10.0.0.1:80", "10.0.0.2:80"], "check": {"path": "/health", "interval": 1.0}}
+        unit, _ = self.unit(config(pools={"app": checked, "extra": {"hosts": ["10.0.0.3:80"]}}))
+        app = unit.farm.pools["app"]
+        self.assertEqual(sorted(h.key for h in unit.health._probes), ["10.0.0.1:80", "10.0.0.2:80"])
+        kept = app.by_key["10.0.0.2:80"]
+        kept_probes = unit.health._probes[kept]
+        unit.reload(config(pools={"app": {**checked, "hosts": ["10.0.0.2:80", "10.0.0.4:80"]},
+                                  "extra": {"hosts": ["10.0.0.3:80"]}}))
+        self.assertEqual(sorted(h.key for h in unit.health._probes), ["10.0.0.2:80", "10.0.0.4:80"])
+        self.assertIs(unit.health._probes[kept], kept_probes)  # its rise/fall state goes on
+        kept.probe_up, kept.probe_reason = False, "check: 503"
+        unit.reload(config(pools={"app": {"hosts": ["10.0.0.2:80", "10.0.0.4:80"]},
+                                  "extra": {"hosts": ["10.0.0.3:80"]}}))
+        self.assertEqual(unit.health._probes, {})
+        self.assertEqual((kept.probe_up, kept.probe_reason), (True, ""))
+
     def test_reload_file_refuses_an_invalid_file(self) -> None:
         unit, _ = self.unit(config())
         path = self.mktemp()
@@ -349,3 +368,88 @@ class UnitReloadTests(SynchronousTestCase):
         with self.assertRaises(ReloadRefused) as caught:
             unit.reload_file()
         self.assertEqual(caught.exception.reasons, ["this unit was not started from a config file"])
+
+
+class _Control:
+    """A unit as the admin API sees it, answering from a script."""
+
+    def __init__(self, refusal: list[str] | None = None) -> None:
+        self.refusal = refusal
+        self.calls: list[str] = []
+
+    def reload_file(self) -> Any:
+        self.calls.append("reload")
+        if self.refusal:
+            raise ReloadRefused(self.refusal)
+        return plan(config(), config(grace_period=2.0))
+
+    def upgrade(self) -> int:
+        self.calls.append("upgrade")
+        if self.refusal:
+            raise ReloadRefused(self.refusal)
+        return 4242
+
+
+class AdminTests(SynchronousTestCase):
+    def resource(self, control: Any, token: str | None = None) -> Any:
+        clock = MemoryReactorClock()
+        return AdminResource(make_farm(clock), {}, FakeUpstreams(), "u1", token, clock, control=control)
+
+    def test_reload_answers_the_plan(self) -> None:
+        control = _Control()
+        code, answer = call_json(self.resource(control), b"POST", "/api/v1/reload")
+        self.assertEqual((code, answer["reloaded"], answer["plan"]["unit"]), (200, True, ["grace_period"]))
+        self.assertEqual(answer["summary"], "unit keys: grace_period")
+        code, answer = call_json(self.resource(control), b"POST", "/api/v1/upgrade")
+        self.assertEqual((code, answer), (202, {"upgrading": True, "pid": 4242}))
+        self.assertEqual(control.calls, ["reload", "upgrade"])
+
+    def test_refusals_are_409_with_the_reasons(self) -> None:
+        reasons = ["unit.name: needs a restart (...)", "unit.health: needs a restart (...)"]
+        for path in ("/api/v1/reload", "/api/v1/upgrade"):
+            code, answer = call_json(self.resource(_Control(reasons)), b"POST", path)
+            self.assertEqual((code, answer), (409, {"error": "; ".join(reasons), "reasons": reasons}))
+
+    def test_without_a_unit_and_with_the_wrong_method(self) -> None:
+        code, answer = call_json(self.resource(None), b"POST", "/api/v1/reload")
+        self.assertEqual((code, answer), (404, {"error": "this unit cannot reload or upgrade"}))
+        code, _ = call_json(self.resource(_Control()), b"GET", "/api/v1/reload")
+        self.assertEqual(code, 405)
+
+    def test_the_token_guards_reload_and_a_reload_changes_it(self) -> None:
+        control = _Control()
+        resource = self.resource(control, token="old-token")
+        code, _ = call_json(resource, b"POST", "/api/v1/reload")
+        self.assertEqual((code, control.calls), (401, []))
+        resource.set_token("new-token")
+        code, _ = call_json(resource, b"POST", "/api/v1/reload", headers={b"Authorization": b"Bearer old-token"})
+        self.assertEqual(code, 401)
+        code, _ = call_json(resource, b"POST", "/api/v1/reload", headers={b"Authorization": b"Bearer new-token"})
+        self.assertEqual(code, 200)
+
+
+class UpgradeRefusalTests(SynchronousTestCase):
+    def test_how_twistd_runs_decides(self) -> None:
+        from twisted.scripts._twistd_unix import ServerOptions
+
+        from nlbproxy.tap import _upgrade_blocker
+
+        expected = {
+            ("-n", "--pidfile="): None,
+            ("-n",): "upgrade needs twistd --pidfile= (the new process would find the old one's pidfile)",
+            ("--pidfile=",): "upgrade needs twistd -n (run in the foreground, e.g. under systemd)",
+        }
+        for args, blocker in expected.items():
+            options = ServerOptions()
+            options.parseOptions([*args, "nlbproxy", "--demo"])
+            self.assertEqual(_upgrade_blocker(options.subOptions), blocker, args)
+
+    def test_refusals_name_every_reason(self) -> None:
+        reactor = _Reactor()
+        unit = Unit(config(), reactor, upgrade_blocker="upgrade needs twistd -n (...)")
+        with self.assertRaises(ReloadRefused) as caught:
+            unit.upgrade()
+        self.assertEqual(caught.exception.reasons, [
+            "this unit was not started from a config file", "upgrade needs twistd -n (...)",
+            "this unit does not serve yet"])
+        self.assertIsNone(unit.upgrading)
