@@ -134,3 +134,25 @@ def tell_ready(fd: int) -> None:
         os.write(fd, READY_LINE)
     finally:
         os.close(fd)
+
+
+def notify_systemd(message: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Sends ``message`` (such as ``MAINPID=123``) to systemd's notify socket.
+
+    An upgraded unit is started by the old process, not by systemd, which
+    would count the old process's exit as the service's end (and stop the new
+    one with it) unless told the new main pid; the unit file needs
+    ``NotifyAccess=all`` for systemd to listen.  False without
+    ``$NOTIFY_SOCKET`` or when nobody receives it.
+    """
+    address = (os.environ if environ is None else environ).get("NOTIFY_SOCKET", "")
+    if not address or address[0] not in "/@":
+        return False
+    if address[0] == "@":
+        address = "\0" + address[1:]  # the abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError:
+        return False
+    return True

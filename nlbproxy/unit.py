@@ -209,6 +209,7 @@ class Unit(service.Service):
         self.serving = True
         if self.ready_fd is not None:
             # The process that upgrades to us waits for this line to drain.
+            sockets.notify_systemd(f"MAINPID={os.getpid()}")
             try:
                 sockets.tell_ready(self.ready_fd)
             except OSError as exc:

@@ -8,12 +8,14 @@ from typing import Any
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.scripts._twistd_unix import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy.admin import AdminResource
 from nlbproxy.classifier import DRAINING, Farm
 from nlbproxy.config import UnitConfig, parse_config
 from nlbproxy.reload import RESTART_KEYS, ReloadRefused, plan_reload
+from nlbproxy.tap import _upgrade_blocker
 from nlbproxy.unit import Unit
 from tests.fakes import SECRET, Harness, pool, route
 from tests.test_admin import FakeUpstreams, call_json, make_farm
@@ -430,10 +432,6 @@ class AdminTests(SynchronousTestCase):
 
 class UpgradeRefusalTests(SynchronousTestCase):
     def test_how_twistd_runs_decides(self) -> None:
-        from twisted.scripts._twistd_unix import ServerOptions
-
-        from nlbproxy.tap import _upgrade_blocker
-
         expected = {
             ("-n", "--pidfile="): None,
             ("-n",): "upgrade needs twistd --pidfile= (the new process would find the old one's pidfile)",

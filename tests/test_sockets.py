@@ -4,7 +4,9 @@ checks of what was inherited, adoption and the ready pipe."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -121,3 +123,17 @@ class HandOverTests(SynchronousTestCase):
         self.assertEqual(sockets.take_inherited(environ), ({"web": listening.fileno()}, 9))
         self.assertEqual(environ, {"HOME": "/root"})
         self.assertEqual(sockets.take_inherited(environ), ({}, None))
+
+
+class SystemdTests(SynchronousTestCase):
+    def test_notify(self) -> None:
+        directory = tempfile.mkdtemp(prefix="nlb-notify-")  # short: AF_UNIX paths are limited
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "notify")
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.bind(path)
+        self.addCleanup(receiver.close)
+        self.assertTrue(sockets.notify_systemd("MAINPID=123", {"NOTIFY_SOCKET": path}))
+        self.assertEqual(receiver.recv(100), b"MAINPID=123")
+        self.assertFalse(sockets.notify_systemd("MAINPID=123", {}))
+        self.assertFalse(sockets.notify_systemd("MAINPID=123", {"NOTIFY_SOCKET": path + ".gone"}))
