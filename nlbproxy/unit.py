@@ -333,6 +333,8 @@ class Unit(service.Service):
     def _retire(self, listener: Listener, port: Any) -> None:
         """A listener the reload removed: stop accepting, then drain it."""
         self.retiring.add(listener)
+        # Its last requests follow its old rules, whose pools this reload may remove.
+        listener.retired_pools = dict(self.farm.pools)
         port.stopListening()
         done = self._drain([listener], limits.DRAIN_IDLE_LINGER)
         done.addBoth(lambda _: self.retiring.discard(listener))

@@ -242,6 +242,21 @@ class RouterTests(SynchronousTestCase):
         c.send(get())
         self.assertEqual(h.accept().key, "10.0.0.2:80")
 
+    def test_a_removed_listener_serves_its_last_request_with_a_removed_pool(self) -> None:
+        h = self.harness()
+        c = h.client()
+        # The reload removes the listener and pool "extra" (as Unit._retire does it).
+        h.listener.retired_pools = dict(h.farm.pools)
+        h.listener.close_idle(linger=2.0)
+        h.farm.remove_pool("extra")
+        c.send(get(b"/x/last"))
+        b = h.accept()
+        self.assertEqual(b.key, "10.0.0.3:80")
+        b.received()
+        b.send(ok())
+        self.assertEqual(c.received(), relayed_ok(after=b"connection: close\r\n"))
+        self.assertTrue(c.closed)
+
     def test_linger_keeps_an_idle_connection_for_one_more_request(self) -> None:
         h = self.harness()
         c = h.client()

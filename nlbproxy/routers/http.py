@@ -125,6 +125,12 @@ class Listener:
         self.via = b"1.1 " + unit_name.encode("ascii", "replace")
         self.connections: set[ClientConnection] = set()
         self.stopping = False
+        #: Pools a reload removed while this listener, removed by the same
+        #: reload, still serves its last requests with the old rules.
+        self.retired_pools: Mapping[str, Pool] = {}
+
+    def pool_named(self, name: str) -> Pool | None:
+        return self.farm.pools.get(name) or self.retired_pools.get(name)
 
     def reconfigure(self, config: ListenerConfig) -> None:
         """Applies a reloaded config (same name and endpoint) to the next request.
@@ -616,7 +622,7 @@ class Exchange:
         self._routing_failed("routing timed out" if failure.check(defer_TimeoutError) else "routing failed")
 
     def _decided(self, decision: Decision) -> None:
-        pool = self.client.listener.farm.pools.get(decision.pool)
+        pool = self.client.listener.pool_named(decision.pool)
         if pool is None:
             log.error("routing chose the unknown pool {pool!r}", pool=decision.pool)
             self._routing_failed("routing chose an unknown pool")
