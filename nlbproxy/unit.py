@@ -90,6 +90,8 @@ class Unit(service.Service):
         self.upgrading: _Upgrade | None = None
         #: Why this process cannot upgrade in place (how twistd runs it), if it cannot.
         self.upgrade_blocker = upgrade_blocker
+        #: The upgrade took over: this process only drains.
+        self.handed_over = False
         self.farm = Farm(config.pools.values(), reactor, config.secret)
         self.upstreams = Upstreams(reactor)
         dam = DAM(config.name, reactor, _no_peers, config.replication)
@@ -264,6 +266,9 @@ class Unit(service.Service):
         new pools in place for the new listeners; everything after it is
         bookkeeping that cannot fail half-way.
         """
+        if self.handed_over:
+            raise ReloadRefused(["this process handed its sockets to its upgrade and is draining; "
+                                 "reload the new process"])
         plan = plan_reload(self.config, config, handoff_available=self.handoff is not None)
         for pool_config in plan.pools_added:
             self.farm.add_pool(pool_config)
@@ -406,6 +411,8 @@ class Unit(service.Service):
         one keeps serving.  Raises ReloadRefused when it cannot start.
         """
         reasons = []
+        if self.handed_over:
+            reasons.append("this process handed its sockets to its upgrade already and is draining")
         if self.upgrading is not None:
             reasons.append(f"an upgrade is already running (new process {self.upgrading.pid})")
         if self.config_path is None:
@@ -446,6 +453,7 @@ class Unit(service.Service):
         """The new process serves: stop accepting and drain, then exit."""
         log.info("upgrade: process {pid} serves; draining this one", pid=self.upgrading and self.upgrading.pid)
         self.upgrading = None
+        self.handed_over = True
         yield defer.gatherResults([defer.maybeDeferred(sockets.release, port)
                                    for port in (*self.ports.values(), self.admin_port)])
         self.ports.clear()

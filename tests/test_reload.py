@@ -466,3 +466,13 @@ class UpgradeRefusalTests(SynchronousTestCase):
             "this unit was not started from a config file", "upgrade needs twistd -n (...)",
             "this unit does not serve yet"])
         self.assertIsNone(unit.upgrading)
+
+    def test_a_process_that_handed_over_only_drains(self) -> None:
+        unit = Unit(config(), _Reactor())
+        unit.handed_over = True
+        with self.assertRaises(ReloadRefused) as caught:
+            unit.reload(config(grace_period=1.0))
+        self.assertIn("reload the new process", str(caught.exception))
+        with self.assertRaises(ReloadRefused) as caught:
+            unit.upgrade()
+        self.assertIn("handed its sockets to its upgrade already", str(caught.exception))

@@ -235,6 +235,7 @@ def test_upgrade_under_load_refuses_no_connection(farm: Farm) -> None:
         unit.process.wait_for(rf"upgrade: process {new_pid} serves")
         # The old process drains and exits; the new one serves on the same sockets.
         wait_until(lambda: unit.process.popen.poll() is not None, what="the old process to exit")
+        assert unit.process.popen.returncode == 0, unit.process.output()
         load.wait_for_more()
         # And it can upgrade in turn (SIGUSR2 this time), onto the sockets it adopted.
         before = load.done
