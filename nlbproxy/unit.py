@@ -428,6 +428,8 @@ class Unit(service.Service):
             reasons.append("unit.dam: the DAM endpoint is not handed over yet; restart instead")
         if self.retiring:
             reasons.append("a removed listener is still draining; try again once it is done")
+        if self.config_path is not None:
+            reasons.extend(self._upgrade_file_problems(self.config_path))
         if reasons:
             raise ReloadRefused(reasons)
         ports = {**self.ports, sockets.ADMIN: self.admin_port}
@@ -447,6 +449,27 @@ class Unit(service.Service):
         self.upgrading = upgrade
         log.info("upgrade: started the new program as process {pid}", pid=process.pid)
         return int(process.pid)
+
+    def _upgrade_file_problems(self, path: str) -> list[str]:
+        """Why the new program could not take over with the file as it is now.
+
+        It reads the file afresh and adopts each socket by listener name, so
+        a listener whose endpoint moved since the last reload (or a moved
+        admin endpoint) would get the old address: reload first.
+        """
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            return [str(exc)]
+        running = {lc.name: lc.endpoint for lc in self.config.listeners}
+        moved = [f"listener {lc.name}" for lc in config.listeners
+                 if running.get(lc.name, lc.endpoint) != lc.endpoint]
+        if config.admin != self.config.admin:
+            moved.append("unit.admin")
+        if moved:
+            return [f"{', '.join(moved)}: the file moves the endpoint since the unit loaded it; "
+                    "reload (or restart) to move it, then upgrade"]
+        return []
 
     @defer.inlineCallbacks
     def _hand_over(self) -> Any:

@@ -15,14 +15,13 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
-
 from tests.realnet import DEADLINE, Farm, Unit, unit_config, wait_until
 
 #: Concurrent client threads of the load.
@@ -255,17 +254,31 @@ def test_upgrade_under_load_refuses_no_connection(farm: Farm) -> None:
         _kill(newest)
 
 
-def test_upgrade_that_fails_keeps_the_old_process(farm: Farm, tmp_path: Path) -> None:
+def test_upgrade_that_fails_keeps_the_old_process(farm: Farm) -> None:
     backends, port = start(farm, 1)
+    path = farm.tmp / "unit.toml"
     unit = farm.unit(unit_config(backends, endpoint=f"tcp:{port}:interface=127.0.0.1"))
-    # The new program would not start: the file it reads is broken by now.
-    (farm.tmp / "unit.toml").write_text("[unit\n")
+    # A broken file is refused before anything starts.
+    path.write_text("[unit\n")
     result = nlbctl(unit, "upgrade")
-    assert result.returncode == 0, result.stderr
-    unit.process.wait_for("upgrade failed: the new program exited before it served")
+    assert result.returncode == 1 and "invalid TOML" in result.stderr, result.stderr
+    # A file whose new listener cannot be bound: the new program exits, the old one goes on.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        extra = (f'[[listener]]\nname = "more"\nendpoint = "tcp:{taken.getsockname()[1]}:interface=127.0.0.1"\n'
+                 'pool = "app"\n')
+        path.write_text(unit_config(backends, endpoint=f"tcp:{port}:interface=127.0.0.1", pools=extra))
+        result = nlbctl(unit, "upgrade")
+        assert result.returncode == 0, result.stderr
+        unit.process.wait_for("upgrade failed: the new program exited before it served")
     with urllib.request.urlopen(unit.url(), timeout=DEADLINE) as response:
         assert response.status == 200
     assert unit.process.popen.poll() is None
+    # A file that moves a listener: reload first.
+    path.write_text(unit_config(backends, endpoint="tcp:0:interface=127.0.0.1"))
+    code, answer = admin_post(unit, "/api/v1/upgrade")
+    assert code == 409 and "listener web: the file moves the endpoint" in str(answer["error"]), answer
 
 
 def _alive(pid: int) -> bool:
