@@ -4,6 +4,9 @@ flight (event scripts on fakes), and a unit reloading on a fake reactor."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from typing import Any
 
 from twisted.internet.error import CannotListenError
@@ -374,7 +377,9 @@ class UnitReloadTests(SynchronousTestCase):
 
     def test_reload_file_refuses_an_invalid_file(self) -> None:
         unit, _ = self.unit(config())
-        path = self.mktemp()
+        directory = tempfile.mkdtemp(prefix="nlb-reload-")
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "unit.toml")
         with open(path, "w") as f:
             f.write("[unit\n")
         unit.config_path = path
