@@ -32,6 +32,16 @@ tests) relies on; extend it, do not change it:
     with them; open connections keep theirs.  All listeners or none: a file
     that cannot be used answers 400 with its name and the reason, and the
     certificates in use stay.  Answers 200 with the document of ``GET``.
+``POST /api/v1/reload``
+    Re-reads the unit's config file and applies it (:mod:`nlbproxy.reload`):
+    200 with ``{"reloaded": true, "plan": PLAN}`` (what changed), or 409 with
+    ``{"error": REASONS, "reasons": [...]}`` when the file is invalid or
+    changes what needs a restart; the old config then keeps serving.
+``POST /api/v1/upgrade``
+    Starts the new program on the unit's listening sockets
+    (:meth:`nlbproxy.unit.Unit.upgrade`): 202 with ``{"upgrading": true,
+    "pid": PID}``; this process drains once the new one serves.  409 with the
+    reasons when it cannot.
 ``GET /metrics``
     Prometheus text format 0.0.4, rendered on demand by :func:`render_metrics`.
 ``GET /`` and ``GET /status``
@@ -74,6 +84,7 @@ from nlbproxy import statuspage
 from nlbproxy.tls import CertificateError, TLSServer
 from nlbproxy.limits import MAX_ADMIN_BODY
 from nlbproxy.metrics import ListenerStats, PrometheusWriter, status_classes
+from nlbproxy.reload import Plan, ReloadRefused
 from nlbproxy.webapi import Answer, BoundedRequest, JsonApiResource, Refusal, json_answer, one_of, read_body
 
 log = Logger()
@@ -118,6 +129,15 @@ class HandoffView(Protocol):
         ...
 
     def write_metrics(self, w: PrometheusWriter) -> None: ...
+class UnitControl(Protocol):
+    """What the admin API asks of the unit for reloads and upgrades.
+
+    Both raise :class:`~nlbproxy.reload.ReloadRefused` when they will not.
+    """
+
+    def reload_file(self) -> Plan: ...
+
+    def upgrade(self) -> int: ...
 
 
 class UpstreamCounts(Protocol):
@@ -421,9 +441,11 @@ class AdminResource(JsonApiResource):
         caches: Mapping[str, ResponseCache] | None = None,
         tls: Mapping[str, TLSServer] | None = None,
         handoff: HandoffView | None = None,
+        control: UnitControl | None = None,
     ) -> None:
         super().__init__()
-        self.tls = tls or {}
+        self.control = control
+        self.tls = tls if tls is not None else {}
         self.health = health
         self.handoff = handoff
         self.caches = caches or {}
@@ -446,9 +468,17 @@ class AdminResource(JsonApiResource):
             (("api", "v1", "pools", None, "cache", "purge"), {b"POST": self.post_purge}),
             (("api", "v1", "certificates"), {b"GET": self.get_certificates}),
             (("api", "v1", "certificates", "reload"), {b"POST": self.reload_certificates}),
+            (("api", "v1", "reload"), {b"POST": self.post_reload}),
+            (("api", "v1", "upgrade"), {b"POST": self.post_upgrade}),
             (("metrics",), {b"GET": self.get_metrics}),
         ]
         self.routes += [(path, {b"GET": self.get_page}) for path in statuspage.PATHS]
+
+    def set_token(self, token: str | None) -> None:
+        """A reloaded admin token: the next request must carry it."""
+        if token is not None and not token:
+            raise ValueError("the admin token is empty")
+        self._token = token.encode() if token is not None else None
 
     def authorize(self, request: Request) -> None:
         if self._token is None or self._is_page(request):
@@ -548,6 +578,30 @@ class AdminResource(JsonApiResource):
         for name, contexts in loaded.items():
             self.tls[name].install(contexts)
         return json_answer(200, certificates_document(self.tls))
+    def _control(self) -> UnitControl:
+        if self.control is None:
+            raise Refusal(404, "this unit cannot reload or upgrade")
+        return self.control
+
+    def post_reload(self, request: Request, params: list[str]) -> Answer:
+        control = self._control()
+        client = request.getClientAddress()
+        log.info("reload asked by {client}", client=getattr(client, "host", client))
+        try:
+            plan = control.reload_file()
+        except ReloadRefused as exc:
+            return json_answer(409, {"error": str(exc), "reasons": exc.reasons})
+        return json_answer(200, {"reloaded": True, "plan": plan.document(), "summary": plan.summary()})
+
+    def post_upgrade(self, request: Request, params: list[str]) -> Answer:
+        control = self._control()
+        client = request.getClientAddress()
+        log.info("upgrade asked by {client}", client=getattr(client, "host", client))
+        try:
+            pid = control.upgrade()
+        except ReloadRefused as exc:
+            return json_answer(409, {"error": str(exc), "reasons": exc.reasons})
+        return json_answer(202, {"upgrading": True, "pid": pid})
 
     def put_directive(self, request: Request, params: list[str]) -> Answer:
         pool_name, key = params
@@ -603,6 +657,7 @@ def make_admin_site(
     caches: Mapping[str, ResponseCache] | None = None,
     tls: Mapping[str, TLSServer] | None = None,
     handoff: HandoffView | None = None,
+    control: UnitControl | None = None,
 ) -> Site:
     """The admin API as a Site, for ``serverFromString(...).listen(site)``.
 
@@ -610,7 +665,7 @@ def make_admin_site(
     at ``clock.seconds()`` and idle admin connections time out on it.
     """
     resource = AdminResource(farm, listeners, upstreams, unit_name, token, clock, health, sessions,
-                             caches=caches, tls=tls, handoff=handoff)
+                             caches=caches, tls=tls, handoff=handoff, control=control)
     site = Site(resource, requestFactory=AdminRequest, reactor=clock)
     site.displayTracebacks = False
     return site

@@ -135,6 +135,7 @@ class Pool:
         self.name = config.name
         self.clock = clock
         self._secret = secret
+        self._rng = rng
         self.hosts: list[Host] = []
         self.by_key: dict[str, Host] = {}
         self.by_token: dict[str, Host] = {}
@@ -160,6 +161,49 @@ class Pool:
         self.changed()
         return host
 
+    def remove_host(self, key: str) -> Host | None:
+        """Takes host ``key`` out: it gets no new request (affinity included);
+        requests in flight hold it and finish."""
+        host = self.by_key.pop(key, None)
+        if host is None:
+            return None
+        self.hosts.remove(host)
+        if self.by_token.get(host.affinity_token) is host:
+            del self.by_token[host.affinity_token]
+        self.changed()
+        return host
+
+    def reconfigure(self, config: PoolConfig) -> tuple[list[Host], list[Host]]:
+        """Applies a reloaded config, keeping every host's state; returns the
+        hosts added and removed.
+
+        Hosts that the old file listed and the new one does not leave, unless
+        an agent announces them (those stay, as they would had the file never
+        named them); hosts the new file adds join; weights follow the file.
+        """
+        old = self.config
+        self.config = config
+        if config.balance != old.balance:
+            self.allotment = make_allotment(config.balance, self._rng, self.clock)
+        old_keys = {h.key for h in old.hosts}
+        new_hosts = {h.key: h for h in config.hosts}
+        removed = []
+        for key in old_keys - new_hosts.keys():
+            host = self.by_key.get(key)
+            if host is not None and host.agent is None:
+                removed.append(self.remove_host(key))
+        added = []
+        for key, host_config in new_hosts.items():
+            host = self.by_key.get(key)
+            if host is None:
+                added.append(self.add_host(host_config))
+            elif host.weight != host_config.weight:
+                host.weight = host_config.weight
+                if host.agent is None:
+                    host.capacity = host_config.weight
+        self.changed()
+        return added, [h for h in removed if h is not None]
+
     # -- selection -----------------------------------------------------------
     def choose(self, exclude: Container[Host] = ()) -> Host | None:
         """A host for a new client, from the pool's allotment (``balance``)."""
@@ -168,6 +212,8 @@ class Pool:
     def bound_host(self, host: Host | None) -> Host | None:
         """``host`` if a request bound to it by affinity may still go there."""
         if host is None or host.directive == INACTIVE:
+            return None
+        if self.by_key.get(host.key) is not host:  # removed by a reload
             return None
         if not host.is_up(self.clock.seconds()):
             return None
@@ -249,6 +295,14 @@ class Farm:
         # herd onto the same host.
         self.rng = rng if rng is not None else random.Random(os.urandom(16))
         self.pools: dict[str, Pool] = {p.name: Pool(p, clock, self.secret, self.rng) for p in pools}
+
+    def add_pool(self, config: PoolConfig) -> Pool:
+        pool = self.pools[config.name] = Pool(config, self.clock, self.secret, self.rng)
+        return pool
+
+    def remove_pool(self, name: str) -> Pool:
+        """Takes pool ``name`` out; requests in flight hold it and finish."""
+        return self.pools.pop(name)
 
     def host(self, pool: str, key: str) -> Host:
         """The host ``key`` of ``pool``; raises KeyError naming what is missing."""

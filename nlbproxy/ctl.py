@@ -7,6 +7,7 @@
     nlbctl [--admin URL] [--token-file FILE] drain|activate|deactivate POOL HOST [--json]
     nlbctl [--admin URL] [--token-file FILE] purge POOL PREFIX [--json]
     nlbctl [--admin URL] [--token-file FILE] certs|reload-certs [--json]
+    nlbctl [--admin URL] [--token-file FILE] reload|upgrade [--json]
 
 The admin URL comes from ``--admin``, else ``$NLBCTL_ADMIN``, else
 ``http://127.0.0.1:9901``; the bearer token from ``--token-file``, else
@@ -92,6 +93,11 @@ class AdminClient:
 
     def reload_certificates(self) -> dict[str, Any]:
         return self._call("POST", "/api/v1/certificates/reload", b"")
+    def reload(self) -> dict[str, Any]:
+        return self._call("POST", "/api/v1/reload", b"")
+
+    def upgrade(self) -> dict[str, Any]:
+        return self._call("POST", "/api/v1/upgrade", b"")
 
     def _call(self, method: str, path: str, body: bytes | None = None,
               content_type: str = "text/plain; charset=utf-8") -> dict[str, Any]:
@@ -249,6 +255,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="the certificates each TLS listener serves, and its handshake counts")
     commands.add_parser("reload-certs", parents=[common, as_json],
                         help="re-read every listener's certificate files; open connections keep theirs")
+    commands.add_parser("reload", parents=[common, as_json],
+                        help="re-read the unit's config file and apply it (a refused file changes nothing)")
+    commands.add_parser("upgrade", parents=[common, as_json],
+                        help="start the new program on the unit's sockets; the old process then drains")
     return parser
 
 
@@ -363,10 +373,24 @@ def _certificates(client: AdminClient, args: argparse.Namespace, out: TextIO) ->
     return 0
 
 
+def _reload(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    answer = client.reload()
+    print(json.dumps(answer, indent=2) if args.json else f"reloaded: {answer.get('summary', '')}", file=out)
+    return 0
+
+
+def _upgrade(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    answer = client.upgrade()
+    text = f"upgrading: the new program runs as process {answer.get('pid')}; this one drains once it serves"
+    print(json.dumps(answer, indent=2) if args.json else text, file=out)
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace, TextIO], int]] = {
     "state": _state, **dict.fromkeys(DIRECTIVE_COMMANDS, _directive),
     "sessions": _sessions, "drop-session": _drop_session, "purge": _purge,
     "certs": _certificates, "reload-certs": _certificates,
+    "reload": _reload, "upgrade": _upgrade,
 }
 
 

@@ -111,6 +111,15 @@ CHECK_TIMEOUT = 1.0
 #: On SIGTERM: how long in-flight requests may take before their connections
 #: are aborted.
 GRACE_PERIOD = 10.0
+#: When a reload removes a listener or an upgrade drains the old process: how
+#: long an idle keep-alive connection (or one accepted with no request yet)
+#: stays open for one more request, answered with ``Connection: close``.
+#: Closing it at once races with the client's next request, which then fails
+#: (and a POST cannot be retried safely); after this it is closed anyway.
+DRAIN_IDLE_LINGER = 2.0
+#: Upgrade: how long the new program may take to serve before it is stopped
+#: and the old one goes on serving.
+UPGRADE_TIMEOUT = 30.0
 #: Admin API request bodies.
 MAX_ADMIN_BODY = 64 * KiB
 #: Inactivity of an upgraded (WebSocket) connection before it is closed

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application import service
 from twisted.python import usage
 
+from nlbproxy import sockets
 from nlbproxy.config import ConfigError, demo_config, load_config
 
 
@@ -47,7 +49,33 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         unit.demo_ports = ports  # type: ignore[attr-defined]
         reactor.callWhenRunning(_announce_demo, unit)
         return unit
-    return Unit(options["unit_config"], reactor)
+    # An upgrading unit started us with its listening sockets: adopt them
+    # (and keep the variables from any process we start in turn).
+    try:
+        inherited, ready_fd = sockets.take_inherited()
+    except sockets.InheritedError as exc:
+        raise usage.UsageError(str(exc)) from None
+    return Unit(
+        options["unit_config"], reactor, config_path=os.path.abspath(options["config"]), signals=True,
+        inherited=inherited, ready_fd=ready_fd, upgrade_blocker=_upgrade_blocker(options),
+    )
+
+
+def _upgrade_blocker(options: Options) -> str | None:
+    """Why this twistd cannot upgrade itself in place, if it cannot.
+
+    The new program runs the same command line as a child of this process:
+    a daemon's child would daemonize away (its first process exits at once),
+    and twistd refuses to start while a pidfile names a running process.
+    """
+    parent = getattr(options, "parent", None)  # twistd's own options
+    if parent is None:
+        return None
+    if not parent.get("nodaemon"):
+        return "upgrade needs twistd -n (run in the foreground, e.g. under systemd)"
+    if parent.get("pidfile"):
+        return "upgrade needs twistd --pidfile= (the new process would find the old one's pidfile)"
+    return None
 
 
 def _announce_demo(unit: Any) -> None:

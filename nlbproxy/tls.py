@@ -252,13 +252,14 @@ class TLSServer:
         self.contexts = self.load()
         self._set_farm_keys(self.contexts)
 
-    def load(self) -> _SNIMap:
-        """Read every file and build its context; raises :class:`CertificateError`.
+    def load(self, paths: tuple[str, ...] | None = None) -> _SNIMap:
+        """Read every file (``paths``, else the current ones) and build its
+        context; raises :class:`CertificateError`.
 
         What it returns serves new connections once given to :meth:`install`;
         a reload of several listeners loads them all before installing any.
         """
-        certificates = [read_certificate(path) for path in self.paths]
+        certificates = [read_certificate(path) for path in (self.paths if paths is None else paths)]
         contexts = [self._context(cert) for cert in certificates]
         pointers = [self._tune(ctx) for ctx in contexts] if self.lib is not None else []
         self._pointers.update(zip(contexts, pointers))
@@ -309,8 +310,11 @@ class TLSServer:
         if context is not None and context is not ctx:
             sslobj.context = context
 
-    def install(self, contexts: _SNIMap) -> None:
-        """Serve new connections with ``contexts``; open ones keep theirs."""
+    def install(self, contexts: _SNIMap, paths: tuple[str, ...] | None = None) -> None:
+        """Serve new connections with ``contexts`` (loaded from ``paths``, if
+        they are new files); open ones keep theirs."""
+        if paths is not None:
+            self.paths = paths
         if self.session_tickets == "farm":
             self._set_farm_keys(contexts)
         elif self.session_tickets == "unit" and self.lib is not None:

@@ -80,4 +80,6 @@ class FarmHealth:
         host.agent_reason = reason
         host.agent_directive = None
         host.refresh_directive()
-        self.farm.pools[host.pool].changed()
+        pool = self.farm.pools.get(host.pool)
+        if pool is not None:  # else a reload removed the pool
+            pool.changed()

@@ -81,7 +81,8 @@ class UnitHealth:
         self.socket: HealthSocket | None = None
         self._port: Any = None
         self._ticker: LoopingCall | None = None
-        self._probes: list[HttpProbe | AgentCheck] = []
+        #: host -> (its pool's check settings, its running probes)
+        self._probes: dict[Host, tuple[tuple[Any, Any], list[HttpProbe | AgentCheck]]] = {}
 
     def listen(self) -> None:
         """Binds the health socket (in privilegedStartService)."""
@@ -121,28 +122,51 @@ class UnitHealth:
             self._ticker = LoopingCall(self.cache.tick)
             self._ticker.clock = self.reactor
             self._ticker.start(TICK, now=False)
+        self.sync()
+
+    def sync(self) -> None:
+        """Probes every host of a pool that asks for them: starts those of
+        hosts that joined, stops those of hosts that left, and restarts a
+        pool's when its ``check`` or ``agent_check`` changed (reload).  A host
+        whose pool no longer probes is up again as far as probes go."""
+        wanted: dict[Host, tuple[Pool, Any, Any]] = {}
         for pool in self.farm.pools.values():
             check, agent_check = pool.config.check, pool.config.agent_check
-            for host in list(pool.hosts):
-                probes = _HostProbes(pool, host)
-                if check is not None:
-                    self._probes.append(HttpProbe(
-                        self.reactor, host.host, host.port, check.path, check.interval,
-                        probes.check_changed, rise=check.rise, fall=check.fall, timeout=check.timeout,
-                    ))
-                if agent_check is not None:
-                    self._probes.append(AgentCheck(
-                        self.reactor, host.host, agent_check.port, agent_check.interval,
-                        probes.agent_check_changed,
-                    ))
-        for probe in self._probes:
-            probe.start()
+            if check is None and agent_check is None:
+                continue
+            for host in pool.hosts:
+                wanted[host] = (pool, check, agent_check)
+        for host, (settings, probes) in list(self._probes.items()):
+            if wanted.get(host, (None, None, None))[1:] != settings:
+                del self._probes[host]
+                for probe in probes:
+                    probe.stop()
+                if host not in wanted:
+                    host.probe_up, host.probe_reason = True, ""
+        for host, (pool, check, agent_check) in wanted.items():
+            if host in self._probes:
+                continue
+            host_probes = _HostProbes(pool, host)
+            started: list[HttpProbe | AgentCheck] = []
+            if check is not None:
+                started.append(HttpProbe(
+                    self.reactor, host.host, host.port, check.path, check.interval,
+                    host_probes.check_changed, rise=check.rise, fall=check.fall, timeout=check.timeout,
+                ))
+            if agent_check is not None:
+                started.append(AgentCheck(
+                    self.reactor, host.host, agent_check.port, agent_check.interval,
+                    host_probes.agent_check_changed,
+                ))
+            self._probes[host] = ((check, agent_check), started)
+            for probe in started:
+                probe.start()
 
     def stop(self) -> defer.Deferred[Any]:
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
-        stops = [probe.stop() for probe in self._probes]
-        self._probes = []
+        stops = [probe.stop() for _, probes in self._probes.values() for probe in probes]
+        self._probes = {}
         if self._port is not None:
             stops.append(defer.maybeDeferred(self._port.stopListening))
             self._port = None

@@ -104,6 +104,7 @@ class Listener:
         scheme: bytes = b"http",
         sessions: SessionTracker | None = None,
         caches: Mapping[str, ResponseCache] | None = None,
+        stats: ListenerStats | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -113,7 +114,8 @@ class Listener:
         self.default_pool = farm.pools[config.pool]
         self.upstreams = upstreams
         self.reactor = reactor
-        self.stats = ListenerStats()
+        #: A listener that replaces another (reload) carries its statistics on.
+        self.stats = stats if stats is not None else ListenerStats()
         self.filter = RequestFilter.for_listener(config, reactor, self.stats.filter)
         self.access_log = access_log
         self.scheme = scheme
@@ -123,12 +125,38 @@ class Listener:
         self.via = b"1.1 " + unit_name.encode("ascii", "replace")
         self.connections: set[ClientConnection] = set()
         self.stopping = False
+        #: Pools a reload removed while this listener, removed by the same
+        #: reload, still serves its last requests with the old rules.
+        self.retired_pools: Mapping[str, Pool] = {}
 
-    def close_idle(self) -> None:
-        """Graceful stop: close idle connections, and busy ones after their response."""
+    def pool_named(self, name: str) -> Pool | None:
+        return self.farm.pools.get(name) or self.retired_pools.get(name)
+
+    def reconfigure(self, config: ListenerConfig) -> None:
+        """Applies a reloaded config (same name and endpoint) to the next request.
+
+        Requests in flight keep the pool they were routed to; connections
+        keep the limits they were accepted with (``ClientConnection.config``).
+        The filter is rebuilt only when its rules change, so that rate-limit
+        buckets survive other changes.
+        """
+        old = self.config
+        self.config = config
+        self.routes = RouteTable.for_listener(config)
+        self.default_pool = self.farm.pools[config.pool]
+        if (old.deny, old.rate_limit) != (config.deny, config.rate_limit):
+            self.filter = RequestFilter.for_listener(config, self.reactor, self.stats.filter)
+
+    def close_idle(self, linger: float = 0.0) -> None:
+        """Graceful stop: close idle connections, and busy ones after their response.
+
+        With ``linger``, idle connections stay open that long for one more
+        request (answered with ``Connection: close``) instead of closing at
+        once, which races with a client that is sending on them.
+        """
         self.stopping = True
         for conn in list(self.connections):
-            conn.close_when_idle()
+            conn.close_when_idle(linger)
 
     def abort_all(self) -> None:
         for conn in list(self.connections):
@@ -423,10 +451,13 @@ class ClientConnection(Protocol):
             self.deadline.set(self.config.header_timeout)
             self._advance()
 
-    def close_when_idle(self) -> None:
+    def close_when_idle(self, linger: float = 0.0) -> None:
         self.closing = True
         if self.exchange is None and self.tunnel is None:
-            self.transport.loseConnection()
+            if linger > 0 and (self.phase == _IDLE or self.h11.their_state is h11.IDLE):
+                self.deadline.set(linger)  # _timed_out closes it (408 if half a request came)
+            else:
+                self.transport.loseConnection()
 
     def start_tunnel(self, upstream: UpstreamConnection) -> None:
         self.tunnel = upstream
@@ -591,7 +622,7 @@ class Exchange:
         self._routing_failed("routing timed out" if failure.check(defer_TimeoutError) else "routing failed")
 
     def _decided(self, decision: Decision) -> None:
-        pool = self.client.listener.farm.pools.get(decision.pool)
+        pool = self.client.listener.pool_named(decision.pool)
         if pool is None:
             log.error("routing chose the unknown pool {pool!r}", pool=decision.pool)
             self._routing_failed("routing chose an unknown pool")

@@ -16,6 +16,7 @@ the exchange's business (``nlbproxy.routers.http``).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as neterror
@@ -301,6 +302,8 @@ class HostConnections:
         self.open = 0  # connected, busy or idle
         self.connecting: dict[_Connector, None] = {}
         self.waiters: deque[Exchange] = deque()
+        #: The host left its pool (reload): connections close once idle.
+        self.retired = False
 
     # -- acquiring -----------------------------------------------------------
     def acquire(self, exchange: Exchange) -> None:
@@ -371,7 +374,7 @@ class HostConnections:
         if self.waiters:
             exchange = self.waiters.popleft()
             exchange.upstream_ready(conn)
-        elif len(self.idle) < self.config.max_idle_per_host:
+        elif not self.retired and len(self.idle) < self.config.max_idle_per_host:
             self.idle.append(conn)
             conn.deadline.set(self.config.upstream_idle_timeout)
         else:
@@ -407,6 +410,23 @@ class Upstreams:
                     tls = self._tls[config.name] = BackendTLS(config.tls)
             pool = self._by_host[host] = HostConnections(host, config, self.reactor, tls)
         return pool
+
+    def reconfigure(self, hosts: Iterable[Host], config: PoolConfig) -> None:
+        """A pool's reloaded config reaches its hosts' connection pools."""
+        for host in hosts:
+            conns = self._by_host.get(host)
+            if conns is not None:
+                conns.config = config
+
+    def retire(self, host: Host) -> None:
+        """``host`` left its pool: idle connections close now, busy ones when
+        their exchange is done."""
+        conns = self._by_host.pop(host, None)
+        if conns is None:
+            return
+        conns.retired = True
+        for conn in list(conns.idle):
+            conn.transport.loseConnection()
 
     def counts(self, host: Host) -> tuple[int, int]:
         pool = self._by_host.get(host)
