@@ -156,3 +156,24 @@ FORWARDER_RCVBUF = 4 * MiB
 FORWARDER_SNDBUF = 4 * MiB
 #: Frames read per wake-up before the reactor serves other sockets.
 FORWARDER_BATCH = 64
+
+# --- workers (nlbproxy.workers) ---------------------------------------------
+#: Most worker processes one unit runs (``workers`` in ``[unit]``).
+MAX_WORKERS = 64
+#: A worker that dies is restarted after this delay, doubled for each death
+#: in a row (a worker that ran WORKER_STABLE_AFTER seconds starts from 0).
+WORKER_RESTART_DELAYS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
+#: A worker that ran this long before dying counts as stable again.
+WORKER_STABLE_AFTER = 30.0
+#: A worker that dies this many times in a row (each time before it was
+#: stable) is given up on; the unit stops when no worker is left.
+WORKER_MAX_RESTARTS = 10
+#: Seconds the supervisor waits for a worker's private admin API (fan-out
+#: of directives, aggregation of state and metrics).
+WORKER_ADMIN_TIMEOUT = 5.0
+#: How long the supervisor waits, beyond the grace period, for workers to
+#: exit after SIGTERM before it kills them.
+WORKER_STOP_MARGIN = 5.0
+#: Listen backlog of each worker's listening socket (the supervisor keeps it
+#: open, so connections queue here while a worker restarts).
+WORKER_BACKLOG = 1024

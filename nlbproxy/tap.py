@@ -18,12 +18,15 @@ class Options(usage.Options):
         ["config", "c", None, "The unit's TOML config file."],
         ["demo-port", None, 8080, "With --demo: the port of the demo listener.", int],
         ["demo-admin-port", None, 9901, "With --demo: the port of the admin API.", int],
+        ["worker", None, None, "Internal: run as worker I of a supervisor (its wiring comes on stdin).", int],
     ]
     optFlags = [["demo", None, "Run in front of an embedded demo farm of three backends on loopback."]]
 
     def postOptions(self) -> None:
         if bool(self["config"]) == bool(self["demo"]):
             raise usage.UsageError("give exactly one of --config FILE and --demo")
+        if self["worker"] is not None and not self["config"]:
+            raise usage.UsageError("--worker needs --config FILE")
         if self["config"]:
             try:
                 self["unit_config"] = load_config(self["config"])
@@ -47,7 +50,18 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         unit.demo_ports = ports  # type: ignore[attr-defined]
         reactor.callWhenRunning(_announce_demo, unit)
         return unit
-    return Unit(options["unit_config"], reactor)
+    config = options["unit_config"]
+    if options["worker"] is not None:
+        import sys
+
+        from nlbproxy.workers.worker import read_spec, worker_service
+
+        return worker_service(config, read_spec(sys.stdin.buffer), reactor)
+    if config.workers > 1:
+        from nlbproxy.workers.supervisor import Supervisor
+
+        return Supervisor(config, reactor)
+    return Unit(config, reactor)
 
 
 def _announce_demo(unit: Any) -> None:

@@ -1,0 +1,249 @@
+# -*- test-case-name: tests.test_workers -*-
+"""The admin API of a multi-process unit, served by its supervisor.
+
+The contract is the single unit's (:mod:`nlbproxy.admin`); the supervisor
+answers it for the whole unit from its workers' private admin APIs (loopback
+sockets it created, a bearer token it drew):
+
+* changes -- ``PUT .../directive``, ``POST .../cache/purge``, ``DELETE`` of a
+  session -- go to every running worker; a directive the workers took is also
+  remembered and replayed to a worker that restarts, before it serves (its
+  admin socket takes the calls while its listeners still wait for the farm);
+* ``GET /api/v1/state`` and ``GET /metrics`` are every running worker's
+  documents merged (:mod:`nlbproxy.workers.aggregate`), plus the workers'
+  own state and counters;
+* anything else (sessions, health, the status page) is any one running
+  worker's answer, since they share that knowledge.
+
+A worker that does not answer within :data:`~nlbproxy.limits.WORKER_ADMIN_TIMEOUT`
+is left out of the merged documents and counted in ``nlbproxy_workers_unanswered_total``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from io import BytesIO
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from nlbproxy import limits, statuspage
+from nlbproxy.admin import PROMETHEUS_TYPE, AdminRequest
+from nlbproxy.limits import MAX_ADMIN_BODY
+from nlbproxy.metrics import PrometheusWriter
+from nlbproxy.webapi import JSON_TYPE
+from nlbproxy.workers.aggregate import merge_metrics, merge_states
+
+if TYPE_CHECKING:
+    from nlbproxy.workers.supervisor import Slot, Supervisor
+
+log = Logger()
+
+
+class Reply:
+    """A worker's answer: status, content type and body."""
+
+    __slots__ = ("code", "content_type", "body")
+
+    def __init__(self, code: int, content_type: bytes, body: bytes) -> None:
+        self.code = code
+        self.content_type = content_type
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class WorkerAdmin:
+    """Calls the workers' private admin APIs for the supervisor."""
+
+    def __init__(self, supervisor: Supervisor, reactor: Any) -> None:
+        self.supervisor = supervisor
+        self.reactor = reactor
+        self.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        #: (pool, host) -> (path, body) of the operator's last directive.
+        self.directives: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+        self.unanswered = 0
+
+    def running(self) -> list[Slot]:
+        return [slot for slot in self.supervisor.slots if slot.running]
+
+    @defer.inlineCallbacks
+    def call(self, slot: Slot, method: bytes, path: bytes, body: bytes = b"") -> Any:
+        host, port = slot.admin_address
+        headers = Headers({b"Authorization": [b"Bearer " + self.supervisor.token.encode()]})
+        producer = FileBodyProducer(BytesIO(body)) if method in (b"PUT", b"POST") else None
+        request = self.agent.request(method, b"http://%s:%d%s" % (host.encode(), port, path), headers, producer)
+        request.addTimeout(limits.WORKER_ADMIN_TIMEOUT, self.reactor)
+        response = yield request
+        data = yield readBody(response)
+        content_type = (response.headers.getRawHeaders(b"Content-Type") or [JSON_TYPE])[0]
+        return Reply(response.code, content_type, data)
+
+    @defer.inlineCallbacks
+    def fan_out(self, method: bytes, path: bytes, body: bytes = b"") -> Any:
+        """Every running worker's reply (failed calls left out and counted)."""
+        calls = [self.call(slot, method, path, body) for slot in self.running()]
+        results = yield defer.DeferredList(calls, consumeErrors=True)
+        replies = []
+        for ok, value in results:
+            if ok:
+                replies.append(value)
+            else:
+                self.unanswered += 1
+                log.warn("a worker did not answer {method} {path}: {why}", method=method.decode(),
+                         path=path.decode("ascii", "replace"), why=value.getErrorMessage())
+        return replies
+
+    def remember(self, path: bytes, body: bytes, reply: Reply) -> None:
+        document = reply.json()
+        self.directives[(document["pool"], document["host"])] = (path, body)
+
+    def replay(self, slot: Slot) -> None:
+        """Gives a (re)started worker the operator's directives."""
+        for (pool, host), (path, body) in list(self.directives.items()):
+            self.call(slot, b"PUT", path, body).addErrback(self._not_replayed, slot, pool, host)
+
+    @staticmethod
+    def _not_replayed(failure: Failure, slot: Slot, pool: str, host: str) -> None:
+        log.warn("worker {i}: directive of {pool}/{host} not replayed: {why}",
+                 i=slot.index, pool=pool, host=host, why=failure.getErrorMessage())
+
+    def workers_document(self) -> list[dict[str, Any]]:
+        return [
+            {"index": s.index, "pid": s.pid, "running": s.running, "restarts": s.policy.restarts,
+             "given_up": s.given_up}
+            for s in self.supervisor.slots
+        ]
+
+    def own_metrics(self) -> str:
+        w = PrometheusWriter()
+        w.add("nlbproxy_workers", "gauge", "Worker processes the unit is configured with.", len(self.supervisor.slots))
+        for slot in self.supervisor.slots:
+            w.add("nlbproxy_worker_up", "gauge", "1 while the worker process runs.",
+                  1 if slot.running else 0, worker=str(slot.index))
+        for slot in self.supervisor.slots:
+            w.add("nlbproxy_worker_restarts_total", "counter", "Restarts of a worker that died.",
+                  slot.policy.restarts, worker=str(slot.index))
+        w.add("nlbproxy_workers_unanswered_total", "counter",
+              "Calls to a worker's private admin API that failed or timed out.", self.unanswered)
+        link = self.supervisor.link
+        if link is not None:
+            w.add("nlbproxy_health_relayed_total", "counter",
+                  "Agent datagrams relayed to workers (one per worker).", link.relayed)
+            w.add("nlbproxy_health_relay_answers_total", "counter",
+                  "Workers' health answers sent to agents as the unit.", link.answered)
+            for reason, count in sorted(link.drops.items()):
+                w.add("nlbproxy_health_relay_dropped_total", "counter",
+                      "Frames the supervisor's worker link dropped.", count, reason=reason)
+        return w.render()
+
+
+class SupervisorResource(Resource):
+    """The public admin API of a multi-process unit (see the module doc)."""
+
+    isLeaf = True
+
+    def __init__(self, admin: WorkerAdmin, token: str | None) -> None:
+        super().__init__()
+        self.admin = admin
+        self._token = token.encode() if token is not None else None
+
+    def render(self, request: Request) -> Any:
+        segments = tuple(s.decode("utf-8", "replace") for s in request.postpath or ())
+        is_page = request.method in (b"GET", b"HEAD") and segments in statuspage.PATHS
+        if self._token is not None and not is_page:
+            header = request.getHeader(b"Authorization") or b""
+            scheme, _, credentials = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self._token):
+                request.setHeader(b"WWW-Authenticate", b"Bearer")
+                return self._error(request, 401, "missing or wrong bearer token")
+        body = request.content.read(MAX_ADMIN_BODY + 1) if request.content else b""
+        if len(body) > MAX_ADMIN_BODY:
+            return self._error(request, 413, f"body over {MAX_ADMIN_BODY} bytes")
+        d = self._answer(request, segments, body)
+        d.addCallback(self._send, request)
+        d.addErrback(self._failed, request)
+        return NOT_DONE_YET
+
+    @defer.inlineCallbacks
+    def _answer(self, request: Request, segments: tuple[str, ...], body: bytes) -> Any:
+        method = request.method
+        path = request.uri
+        admin = self.admin
+        shape = (len(segments), segments[:2], segments[-1:] if segments else ())
+        if method == b"PUT" and shape == (7, ("api", "v1"), ("directive",)):
+            replies = yield admin.fan_out(method, path, body)
+            ok = [r for r in replies if r.code == 200]
+            if ok:
+                admin.remember(path, body, ok[0])
+            return (ok or replies or [None])[0]
+        if method == b"POST" and shape == (6, ("api", "v1"), ("purge",)):
+            replies = yield admin.fan_out(method, path, body)
+            ok = [r for r in replies if r.code == 200]
+            if not ok:
+                return (replies or [None])[0]
+            document = ok[0].json()
+            document["purged"] = sum(r.json().get("purged", 0) for r in ok)
+            return Reply(200, JSON_TYPE, json.dumps(document).encode() + b"\n")
+        if method == b"DELETE" and shape[:2] == (6, ("api", "v1")):
+            replies = yield admin.fan_out(method, path, body)
+            ok = [r for r in replies if r.code == 200]
+            return (ok or replies or [None])[0]
+        if method == b"GET" and segments == ("api", "v1", "state"):
+            replies = yield admin.fan_out(method, path)
+            documents = [r.json() for r in replies if r.code == 200]
+            if not documents:
+                return (replies or [None])[0]
+            document = merge_states(documents)
+            document["workers"] = admin.workers_document()
+            return Reply(200, JSON_TYPE, json.dumps(document).encode() + b"\n")
+        if method == b"GET" and segments == ("metrics",):
+            replies = yield admin.fan_out(method, path)
+            texts = [r.body.decode() for r in replies if r.code == 200]
+            text = (merge_metrics(texts) if texts else "") + admin.own_metrics()
+            return Reply(200, PROMETHEUS_TYPE, text.encode())
+        for slot in admin.running():
+            try:
+                reply = yield admin.call(slot, method, path, body)
+            except Exception as exc:  # a worker dying under us: ask the next one
+                log.warn("worker {i} did not answer {path}: {why}", i=slot.index,
+                         path=path.decode("ascii", "replace"), why=exc)
+                admin.unanswered += 1
+                continue
+            return reply
+        return None
+
+    def _send(self, reply: Reply | None, request: Request) -> None:
+        if reply is None:
+            reply = Reply(503, JSON_TYPE, b'{"error": "no worker answered"}\n')
+        request.setResponseCode(reply.code)
+        request.setHeader(b"Content-Type", reply.content_type)
+        request.setHeader(b"Cache-Control", b"no-store")
+        if request.method != b"HEAD":
+            request.write(reply.body)
+        request.finish()
+
+    def _failed(self, failure: Any, request: Request) -> None:
+        log.failure("admin API: {uri}", failure, uri=request.uri)
+        if not request.finished and not request._disconnected:
+            self._send(Reply(500, JSON_TYPE, b'{"error": "internal error"}\n'), request)
+
+    def _error(self, request: Request, code: int, message: str) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"Content-Type", JSON_TYPE)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json.dumps({"error": message}).encode() + b"\n"
+
+
+def make_supervisor_site(admin: WorkerAdmin, token: str | None, reactor: Any) -> Site:
+    site = Site(SupervisorResource(admin, token), requestFactory=AdminRequest, reactor=reactor)
+    site.displayTracebacks = False
+    return site

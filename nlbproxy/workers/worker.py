@@ -1,0 +1,169 @@
+# -*- test-case-name: tests.test_workers -*-
+"""A worker process: a Unit on the sockets and peers its supervisor gave it.
+
+The supervisor starts ``twistd -n --pidfile= nlbproxy --config FILE --worker I``
+with the sockets to adopt as inherited descriptors and writes its wiring
+(:class:`WorkerSpec`, one JSON line: descriptor numbers, DAM peers, private
+admin token, the farm secret) on the worker's stdin.  It keeps that pipe
+open: end of file means the supervisor is gone, and the worker stops rather
+than serve on as an orphan nobody restarts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.error import ConnectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from nlbproxy.config import UnitConfig
+from nlbproxy.unit import StartError, Unit
+from nlbproxy.workers.healthrelay import RelayLink
+
+log = Logger()
+
+#: Listener and admin endpoints of a worker name an inherited descriptor:
+#: ``fd:NUMBER:FAMILY`` (FAMILY as in ``socket.AF_*`` without the prefix).
+FD_PREFIX = "fd:"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a supervisor tells worker ``index`` (JSON on its stdin)."""
+
+    index: int
+    listeners: dict[str, tuple[int, str]]
+    admin: tuple[int, str]
+    admin_token: str
+    dam_name: str
+    dam: str
+    peers: tuple[str, ...]
+    secret: bytes
+    health: tuple[int, str, tuple[str, int]] | None = None
+
+    def to_json(self) -> bytes:
+        data = dataclasses.asdict(self)
+        data["secret"] = self.secret.hex()
+        return json.dumps(data).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, line: bytes) -> WorkerSpec:
+        data = json.loads(line)
+        health = data["health"]
+        return cls(
+            index=int(data["index"]),
+            listeners={name: (int(fd), str(family)) for name, (fd, family) in data["listeners"].items()},
+            admin=(int(data["admin"][0]), str(data["admin"][1])),
+            admin_token=str(data["admin_token"]),
+            dam_name=str(data["dam_name"]),
+            dam=str(data["dam"]),
+            peers=tuple(str(p) for p in data["peers"]),
+            secret=bytes.fromhex(data["secret"]),
+            health=None if health is None else (int(health[0]), str(health[1]), (str(health[2][0]), int(health[2][1]))),
+        )
+
+
+def worker_config(config: UnitConfig, spec: WorkerSpec) -> UnitConfig:
+    """The unit config a worker runs: the operator's, rewired by ``spec``."""
+    from nlbproxy.config import parse_host_port
+
+    listeners = tuple(
+        dataclasses.replace(lc, endpoint=f"{FD_PREFIX}{spec.listeners[lc.name][0]}:{spec.listeners[lc.name][1]}")
+        for lc in config.listeners
+    )
+    return dataclasses.replace(
+        config,
+        workers=1,
+        listeners=listeners,
+        admin=f"{FD_PREFIX}{spec.admin[0]}:{spec.admin[1]}",
+        admin_token=spec.admin_token,
+        secret=spec.secret,
+        dam=spec.dam,
+        peers=tuple(parse_host_port(p) for p in spec.peers),
+    )
+
+
+class WorkerUnit(Unit):
+    """A Unit whose ``fd:`` endpoints adopt sockets its supervisor made."""
+
+    def __init__(self, config: UnitConfig, spec: WorkerSpec, reactor: Any) -> None:
+        super().__init__(worker_config(config, spec), reactor, dam_name=spec.dam_name)
+        self.spec = spec
+        if spec.health is not None:
+            fd, family, supervisor = spec.health
+            self.health.relay = RelayLink(fd, family, supervisor)
+
+    def _listen(self, description: str, factory: Any) -> Any:
+        if not description.startswith(FD_PREFIX):
+            return super()._listen(description, factory)
+        fd, family = description[len(FD_PREFIX):].split(":")
+        try:
+            return self.reactor.adoptStreamPort(int(fd), getattr(socket, "AF_" + family), factory)
+        except OSError as exc:
+            raise StartError(f"worker {self.spec.index}: cannot adopt descriptor {fd}: {exc}") from exc
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        # Adopting dups each descriptor; the inherited ones are not needed.
+        fds = {fd for fd, _ in [*self.spec.listeners.values(), self.spec.admin]}
+        if self.spec.health is not None:
+            fds.add(self.spec.health[0])
+        for fd in fds:
+            _close_quietly(fd)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class ParentWatch:
+    """Reads the worker's stdin; end of file (the supervisor died) stops the reactor."""
+
+    def __init__(self, reactor: Any, fd: int = 0) -> None:
+        self.reactor = reactor
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "supervisor-pipe"
+
+    def doRead(self) -> Any:
+        try:
+            data = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        return None if data else ConnectionDone()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.reactor.removeReader(self)
+        if self.reactor.running:
+            log.warn("supervisor gone: worker stopping")
+            self.reactor.stop()
+
+
+def read_spec(stream: Any) -> WorkerSpec:
+    """The first line of the worker's stdin."""
+    line = stream.readline()
+    if not line:
+        raise SystemExit("worker: no wiring on stdin (is this a supervisor's child?)")
+    return WorkerSpec.from_json(line)
+
+
+def worker_service(config: UnitConfig, spec: WorkerSpec, reactor: Any) -> WorkerUnit:
+    unit = WorkerUnit(config, spec, reactor)
+    os.set_blocking(0, False)
+    reactor.callWhenRunning(reactor.addReader, ParentWatch(reactor))
+    return unit
