@@ -418,10 +418,10 @@ def _choice(*options: str) -> _Convert:
 def _workers(value: object) -> int:
     """``workers``: a count of processes, or ``"auto"`` for one per core."""
     if value == "auto":
-        return max(1, os.cpu_count() or 1)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limits.MAX_WORKERS:
-        raise ValueError(f"expected an integer 1-{limits.MAX_WORKERS} or \"auto\", got {value!r}")
-    return value
+        return min(limits.MAX_WORKERS, max(1, os.cpu_count() or 1))
+    if isinstance(value, str):
+        raise ValueError(f"expected an integer or \"auto\", got {value!r}")
+    return int(_integer(1, limits.MAX_WORKERS)(value))
 
 
 def _not_yet(
@@ -618,7 +618,7 @@ _UNIT: dict[str, _Convert] = {
     "name": _name,
     "admin": _admin_endpoint,
     "admin_token_file": _string,
-    "workers": lambda value: _workers(value),
+    "workers": _workers,
     "access_log": _string,
     "log_format": _choice("text", "json"),
     "grace_period": _seconds(zero_ok=True),

@@ -12,6 +12,8 @@ sockets it created, a bearer token it drew):
 * ``GET /api/v1/state`` and ``GET /metrics`` are every running worker's
   documents merged (:mod:`nlbproxy.workers.aggregate`), plus the workers'
   own state and counters;
+* ``/api/v1/workers/I/...`` is worker I's own answer to ``/...`` (its own
+  state, metrics, health), to find a worker that disagrees;
 * anything else (sessions, health, the status page) is any one running
   worker's answer, since they share that knowledge.
 
@@ -50,12 +52,14 @@ log = Logger()
 class Reply:
     """A worker's answer: status, content type and body."""
 
-    __slots__ = ("code", "content_type", "body")
+    __slots__ = ("code", "content_type", "body", "slot")
 
     def __init__(self, code: int, content_type: bytes, body: bytes) -> None:
         self.code = code
         self.content_type = content_type
         self.body = body
+        #: The worker that answered, once known.
+        self.slot: Slot | None = None
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -90,11 +94,13 @@ class WorkerAdmin:
     @defer.inlineCallbacks
     def fan_out(self, method: bytes, path: bytes, body: bytes = b"") -> Any:
         """Every running worker's reply (failed calls left out and counted)."""
-        calls = [self.call(slot, method, path, body) for slot in self.running()]
+        slots = self.running()
+        calls = [self.call(slot, method, path, body) for slot in slots]
         results = yield defer.DeferredList(calls, consumeErrors=True)
         replies = []
-        for ok, value in results:
+        for slot, (ok, value) in zip(slots, results):
             if ok:
+                value.slot = slot
                 replies.append(value)
             else:
                 self.unanswered += 1
@@ -116,10 +122,19 @@ class WorkerAdmin:
         log.warn("worker {i}: directive of {pool}/{host} not replayed: {why}",
                  i=slot.index, pool=pool, host=host, why=failure.getErrorMessage())
 
-    def workers_document(self) -> list[dict[str, Any]]:
+    def workers_document(self, replies: list[Reply]) -> list[dict[str, Any]]:
+        """Each worker's process state and what its listeners counted."""
+        counted: dict[int, dict[str, int]] = {}
+        for reply in replies:
+            if reply.slot is not None and reply.code == 200:
+                listeners = reply.json().get("listeners", {}).values()
+                counted[reply.slot.index] = {
+                    "connections": sum(li.get("connections", 0) for li in listeners),
+                    "requests": sum(li.get("requests", 0) for li in listeners),
+                }
         return [
             {"index": s.index, "pid": s.pid, "running": s.running, "restarts": s.policy.restarts,
-             "given_up": s.given_up}
+             "given_up": s.given_up, **counted.get(s.index, {"connections": 0, "requests": 0})}
             for s in self.supervisor.slots
         ]
 
@@ -203,13 +218,23 @@ class SupervisorResource(Resource):
             if not documents:
                 return (replies or [None])[0]
             document = merge_states(documents)
-            document["workers"] = admin.workers_document()
+            document["workers"] = admin.workers_document(replies)
             return Reply(200, JSON_TYPE, json.dumps(document).encode() + b"\n")
         if method == b"GET" and segments == ("metrics",):
             replies = yield admin.fan_out(method, path)
             texts = [r.body.decode() for r in replies if r.code == 200]
             text = (merge_metrics(texts) if texts else "") + admin.own_metrics()
             return Reply(200, PROMETHEUS_TYPE, text.encode())
+        if segments[:3] == ("api", "v1", "workers") and len(segments) > 3:
+            # One worker's own API, for operators chasing a worker that disagrees.
+            index = segments[3]
+            chosen = [s for s in admin.running() if str(s.index) == index]
+            if not chosen:
+                return Reply(404, JSON_TYPE, json.dumps({"error": f"no running worker {index}"}).encode() + b"\n")
+            inner = b"/" + b"/".join(request.uri.split(b"?")[0].split(b"/")[5:])
+            query = request.uri.partition(b"?")[2]
+            reply = yield admin.call(chosen[0], method, inner + (b"?" + query if query else b""), body)
+            return reply
         for slot in admin.running():
             try:
                 reply = yield admin.call(slot, method, path, body)
