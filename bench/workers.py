@@ -132,9 +132,11 @@ def main(argv: list[str] | None = None) -> None:
                       "errors": sum(r.errors for r in rs)}
                for name, rs in runs.items()}
     print(f"\nwrk -t1 -c{args.connections} -d{args.duration:g}s, {args.rounds} round(s), median per target")
-    print(f"{'target':<10}{'req/s':>10}{'p99 ms':>9}{'proxy CPU':>11}{'/ w1':>7}{'/ haproxy':>11}{'errors':>8}")
+    print(f"{'target':<10}{'req/s':>10}{'p99 ms':>9}{'proxy CPU':>11}{'req/CPU-s':>11}"
+          f"{'/ w1':>7}{'/ haproxy':>11}{'errors':>8}")
     for name, s in summary.items():
-        print(f"{name:<10}{s['rps']:>10.0f}{s['p99_ms']:>9.2f}{s['proxy_cpu']:>11.0%}"
+        per_cpu = s["rps"] / s["proxy_cpu"] if s["proxy_cpu"] else 0.0
+        print(f"{name:<10}{s['rps']:>10.0f}{s['p99_ms']:>9.2f}{s['proxy_cpu']:>11.0%}{per_cpu:>11.0f}"
               f"{s['rps'] / summary['w1']['rps']:>7.2f}{s['rps'] / summary['haproxy']['rps']:>11.2f}"
               f"{s['errors']:>8.0f}")
     print("\nmemory (RSS after the runs)")
