@@ -177,3 +177,10 @@ WORKER_STOP_MARGIN = 5.0
 #: Listen backlog of each worker's listening socket (the supervisor keeps it
 #: open, so connections queue here while a worker restarts).
 WORKER_BACKLOG = 1024
+#: A worker started by a reload or an upgrade that does not serve within this
+#: many seconds is killed and the old worker kept.
+WORKER_START_TIMEOUT = 30.0
+#: A directive replayed to a restarted worker for a host it does not know yet
+#: (its agent was not heard yet) is retried this many times, this far apart.
+WORKER_REPLAY_TRIES = 20
+WORKER_REPLAY_INTERVAL = 0.5

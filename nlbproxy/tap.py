@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application import service
@@ -27,7 +28,8 @@ class Options(usage.Options):
             raise usage.UsageError("give exactly one of --config FILE and --demo")
         if self["worker"] is not None and not self["config"]:
             raise usage.UsageError("--worker needs --config FILE")
-        if self["config"]:
+        if self["config"] and self["worker"] is None:
+            # (A worker takes the config text its supervisor accepted.)
             try:
                 self["unit_config"] = load_config(self["config"])
             except ConfigError as exc:
@@ -50,13 +52,13 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         unit.demo_ports = ports  # type: ignore[attr-defined]
         reactor.callWhenRunning(_announce_demo, unit)
         return unit
-    config = options["unit_config"]
     if options["worker"] is not None:
         import sys
 
         from nlbproxy.workers.worker import read_spec, worker_service
 
-        return worker_service(config, read_spec(sys.stdin.buffer), reactor)
+        return worker_service(os.path.abspath(options["config"]), read_spec(sys.stdin.buffer), reactor)
+    config = options["unit_config"]
     if config.workers > 1:
         from nlbproxy.workers.supervisor import Supervisor
 

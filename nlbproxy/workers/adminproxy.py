@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -113,14 +114,33 @@ class WorkerAdmin:
         self.directives[(document["pool"], document["host"])] = (path, body)
 
     def replay(self, slot: Slot) -> None:
-        """Gives a (re)started worker the operator's directives."""
-        for (pool, host), (path, body) in list(self.directives.items()):
-            self.call(slot, b"PUT", path, body).addErrback(self._not_replayed, slot, pool, host)
+        """Gives a (re)started worker the operator's directives.
 
-    @staticmethod
-    def _not_replayed(failure: Failure, slot: Slot, pool: str, host: str) -> None:
-        log.warn("worker {i}: directive of {pool}/{host} not replayed: {why}",
-                 i=slot.index, pool=pool, host=host, why=failure.getErrorMessage())
+        Called when the worker starts (its admin socket queues the calls
+        until it listens, before its listeners accept) and again when it
+        serves: a host its agent announces exists only once the agent was
+        heard, so a directive for it is retried until the host is known.
+        """
+        process = slot.process
+        for (pool, host), (path, body) in list(self.directives.items()):
+            self._replay_one(slot, process, pool, host, path, body)
+
+    @defer.inlineCallbacks
+    def _replay_one(self, slot: Slot, process: Any, pool: str, host: str, path: bytes, body: bytes) -> Any:
+        for _ in range(limits.WORKER_REPLAY_TRIES):
+            if slot.process is not process or self.directives.get((pool, host)) != (path, body):
+                return
+            try:
+                reply = yield self.call(slot, b"PUT", path, body)
+            except Exception as exc:  # the worker died or is stuck: its restart replays again
+                log.warn("worker {i}: directive of {pool}/{host} not replayed: {why}",
+                         i=slot.index, pool=pool, host=host, why=exc)
+                return
+            if reply.code != 404:
+                return
+            yield deferLater(self.reactor, limits.WORKER_REPLAY_INTERVAL, lambda: None)
+        log.warn("worker {i}: directive of {pool}/{host} not replayed: no such host there",
+                 i=slot.index, pool=pool, host=host)
 
     def workers_document(self, replies: list[Reply]) -> list[dict[str, Any]]:
         """Each worker's process state and what its listeners counted."""
@@ -134,7 +154,8 @@ class WorkerAdmin:
                 }
         return [
             {"index": s.index, "pid": s.pid, "running": s.running, "restarts": s.policy.restarts,
-             "given_up": s.given_up, **counted.get(s.index, {"connections": 0, "requests": 0})}
+             "given_up": s.given_up, "generation": s.generation,
+             "serving": s.process is not None and s.process.serving, "retiring": len(s.retiring), **counted.get(s.index, {"connections": 0, "requests": 0})}
             for s in self.supervisor.slots
         ]
 
@@ -169,6 +190,10 @@ class SupervisorResource(Resource):
     def __init__(self, admin: WorkerAdmin, token: str | None) -> None:
         super().__init__()
         self.admin = admin
+        self._token = token.encode() if token is not None else None
+
+    def set_token(self, token: str | None) -> None:
+        """A reloaded admin token: the next request must carry it."""
         self._token = token.encode() if token is not None else None
 
     def render(self, request: Request) -> Any:
@@ -212,6 +237,8 @@ class SupervisorResource(Resource):
             replies = yield admin.fan_out(method, path, body)
             ok = [r for r in replies if r.code == 200]
             return (ok or replies or [None])[0]
+        if method == b"POST" and segments in (("api", "v1", "reload"), ("api", "v1", "upgrade")):
+            return self._control(segments[2])
         if method == b"GET" and segments == ("api", "v1", "state"):
             replies = yield admin.fan_out(method, path)
             documents = [r.json() for r in replies if r.code == 200]
@@ -219,6 +246,8 @@ class SupervisorResource(Resource):
                 return (replies or [None])[0]
             document = merge_states(documents)
             document["workers"] = admin.workers_document(replies)
+            document["generation"] = admin.supervisor.generation
+            document["roll"] = admin.supervisor.last_roll
             return Reply(200, JSON_TYPE, json.dumps(document).encode() + b"\n")
         if method == b"GET" and segments == ("metrics",):
             replies = yield admin.fan_out(method, path)
@@ -246,6 +275,19 @@ class SupervisorResource(Resource):
             return reply
         return None
 
+    def _control(self, what: str) -> Reply:
+        from nlbproxy.workers.supervisor import ReloadRefused
+
+        supervisor = self.admin.supervisor
+        log.info("{what} asked through the admin API", what=what)
+        try:
+            roll = supervisor.reload_file() if what == "reload" else supervisor.upgrade()
+        except ReloadRefused as exc:
+            return _json(409, {"error": str(exc), "reasons": exc.reasons})
+        if what == "reload":
+            return _json(200, {"reloaded": True, "roll": roll})
+        return _json(202, {"upgrading": True, "pid": os.getpid(), "roll": roll})
+
     def _send(self, reply: Reply | None, request: Request) -> None:
         if reply is None:
             reply = Reply(503, JSON_TYPE, b'{"error": "no worker answered"}\n')
@@ -268,7 +310,15 @@ class SupervisorResource(Resource):
         return json.dumps({"error": message}).encode() + b"\n"
 
 
-def make_supervisor_site(admin: WorkerAdmin, token: str | None, reactor: Any) -> Site:
-    site = Site(SupervisorResource(admin, token), requestFactory=AdminRequest, reactor=reactor)
+def _json(code: int, document: object) -> Reply:
+    return Reply(code, JSON_TYPE, json.dumps(document).encode() + b"\n")
+
+
+class SupervisorSite(Site):
+    resource: SupervisorResource
+
+
+def make_supervisor_site(admin: WorkerAdmin, token: str | None, reactor: Any) -> SupervisorSite:
+    site = SupervisorSite(SupervisorResource(admin, token), requestFactory=AdminRequest, reactor=reactor)
     site.displayTracebacks = False
     return site

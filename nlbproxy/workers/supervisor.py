@@ -1,5 +1,19 @@
 # -*- test-case-name: tests.test_workers -*-
-"""The supervisor of a unit with ``workers > 1`` (see :mod:`nlbproxy.workers`)."""
+"""The supervisor of a unit with ``workers > 1`` (see :mod:`nlbproxy.workers`).
+
+Reload and upgrade (``SIGHUP``/``SIGUSR2``, ``POST /api/v1/reload`` and
+``/upgrade``) replace the workers one at a time: the new process adopts the
+same listening sockets as the one it replaces, and only once it serves is the
+old one stopped gracefully (it finishes what it has in flight).  Both
+processes accept from the same queue meanwhile, so no connection waits for a
+start and none is refused.  A new process also runs the program as it now is
+on disk, which is how an upgrade reaches the workers; the supervisor itself
+keeps running its own code.  A config the supervisor cannot parse, or one that
+changes what the supervisor itself owns (``workers``, ``admin``, ``health``,
+``dam``, ``peers``, ``name``, the secret), is refused with its reasons and the
+running one keeps serving; so is a config a new worker cannot start with (the
+workers go back to the config they had).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +22,7 @@ import re
 import secrets
 import signal
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nlbproxy import limits
-from nlbproxy.config import UnitConfig, format_host_port
+from nlbproxy.config import ConfigError, UnitConfig, format_host_port, parse_config
 from nlbproxy.health.codec import SENDER_AGENT_KINDS, Codec, ReplayGuard
 from nlbproxy.health.messages import node_id
 from nlbproxy.unit import StartError, url_of
@@ -43,13 +58,23 @@ _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT[0-9:.]+[+-]\d{4} ")
 #: The first descriptor number a worker inherits its sockets at.
 FIRST_FD = 3
 
+#: What a reload cannot change: the supervisor owns it (a restart can).
+SUPERVISOR_KEYS = ("name", "workers", "admin", "health", "dam", "peers", "secret")
+
+
+class ReloadRefused(Exception):
+    """A reload or upgrade that will not happen, and why."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons
+
 
 @dataclass
 class Slot:
     """One worker: its sockets (kept across restarts), process and history."""
 
     index: int
-    listeners: dict[str, Inherited]
     admin: Inherited
     health: Inherited | None
     dam_name: str
@@ -57,9 +82,9 @@ class Slot:
     dam_address: tuple[str, int]
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     process: WorkerProcess | None = None
-    pid: int | None = None
+    #: Processes replaced by a reload, finishing their requests.
+    retiring: list[WorkerProcess] = field(default_factory=list)
     given_up: bool = False
-    deaths: int = 0
     pending: Any = None
 
     @property
@@ -71,17 +96,37 @@ class Slot:
     def running(self) -> bool:
         return self.process is not None
 
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def generation(self) -> int:
+        return self.process.generation if self.process is not None else -1
+
 
 class WorkerProcess(protocol.ProcessProtocol):
-    """Watches one worker process; its stdin stays open as the worker's lifeline."""
+    """One worker process; its stdin stays open as the worker's lifeline."""
 
-    def __init__(self, supervisor: Supervisor, slot: Slot) -> None:
+    def __init__(self, supervisor: Supervisor, slot: Slot, generation: int, status_fd: int) -> None:
         self.supervisor = supervisor
         self.slot = slot
+        self.generation = generation
+        self.status_fd = status_fd
+        self.pid: int | None = None
+        self.serving = False
+        #: During a reload: the process this one replaces once it serves.
+        self.replaces: WorkerProcess | None = None
+        self.start_timer: Any = None
         self.ended: defer.Deferred[None] = defer.Deferred()
         self._partial = b""
 
-    def outReceived(self, data: bytes) -> None:
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == self.status_fd:
+            if b"serving" in data and not self.serving:
+                self.serving = True
+                self.supervisor.worker_serving(self)
+            return
         # The worker logs to its stdout; its lines join the unit's log,
         # marked with the worker's index.
         self._partial += data
@@ -90,40 +135,52 @@ class WorkerProcess(protocol.ProcessProtocol):
             text = _TIMESTAMP.sub("", line.decode("utf-8", "replace"), count=1)
             log.info("[worker {i}] {line}", i=self.slot.index, line=text)
 
-    errReceived = outReceived
+    def signal(self, signum: int) -> None:
+        try:
+            self.transport.signalProcess(signum)  # type: ignore[union-attr]
+        except error.ProcessExitedAlready:
+            pass
 
     def processEnded(self, reason: Failure) -> None:
         if self._partial:
-            self.outReceived(b"\n")
+            self.childDataReceived(1, b"\n")
         self.ended.callback(None)
-        self.supervisor.worker_ended(self.slot, self, reason)
+        self.supervisor.worker_ended(self, reason)
 
 
 class Supervisor(service.Service):
     """Creates the sockets, runs the workers, serves the unit's admin API."""
 
     def __init__(self, config: UnitConfig, reactor: Any, executable: str = sys.executable) -> None:
-        self.config = config
         self.reactor = reactor
         self.executable = executable
-        self.count = config.workers
+        self.path = os.path.abspath(config.path)
+        # Workers get the text the supervisor parsed, not whatever the file
+        # holds when they start.
+        self.config_text = _read(self.path)
+        self.config = parse_config(tomllib.loads(self.config_text), self.path)
+        self.count = self.config.workers
+        self.generation = 0
         self.token = secrets.token_urlsafe(24)
         # Every worker must sign affinity cookies and DAM calls alike.
-        self.secret = config.secret if config.secret is not None else os.urandom(32)
+        self.secret = self.config.secret if self.config.secret is not None else os.urandom(32)
         self.slots: list[Slot] = []
+        #: (listener name, endpoint) -> one socket per worker.
+        self.listener_sockets: dict[tuple[str, str], list[Inherited]] = {}
         self.public_health: PublicHealth | None = None
         self.link: WorkerLink | None = None
         self.admin: WorkerAdmin | None = None
         self._udp_ports: list[Any] = []
         self.admin_port: Any = None
         self.stopping = False
+        self._rolling = False
+        self._previous: tuple[UnitConfig, str] | None = None
+        self.last_roll: dict[str, Any] = {}
+        self._previous_handlers: dict[int, Any] = {}
 
     # -- start -----------------------------------------------------------------
     def privilegedStartService(self) -> None:
-        try:
-            per_listener = {lc.name: listening_sockets(lc.endpoint, self.count) for lc in self.config.listeners}
-        except OSError as exc:
-            raise StartError(f"cannot listen: {exc}") from exc
+        self._open_listeners(self.config)
         if self.config.dam is not None:
             face = connect_address(self.config.dam)
         for i in range(self.count):
@@ -134,7 +191,6 @@ class Supervisor(service.Service):
                 dam, address = f"tcp:{port}:interface=127.0.0.1", ("127.0.0.1", port)
             self.slots.append(Slot(
                 index=i,
-                listeners={name: socks[i] for name, socks in per_listener.items()},
                 admin=loopback_stream(),
                 health=loopback_datagram() if self.config.health is not None else None,
                 dam_name=f"{self.config.name}.w{i}",
@@ -144,14 +200,35 @@ class Supervisor(service.Service):
         if self.config.health is not None:
             self._listen_health()
         self.admin = WorkerAdmin(self, self.reactor)
-        site = make_supervisor_site(self.admin, self.config.admin_token, self.reactor)
+        self.site = make_supervisor_site(self.admin, self.config.admin_token, self.reactor)
         result: list[Any] = []
-        serverFromString(self.reactor, self.config.admin).listen(site).addBoth(result.append)
+        serverFromString(self.reactor, self.config.admin).listen(self.site).addBoth(result.append)
         if not result or isinstance(result[0], Failure):
             why = result[0].getErrorMessage() if result else "did not bind at once"
             raise StartError(f"cannot listen on {self.config.admin}: {why}")
         self.admin_port = result[0]
         super().privilegedStartService()
+
+    def _open_listeners(self, config: UnitConfig) -> None:
+        """Sockets for the listeners of ``config`` that have none yet."""
+        for lc in config.listeners:
+            key = (lc.name, lc.endpoint)
+            if key in self.listener_sockets:
+                continue
+            try:
+                self.listener_sockets[key] = listening_sockets(lc.endpoint, self.count)
+            except OSError as exc:
+                raise StartError(f"cannot listen on {lc.endpoint}: {exc}") from exc
+
+    def _close_stale_listeners(self) -> None:
+        """Closes the sockets of listeners no process uses any more."""
+        if self._rolling or any(slot.retiring for slot in self.slots):
+            return
+        wanted = {(lc.name, lc.endpoint) for lc in self.config.listeners}
+        for key in [k for k in self.listener_sockets if k not in wanted]:
+            for inherited in {id(i.sock): i for i in self.listener_sockets.pop(key)}.values():
+                inherited.sock.close()
+            log.info("listener {name} on {endpoint} closed", name=key[0], endpoint=key[1])
 
     def _listen_health(self) -> None:
         assert self.config.health is not None
@@ -176,25 +253,28 @@ class Supervisor(service.Service):
             self.privilegedStartService()
         super().startService()
         # Logged before any worker runs: a worker logs its private admin URL.
-        for name, inherited in self.slots[0].listeners.items():
-            log.info("listener {name} on {url} ({n} workers)", name=name, url=_url(inherited), n=self.count)
+        for lc in self.config.listeners:
+            log.info("listener {name} on {url} ({n} workers)", name=lc.name,
+                     url=_url(self.listener_sockets[(lc.name, lc.endpoint)][0]), n=self.count)
         log.info("admin API on {url}", url=url_of(self.admin_port))
         if self.public_health is not None and self.public_health.transport is not None:
             where = self.public_health.transport.getHost()
             log.info("health messages on udp {ip}:{port}", ip=where.host, port=where.port)
         for slot in self.slots:
             self.spawn(slot)
+        self._install_signals()
 
-    def spec(self, slot: Slot) -> tuple[WorkerSpec, dict[int, int]]:
-        """What worker ``slot`` is told, and its descriptors (child -> ours)."""
-        fds: dict[int, int] = {}
+    def spec(self, slot: Slot) -> tuple[WorkerSpec, dict[int, int | str], int]:
+        """What worker ``slot`` is told, its descriptors (child -> ours) and its status descriptor."""
+        fds: dict[int, int | str] = {}
 
         def give(inherited: Inherited) -> tuple[int, str]:
             fd = FIRST_FD + len(fds)
             fds[fd] = inherited.sock.fileno()
             return fd, inherited.family
 
-        listeners = {name: give(sock) for name, sock in slot.listeners.items()}
+        listeners = {lc.name: give(self.listener_sockets[(lc.name, lc.endpoint)][slot.index])
+                     for lc in self.config.listeners}
         admin = give(slot.admin)
         health = None
         if slot.health is not None:
@@ -202,69 +282,216 @@ class Supervisor(service.Service):
             relay = self.link.transport.getHost()
             fd, family = give(slot.health)
             health = (fd, family, (relay.host, relay.port))
+        status_fd = FIRST_FD + len(fds)
+        fds[status_fd] = "r"
         peers = [format_host_port(*other.dam_address) for other in self.slots if other is not slot]
         if slot.index == 0:
             peers += [format_host_port(*p) for p in self.config.peers]
         spec = WorkerSpec(
             index=slot.index, listeners=listeners, admin=admin, admin_token=self.token,
             dam_name=slot.dam_name, dam=slot.dam, peers=tuple(peers), secret=self.secret, health=health,
+            config=self.config_text, status_fd=status_fd, generation=self.generation,
         )
-        return spec, fds
+        return spec, fds, status_fd
 
-    def spawn(self, slot: Slot) -> None:
+    def spawn(self, slot: Slot) -> WorkerProcess:
+        """Starts a worker process for ``slot``; it becomes the slot's process."""
+        if slot.pending is not None and slot.pending.active():
+            slot.pending.cancel()
         slot.pending = None
-        spec, fds = self.spec(slot)
+        spec, fds, status_fd = self.spec(slot)
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         child_fds.update(fds)
         args = [
             self.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "--nodaemon", "--pidfile=", "nlbproxy", "--config", self.config.path, "--worker", str(slot.index),
+            "--nodaemon", "--pidfile=", "nlbproxy", "--config", self.path, "--worker", str(slot.index),
         ]
-        process = WorkerProcess(self, slot)
+        process = WorkerProcess(self, slot, self.generation, status_fd)
         transport = self.reactor.spawnProcess(process, self.executable, args, env=os.environ.copy(),
                                               childFDs=child_fds)
         transport.write(spec.to_json())
+        process.pid = transport.pid
         slot.process = process
-        slot.pid = transport.pid
         slot.policy.started(self.reactor.seconds())
-        log.info("worker {i} started (pid {pid})", i=slot.index, pid=slot.pid)
+        log.info("worker {i} started (pid {pid}, config generation {g})", i=slot.index, pid=process.pid,
+                 g=self.generation)
         if self.admin is not None:
             self.admin.replay(slot)
+        return process
 
-    # -- deaths ----------------------------------------------------------------------
-    def worker_ended(self, slot: Slot, process: WorkerProcess, reason: Failure) -> None:
+    # -- what workers do -----------------------------------------------------------------
+    def worker_serving(self, process: WorkerProcess) -> None:
+        slot = process.slot
+        log.info("worker {i} (pid {pid}) serving", i=slot.index, pid=process.pid)
+        if self.admin is not None and slot.process is process:
+            self.admin.replay(slot)
+        old = process.replaces
+        if old is None:
+            return
+        process.replaces = None
+        if process.start_timer is not None and process.start_timer.active():
+            process.start_timer.cancel()
+        slot.retiring.append(old)
+        old.signal(signal.SIGTERM)
+        self._roll_next()
+
+    def worker_ended(self, process: WorkerProcess, reason: Failure) -> None:
+        slot = process.slot
+        how = _how(reason)
+        if process in slot.retiring:
+            slot.retiring.remove(process)
+            log.info("worker {i} (pid {pid}, generation {g}) retired: {how}", i=slot.index, pid=process.pid,
+                     g=process.generation, how=how)
+            self._close_stale_listeners()
+            return
         if slot.process is not process:
             return
         slot.process = None
         if self.stopping:
             return
-        slot.deaths += 1
-        how = _how(reason)
+        if process.replaces is not None:
+            self._roll_failed(process, f"worker {slot.index} with the new config {how} before serving")
+            return
         delay = slot.policy.died(self.reactor.seconds())
         if delay is None:
             slot.given_up = True
             log.critical("worker {i} (pid {pid}) {how}: died {n} times in a row, not restarted",
-                         i=slot.index, pid=slot.pid, how=how, n=slot.policy.streak)
+                         i=slot.index, pid=process.pid, how=how, n=slot.policy.streak)
             if not any(s.running or s.pending is not None for s in self.slots):
                 log.critical("no worker left: the unit stops")
                 self.reactor.stop()
             return
         log.warn("worker {i} (pid {pid}) {how}: restarting in {delay}s",
-                 i=slot.index, pid=slot.pid, how=how, delay=delay)
+                 i=slot.index, pid=process.pid, how=how, delay=delay)
         slot.pending = self.reactor.callLater(delay, self.spawn, slot)
+
+    # -- reload and upgrade --------------------------------------------------------------
+    def reload_file(self) -> dict[str, Any]:
+        """Checks the config file and rolls the workers onto it; raises ReloadRefused."""
+        try:
+            text = _read(self.path)
+            config = parse_config(tomllib.loads(text), self.path)
+        except ConfigError as exc:
+            raise ReloadRefused([str(exc)]) from None
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ReloadRefused([f"{self.path}: {exc}"]) from None
+        reasons = [
+            f"unit.{key}: changing it needs a restart of the unit (the supervisor owns it)"
+            for key in SUPERVISOR_KEYS
+            if getattr(config, key) != getattr(self.config, key)
+            and not (key == "secret" and self.config.secret is None and config.secret is None)
+        ]
+        if reasons:
+            raise ReloadRefused(reasons)
+        try:
+            self._open_listeners(config)
+        except StartError as exc:
+            raise ReloadRefused([str(exc)]) from None
+        self._previous = (self.config, self.config_text)
+        self.config, self.config_text = config, text
+        self.site.resource.set_token(config.admin_token)
+        return self._start_roll("reload")
+
+    def upgrade(self) -> dict[str, Any]:
+        """New worker processes (running the program now on disk) on the same config."""
+        self._previous = None
+        return self._start_roll("upgrade")
+
+    def _start_roll(self, why: str) -> dict[str, Any]:
+        self.generation += 1
+        self.last_roll = {"why": why, "generation": self.generation, "done": False, "error": None}
+        log.info("{why}: replacing the workers one at a time (config generation {g})", why=why,
+                 g=self.generation)
+        if not self._rolling:
+            self._rolling = True
+            self._roll_next()
+        return dict(self.last_roll)
+
+    def _roll_next(self) -> None:
+        stale = [s for s in self.slots if s.generation < self.generation and not s.given_up]
+        if not stale or self.stopping:
+            self._rolling = False
+            if not self.stopping:
+                self.last_roll["done"] = True
+                log.info("every worker runs config generation {g}", g=self.generation)
+                self._close_stale_listeners()
+            return
+        slot = stale[0]
+        old = slot.process
+        process = self.spawn(slot)
+        if old is None:
+            # Dead or waiting for a restart: nothing to hand over from.
+            process.replaces = None
+            self.reactor.callLater(0, self._roll_next)
+            return
+        process.replaces = old
+        process.start_timer = self.reactor.callLater(
+            limits.WORKER_START_TIMEOUT, self._start_timed_out, process)
+
+    def _start_timed_out(self, process: WorkerProcess) -> None:
+        if process.replaces is not None and process.slot.process is process:
+            log.error("worker {i} (pid {pid}) did not serve within {t}s: killed",
+                      i=process.slot.index, pid=process.pid, t=limits.WORKER_START_TIMEOUT)
+            process.signal(signal.SIGKILL)
+
+    def _roll_failed(self, process: WorkerProcess, why: str) -> None:
+        slot = process.slot
+        if process.start_timer is not None and process.start_timer.active():
+            process.start_timer.cancel()
+        slot.process = process.replaces  # the old worker never stopped
+        process.replaces = None
+        log.error("{why}: the workers go back to the config they had", why=why)
+        self.last_roll["error"] = why
+        if self._previous is not None:
+            self.config, self.config_text = self._previous
+            self._previous = None
+            self.site.resource.set_token(self.config.admin_token)
+            self.generation += 1
+            self.reactor.callLater(0, self._roll_next)
+        else:
+            self._rolling = False
+
+    # -- signals ---------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        # From the signal handler, the work runs in the reactor's thread.
+        for signum, work in ((signal.SIGHUP, self._reload_signalled), (signal.SIGUSR2, self._upgrade_signalled)):
+            self._previous_handlers[signum] = signal.signal(signum, self._handler(work))
+
+    def _handler(self, work: Any) -> Any:
+        def handler(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(work)
+
+        return handler
+
+    def _restore_signals(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _reload_signalled(self) -> None:
+        log.info("SIGHUP: reloading {path}", path=self.path)
+        try:
+            self.reload_file()
+        except ReloadRefused as exc:
+            log.error("reload refused, the running config keeps serving: {why}", why=exc)
+
+    def _upgrade_signalled(self) -> None:
+        log.info("SIGUSR2: upgrading the workers")
+        self.upgrade()
 
     # -- stop ------------------------------------------------------------------------
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
         self.stopping = True
+        self._restore_signals()
         waits = []
         for slot in self.slots:
             if slot.pending is not None and slot.pending.active():
                 slot.pending.cancel()
-            if slot.process is not None:
-                waits.append(slot.process.ended)
-                _signal(slot.process, signal.SIGTERM)
+            for process in [*slot.retiring, *([slot.process] if slot.process is not None else [])]:
+                waits.append(process.ended)
+                process.signal(signal.SIGTERM)
         if waits:
             done = defer.DeferredList(waits)
             timer = self.reactor.callLater(self.config.grace_period + limits.WORKER_STOP_MARGIN, self._kill)
@@ -276,17 +503,23 @@ class Supervisor(service.Service):
         for port in self._udp_ports:
             yield defer.maybeDeferred(port.stopListening)
         closed: set[int] = set()
-        for slot in self.slots:
-            for inherited in [*slot.listeners.values(), slot.admin, slot.health]:
-                if inherited is not None and id(inherited.sock) not in closed:
-                    closed.add(id(inherited.sock))
-                    inherited.sock.close()
+        sockets = [i for socks in self.listener_sockets.values() for i in socks]
+        sockets += [i for slot in self.slots for i in (slot.admin, slot.health) if i is not None]
+        for inherited in sockets:
+            if id(inherited.sock) not in closed:
+                closed.add(id(inherited.sock))
+                inherited.sock.close()
 
     def _kill(self) -> None:
         for slot in self.slots:
-            if slot.process is not None:
-                log.warn("worker {i} did not stop in time: killed", i=slot.index)
-                _signal(slot.process, signal.SIGKILL)
+            for process in [*slot.retiring, *([slot.process] if slot.process is not None else [])]:
+                log.warn("worker {i} (pid {pid}) did not stop in time: killed", i=slot.index, pid=process.pid)
+                process.signal(signal.SIGKILL)
+
+
+def _read(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8")
 
 
 def _url(inherited: Inherited) -> str:
@@ -295,13 +528,6 @@ def _url(inherited: Inherited) -> str:
         return f"unix:{address}"
     host = f"[{address[0]}]" if ":" in address[0] else address[0]
     return f"http://{host}:{address[1]}/"
-
-
-def _signal(process: WorkerProcess, signum: int) -> None:
-    try:
-        process.transport.signalProcess(signum)  # type: ignore[union-attr]
-    except error.ProcessExitedAlready:
-        pass
 
 
 def _how(reason: Failure) -> str:

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import socket
+import tomllib
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from nlbproxy.config import UnitConfig
+from nlbproxy.config import UnitConfig, parse_config
 from nlbproxy.unit import StartError, Unit
 from nlbproxy.workers.healthrelay import RelayLink
 
@@ -46,6 +47,14 @@ class WorkerSpec:
     peers: tuple[str, ...]
     secret: bytes
     health: tuple[int, str, tuple[str, int]] | None = None
+    #: The config file's text the supervisor accepted (the file may have
+    #: changed since: a worker restarted after a refused reload must not
+    #: pick up the refused file).
+    config: str = ""
+    #: Where the worker writes ``serving`` once it serves.
+    status_fd: int | None = None
+    #: The supervisor's count of accepted configs this worker runs.
+    generation: int = 0
 
     def to_json(self) -> bytes:
         data = dataclasses.asdict(self)
@@ -66,7 +75,14 @@ class WorkerSpec:
             peers=tuple(str(p) for p in data["peers"]),
             secret=bytes.fromhex(data["secret"]),
             health=None if health is None else (int(health[0]), str(health[1]), (str(health[2][0]), int(health[2][1]))),
+            config=str(data.get("config", "")),
+            status_fd=None if data.get("status_fd") is None else int(data["status_fd"]),
+            generation=int(data.get("generation", 0)),
         )
+
+    def unit_config(self, path: str) -> UnitConfig:
+        """The operator's config this worker runs (relative names resolve from ``path``)."""
+        return parse_config(tomllib.loads(self.config), path)
 
 
 def worker_config(config: UnitConfig, spec: WorkerSpec) -> UnitConfig:
@@ -107,6 +123,14 @@ class WorkerUnit(Unit):
             return self.reactor.adoptStreamPort(int(fd), getattr(socket, "AF_" + family), factory)
         except OSError as exc:
             raise StartError(f"worker {self.spec.index}: cannot adopt descriptor {fd}: {exc}") from exc
+
+    def _serve(self, _: object = None) -> None:
+        super()._serve(_)
+        if self.spec.status_fd is not None:
+            try:
+                os.write(self.spec.status_fd, b"serving\n")
+            except OSError:
+                log.warn("worker {i}: cannot tell the supervisor it serves", i=self.spec.index)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -162,8 +186,8 @@ def read_spec(stream: Any) -> WorkerSpec:
     return WorkerSpec.from_json(line)
 
 
-def worker_service(config: UnitConfig, spec: WorkerSpec, reactor: Any) -> WorkerUnit:
-    unit = WorkerUnit(config, spec, reactor)
+def worker_service(path: str, spec: WorkerSpec, reactor: Any) -> WorkerUnit:
+    unit = WorkerUnit(spec.unit_config(path), spec, reactor)
     os.set_blocking(0, False)
     reactor.callWhenRunning(reactor.addReader, ParentWatch(reactor))
     return unit
