@@ -184,3 +184,7 @@ WORKER_START_TIMEOUT = 30.0
 #: (its agent was not heard yet) is retried this many times, this far apart.
 WORKER_REPLAY_TRIES = 20
 WORKER_REPLAY_INTERVAL = 0.5
+#: A worker stopping gracefully stops accepting, then waits this long before
+#: it closes connections that carry no request yet (one accepted a moment
+#: before would otherwise be closed under a client about to send).
+WORKER_STOP_LINGER = 0.5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -60,14 +61,45 @@ class WorkerConfigTests(SynchronousTestCase):
     def test_rewired_for_the_worker(self) -> None:
         config = _config({"workers": 2, "name": "edge"})
         spec = WorkerSpec(index=1, listeners={"web": (3, "INET")}, admin=(4, "INET"), admin_token="t0k",
-                          dam_name="edge.w1", dam="tcp:7001:interface=127.0.0.1",
-                          peers=("127.0.0.1:7000",), secret=b"s" * 32, health=(5, "INET", ("127.0.0.1", 6000)))
+                          dam_name="edge.w1.1", dam=(6, "INET"),
+                          peers=("127.0.0.1:7000",), secret=b"s" * 32, health=(5, "INET", ("127.0.0.1", 6000)),
+                          config="[unit]\n", status_fd=7, generation=3)
         self.assertEqual(WorkerSpec.from_json(spec.to_json()), spec)
         rewired = worker_config(config, spec)
-        self.assertEqual(rewired.listeners[0].endpoint, "fd:3:INET")
-        self.assertEqual(rewired.admin, "fd:4:INET")
+        self.assertEqual(rewired.listeners[0].endpoint, "nlbfd:3:INET")
+        self.assertEqual(rewired.admin, "nlbfd:4:INET")
         self.assertEqual((rewired.admin_token, rewired.secret, rewired.workers), ("t0k", b"s" * 32, 1))
-        self.assertEqual((rewired.dam, rewired.peers), ("tcp:7001:interface=127.0.0.1", (("127.0.0.1", 7000),)))
+        self.assertEqual((rewired.dam, rewired.peers), ("nlbfd:6:INET", (("127.0.0.1", 7000),)))
         # What clients see of the unit does not change.
         self.assertEqual(dataclasses.replace(rewired, listeners=config.listeners, admin=config.admin,
                                              admin_token=None, secret=None, workers=2, dam=None, peers=()), config)
+
+
+class InheritedSocketEndpointTests(SynchronousTestCase):
+    def test_parsed_by_server_from_string(self) -> None:
+        from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+        from twisted.internet.testing import MemoryReactor
+
+        endpoint = serverFromString(MemoryReactor(), "nlbfd:7:INET6")
+        assert isinstance(endpoint, AdoptedStreamServerEndpoint)
+        self.assertEqual((endpoint.fileno, endpoint.addressFamily), (7, socket.AF_INET6))
+        for bad in ("nlbfd:x:INET", "nlbfd:7:APPLETALK", "nlbfd"):
+            with self.assertRaises(ValueError):
+                serverFromString(MemoryReactor(), bad)
+
+
+class BoundToTests(SynchronousTestCase):
+    def test_same_address_however_spelt(self) -> None:
+        from nlbproxy.workers.sockets import bound_to, listening_sockets
+
+        sockets = listening_sockets("tcp:0:interface=127.0.0.1", 2)
+        self.addCleanup(lambda: [s.sock.close() for s in sockets])
+        port = sockets[0].sock.getsockname()[1]
+        self.assertEqual(sockets[1].sock.getsockname()[1], port)
+        self.assertTrue(bound_to(sockets[0], f"tcp:{port}:interface=127.0.0.1"))
+        self.assertTrue(bound_to(sockets[0], f"tcp:port={port}:interface=127.0.0.1"))
+        self.assertTrue(bound_to(sockets[0], "tcp:0:interface=127.0.0.1"))
+        self.assertFalse(bound_to(sockets[0], f"tcp:{port}"))
+        self.assertFalse(bound_to(sockets[0], f"tcp:{port + 1}:interface=127.0.0.1"))
+        self.assertFalse(bound_to(sockets[0], f"tcp6:{port}:interface=\\:\\:1"))
+        self.assertFalse(bound_to(sockets[0], "unix:/run/x.sock"))

@@ -93,3 +93,25 @@ def connect_address(endpoint: str) -> tuple[str, int]:
     elif interface == "::":
         interface = "::1"
     return interface, int(params["port"])
+
+
+def bound_to(inherited: Inherited, endpoint: str) -> bool:
+    """Whether ``endpoint`` names the address ``inherited`` is bound to (port 0: any port)."""
+    try:
+        kind, params = _endpoint_params(endpoint)
+    except ValueError:
+        return False
+    if _FAMILIES[kind] != inherited.sock.family:
+        return False
+    address = inherited.sock.getsockname()
+    if kind == "unix":
+        return bool(address == params["address"])
+    default = "::" if kind == "tcp6" else "0.0.0.0"
+    interface = params.get("interface") or default
+    port = int(params["port"])
+    try:
+        same_host = socket.inet_pton(inherited.sock.family, interface) == socket.inet_pton(
+            inherited.sock.family, address[0])
+    except OSError:
+        return False
+    return same_host and port in (0, address[1])

@@ -42,8 +42,8 @@ from nlbproxy.workers.healthrelay import PublicHealth, WorkerLink
 from nlbproxy.workers.policy import RestartPolicy
 from nlbproxy.workers.sockets import (
     Inherited,
+    bound_to,
     connect_address,
-    free_loopback_port,
     listening_sockets,
     loopback_datagram,
     loopback_stream,
@@ -75,11 +75,12 @@ class Slot:
     """One worker: its sockets (kept across restarts), process and history."""
 
     index: int
-    admin: Inherited
     health: Inherited | None
-    dam_name: str
-    dam: str
+    #: The worker's DAM socket (worker 0's is the unit's ``dam``); kept
+    #: across restarts and shared by a worker and its replacement.
+    dam: Inherited
     dam_address: tuple[str, int]
+    spawned: int = 0
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     process: WorkerProcess | None = None
     #: Processes replaced by a reload, finishing their requests.
@@ -89,7 +90,8 @@ class Slot:
 
     @property
     def admin_address(self) -> tuple[str, int]:
-        host, port = self.admin.sock.getsockname()[:2]
+        assert self.process is not None
+        host, port = self.process.admin.sock.getsockname()[:2]
         return host, port
 
     @property
@@ -108,9 +110,13 @@ class Slot:
 class WorkerProcess(protocol.ProcessProtocol):
     """One worker process; its stdin stays open as the worker's lifeline."""
 
-    def __init__(self, supervisor: Supervisor, slot: Slot, generation: int, status_fd: int) -> None:
+    def __init__(self, supervisor: Supervisor, slot: Slot, generation: int, status_fd: int,
+                 admin: Inherited) -> None:
         self.supervisor = supervisor
         self.slot = slot
+        #: This process's private admin socket: its own, so that the
+        #: supervisor's calls reach it and not the worker it replaces.
+        self.admin = admin
         self.generation = generation
         self.status_fd = status_fd
         self.pid: int | None = None
@@ -144,6 +150,7 @@ class WorkerProcess(protocol.ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         if self._partial:
             self.childDataReceived(1, b"\n")
+        self.admin.sock.close()
         self.ended.callback(None)
         self.supervisor.worker_ended(self, reason)
 
@@ -181,19 +188,19 @@ class Supervisor(service.Service):
     # -- start -----------------------------------------------------------------
     def privilegedStartService(self) -> None:
         self._open_listeners(self.config)
-        if self.config.dam is not None:
-            face = connect_address(self.config.dam)
         for i in range(self.count):
             if i == 0 and self.config.dam is not None:
-                dam, address = self.config.dam, face
+                try:
+                    dam = listening_sockets(self.config.dam, 1)[0]
+                except OSError as exc:
+                    raise StartError(f"cannot listen on {self.config.dam}: {exc}") from exc
+                address = connect_address(self.config.dam)
             else:
-                port = free_loopback_port()
-                dam, address = f"tcp:{port}:interface=127.0.0.1", ("127.0.0.1", port)
+                dam = loopback_stream()
+                address = dam.sock.getsockname()[:2]
             self.slots.append(Slot(
                 index=i,
-                admin=loopback_stream(),
                 health=loopback_datagram() if self.config.health is not None else None,
-                dam_name=f"{self.config.name}.w{i}",
                 dam=dam,
                 dam_address=address,
             ))
@@ -215,10 +222,23 @@ class Supervisor(service.Service):
             key = (lc.name, lc.endpoint)
             if key in self.listener_sockets:
                 continue
+            same = self._same_address(lc.name, lc.endpoint)
+            if same is not None:
+                # Spelt differently (or port 0 made concrete): the same
+                # sockets, which must not close under queued connections.
+                self.listener_sockets[key] = self.listener_sockets.pop(same)
+                continue
             try:
                 self.listener_sockets[key] = listening_sockets(lc.endpoint, self.count)
             except OSError as exc:
                 raise StartError(f"cannot listen on {lc.endpoint}: {exc}") from exc
+
+    def _same_address(self, name: str, endpoint: str) -> tuple[str, str] | None:
+        """The key of listener ``name``'s sockets if ``endpoint`` binds where they are."""
+        for key, sockets in self.listener_sockets.items():
+            if key[0] == name and bound_to(sockets[0], endpoint):
+                return key
+        return None
 
     def _close_stale_listeners(self) -> None:
         """Closes the sockets of listeners no process uses any more."""
@@ -264,7 +284,7 @@ class Supervisor(service.Service):
             self.spawn(slot)
         self._install_signals()
 
-    def spec(self, slot: Slot) -> tuple[WorkerSpec, dict[int, int | str], int]:
+    def spec(self, slot: Slot, admin_socket: Inherited) -> tuple[WorkerSpec, dict[int, int | str], int]:
         """What worker ``slot`` is told, its descriptors (child -> ours) and its status descriptor."""
         fds: dict[int, int | str] = {}
 
@@ -275,7 +295,8 @@ class Supervisor(service.Service):
 
         listeners = {lc.name: give(self.listener_sockets[(lc.name, lc.endpoint)][slot.index])
                      for lc in self.config.listeners}
-        admin = give(slot.admin)
+        admin = give(admin_socket)
+        dam = give(slot.dam)
         health = None
         if slot.health is not None:
             assert self.link is not None and self.link.transport is not None
@@ -289,7 +310,9 @@ class Supervisor(service.Service):
             peers += [format_host_port(*p) for p in self.config.peers]
         spec = WorkerSpec(
             index=slot.index, listeners=listeners, admin=admin, admin_token=self.token,
-            dam_name=slot.dam_name, dam=slot.dam, peers=tuple(peers), secret=self.secret, health=health,
+            # Each process is a DAM peer of its own: a reload's new worker and
+            # the one it replaces run side by side for a while.
+            dam_name=f"{self.config.name}.w{slot.index}.{slot.spawned}", dam=dam, peers=tuple(peers), secret=self.secret, health=health,
             config=self.config_text, status_fd=status_fd, generation=self.generation,
         )
         return spec, fds, status_fd
@@ -299,14 +322,16 @@ class Supervisor(service.Service):
         if slot.pending is not None and slot.pending.active():
             slot.pending.cancel()
         slot.pending = None
-        spec, fds, status_fd = self.spec(slot)
+        slot.spawned += 1
+        admin = loopback_stream()
+        spec, fds, status_fd = self.spec(slot, admin)
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         child_fds.update(fds)
         args = [
             self.executable, "-c", "from twisted.scripts.twistd import run; run()",
             "--nodaemon", "--pidfile=", "nlbproxy", "--config", self.path, "--worker", str(slot.index),
         ]
-        process = WorkerProcess(self, slot, self.generation, status_fd)
+        process = WorkerProcess(self, slot, self.generation, status_fd, admin)
         transport = self.reactor.spawnProcess(process, self.executable, args, env=os.environ.copy(),
                                               childFDs=child_fds)
         transport.write(spec.to_json())
@@ -373,8 +398,10 @@ class Supervisor(service.Service):
             config = parse_config(tomllib.loads(text), self.path)
         except ConfigError as exc:
             raise ReloadRefused([str(exc)]) from None
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ReloadRefused([f"{self.path}: {exc}"]) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ReloadRefused([f"{self.path}: invalid TOML: {exc}"]) from None
+        except OSError as exc:
+            raise ReloadRefused([f"{self.path}: cannot read config file: {exc.strerror}"]) from None
         reasons = [
             f"unit.{key}: changing it needs a restart of the unit (the supervisor owns it)"
             for key in SUPERVISOR_KEYS
@@ -504,7 +531,7 @@ class Supervisor(service.Service):
             yield defer.maybeDeferred(port.stopListening)
         closed: set[int] = set()
         sockets = [i for socks in self.listener_sockets.values() for i in socks]
-        sockets += [i for slot in self.slots for i in (slot.admin, slot.health) if i is not None]
+        sockets += [i for slot in self.slots for i in (slot.dam, slot.health) if i is not None]
         for inherited in sockets:
             if id(inherited.sock) not in closed:
                 closed.add(id(inherited.sock))

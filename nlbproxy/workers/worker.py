@@ -14,24 +14,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
+import signal
 import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from nlbproxy import limits
 from nlbproxy.config import UnitConfig, parse_config
-from nlbproxy.unit import StartError, Unit
+from nlbproxy.unit import Unit
+from nlbproxy.workers.fdendpoint import endpoint_string
 from nlbproxy.workers.healthrelay import RelayLink
 
 log = Logger()
-
-#: Listener and admin endpoints of a worker name an inherited descriptor:
-#: ``fd:NUMBER:FAMILY`` (FAMILY as in ``socket.AF_*`` without the prefix).
-FD_PREFIX = "fd:"
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class WorkerSpec:
     admin: tuple[int, str]
     admin_token: str
     dam_name: str
-    dam: str
+    dam: tuple[int, str]
     peers: tuple[str, ...]
     secret: bytes
     health: tuple[int, str, tuple[str, int]] | None = None
@@ -71,7 +71,7 @@ class WorkerSpec:
             admin=(int(data["admin"][0]), str(data["admin"][1])),
             admin_token=str(data["admin_token"]),
             dam_name=str(data["dam_name"]),
-            dam=str(data["dam"]),
+            dam=(int(data["dam"][0]), str(data["dam"][1])),
             peers=tuple(str(p) for p in data["peers"]),
             secret=bytes.fromhex(data["secret"]),
             health=None if health is None else (int(health[0]), str(health[1]), (str(health[2][0]), int(health[2][1]))),
@@ -89,24 +89,22 @@ def worker_config(config: UnitConfig, spec: WorkerSpec) -> UnitConfig:
     """The unit config a worker runs: the operator's, rewired by ``spec``."""
     from nlbproxy.config import parse_host_port
 
-    listeners = tuple(
-        dataclasses.replace(lc, endpoint=f"{FD_PREFIX}{spec.listeners[lc.name][0]}:{spec.listeners[lc.name][1]}")
-        for lc in config.listeners
-    )
+    listeners = tuple(dataclasses.replace(lc, endpoint=endpoint_string(*spec.listeners[lc.name]))
+                      for lc in config.listeners)
     return dataclasses.replace(
         config,
         workers=1,
         listeners=listeners,
-        admin=f"{FD_PREFIX}{spec.admin[0]}:{spec.admin[1]}",
+        admin=endpoint_string(*spec.admin),
         admin_token=spec.admin_token,
         secret=spec.secret,
-        dam=spec.dam,
+        dam=endpoint_string(*spec.dam),
         peers=tuple(parse_host_port(p) for p in spec.peers),
     )
 
 
 class WorkerUnit(Unit):
-    """A Unit whose ``fd:`` endpoints adopt sockets its supervisor made."""
+    """A Unit on the sockets its supervisor made (``nlbfd`` endpoints) that says when it serves."""
 
     def __init__(self, config: UnitConfig, spec: WorkerSpec, reactor: Any) -> None:
         super().__init__(worker_config(config, spec), reactor, dam_name=spec.dam_name)
@@ -114,15 +112,6 @@ class WorkerUnit(Unit):
         if spec.health is not None:
             fd, family, supervisor = spec.health
             self.health.relay = RelayLink(fd, family, supervisor)
-
-    def _listen(self, description: str, factory: Any) -> Any:
-        if not description.startswith(FD_PREFIX):
-            return super()._listen(description, factory)
-        fd, family = description[len(FD_PREFIX):].split(":")
-        try:
-            return self.reactor.adoptStreamPort(int(fd), getattr(socket, "AF_" + family), factory)
-        except OSError as exc:
-            raise StartError(f"worker {self.spec.index}: cannot adopt descriptor {fd}: {exc}") from exc
 
     def _serve(self, _: object = None) -> None:
         super()._serve(_)
@@ -132,14 +121,24 @@ class WorkerUnit(Unit):
             except OSError:
                 log.warn("worker {i}: cannot tell the supervisor it serves", i=self.spec.index)
 
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        # The supervisor keeps the listening sockets open for the worker that
+        # replaces this one, so stop accepting first, then give connections
+        # accepted a moment ago time to send their request: the graceful stop
+        # closes at once those that carry none yet, which a client that just
+        # connected sees as a reset.
+        for port in self.ports.values():
+            port.stopReading()
+        yield deferLater(self.reactor, limits.WORKER_STOP_LINGER, lambda: None)
+        yield super().stopService()
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        # Adopting dups each descriptor; the inherited ones are not needed.
-        fds = {fd for fd, _ in [*self.spec.listeners.values(), self.spec.admin]}
+        # Stream sockets were closed once adopted (nlbfd endpoints); the
+        # health link's datagram socket was dup'd and is not needed.
         if self.spec.health is not None:
-            fds.add(self.spec.health[0])
-        for fd in fds:
-            _close_quietly(fd)
+            _close_quietly(self.spec.health[0])
 
 
 def _close_quietly(fd: int) -> None:
@@ -187,6 +186,10 @@ def read_spec(stream: Any) -> WorkerSpec:
 
 
 def worker_service(path: str, spec: WorkerSpec, reactor: Any) -> WorkerUnit:
+    # Reload and upgrade are the supervisor's to decide; a signal sent to
+    # the whole process group (kill -HUP -PGID) must not stop a worker.
+    for signum in (signal.SIGHUP, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
     unit = WorkerUnit(spec.unit_config(path), spec, reactor)
     os.set_blocking(0, False)
     reactor.callWhenRunning(reactor.addReader, ParentWatch(reactor))
