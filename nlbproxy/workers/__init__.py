@@ -18,7 +18,7 @@ supervisor.Supervisor` that serves no traffic itself:
   (:mod:`~nlbproxy.workers.healthrelay`); what workers answer goes back
   through the supervisor, which sends it as the unit (one sender id, one
   epoch, one sequence).  Sessions: workers are DAM peers of each other on
-  loopback; worker 0 is the unit's face to other units (it listens on the
+  loopback (each process under a name of its own); worker 0 is the unit's face to other units (it listens on the
   public ``dam`` endpoint and dials ``peers``).  Affinity cookies: every worker
   gets the farm secret (or, without ``secret_file``, one the supervisor
   draws).  Directives: the supervisor serves the public admin API, fans
@@ -28,4 +28,8 @@ supervisor.Supervisor` that serves no traffic itself:
   many deaths in a row (:mod:`~nlbproxy.workers.policy`); ``GET /metrics``
   and ``GET /api/v1/state`` answer for the whole unit
   (:mod:`~nlbproxy.workers.aggregate`).
+* Reload and upgrade replace the workers one at a time on the same sockets
+  (:mod:`~nlbproxy.workers.supervisor`).  A worker's sockets are named to its
+  Unit as ``nlbfd:FD:FAMILY`` endpoints (:mod:`~nlbproxy.workers.fdendpoint`),
+  its wiring comes on its stdin (:mod:`~nlbproxy.workers.worker`).
 """

@@ -12,6 +12,10 @@ sockets it created, a bearer token it drew):
 * ``GET /api/v1/state`` and ``GET /metrics`` are every running worker's
   documents merged (:mod:`nlbproxy.workers.aggregate`), plus the workers'
   own state and counters;
+* ``POST /api/v1/reload`` and ``/upgrade`` are the supervisor's own
+  (:meth:`~nlbproxy.workers.supervisor.Supervisor.reload_file`, ``upgrade``):
+  200 ``{"reloaded": true, "roll": ...}`` / 202 ``{"upgrading": true, ...}``,
+  or 409 ``{"error": ..., "reasons": [...]}``;
 * ``/api/v1/workers/I/...`` is worker I's own answer to ``/...`` (its own
   state, metrics, health), to find a worker that disagrees;
 * anything else (sessions, health, the status page) is any one running
