@@ -255,8 +255,25 @@ def test_supervisor_stop_stops_the_workers(tmp_path: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a parent that no longer reaps counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
         return False
-    return True
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    farm = Farm(tmp_path)
+    try:
+        _, backend = farm.backend("b0")
+        unit = farm.unit(unit_config([backend], extra_unit="workers = 2"))
+        wait_until(lambda: all(w["serving"] for w in get_json(unit.admin + "/api/v1/state")["workers"]),
+                   what="workers serving")
+        pids = [w["pid"] for w in get_json(unit.admin + "/api/v1/state")["workers"]]
+        os.kill(unit.process.popen.pid, signal.SIGKILL)
+        unit.process.popen.wait(10)
+        # Orphans would keep the listening sockets open with nobody to restart them.
+        wait_until(lambda: not any(_alive(pid) for pid in pids), what="orphaned workers gone")
+    finally:
+        farm.close()

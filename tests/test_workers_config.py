@@ -71,8 +71,18 @@ class WorkerConfigTests(SynchronousTestCase):
         self.assertEqual((rewired.admin_token, rewired.secret, rewired.workers), ("t0k", b"s" * 32, 1))
         self.assertEqual((rewired.dam, rewired.peers), ("nlbfd:6:INET", (("127.0.0.1", 7000),)))
         # What clients see of the unit does not change.
+        self.assertIsNone(rewired.access_log)
         self.assertEqual(dataclasses.replace(rewired, listeners=config.listeners, admin=config.admin,
                                              admin_token=None, secret=None, workers=2, dam=None, peers=()), config)
+
+
+class AccessLogTests(SynchronousTestCase):
+    def test_each_worker_writes_its_own_file(self) -> None:
+        spec = WorkerSpec(index=2, listeners={"web": (3, "INET")}, admin=(4, "INET"), admin_token="t",
+                          dam_name="d", dam=(5, "INET"), peers=(), secret=b"s")
+        config = _config({"workers": 3, "access_log": "/var/log/nlb/access.log"})
+        self.assertEqual(worker_config(config, spec).access_log, "/var/log/nlb/access.log.w2")
+        self.assertEqual(worker_config(_config({"workers": 3, "access_log": "-"}), spec).access_log, "-")
 
 
 class InheritedSocketEndpointTests(SynchronousTestCase):

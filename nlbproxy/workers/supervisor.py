@@ -126,6 +126,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.start_timer: Any = None
         self.ended: defer.Deferred[None] = defer.Deferred()
         self._partial = b""
+        self.exited = False
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == self.status_fd:
@@ -151,6 +152,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         if self._partial:
             self.childDataReceived(1, b"\n")
         self.admin.sock.close()
+        self.exited = True
         self.ended.callback(None)
         self.supervisor.worker_ended(self, reason)
 
@@ -356,8 +358,9 @@ class Supervisor(service.Service):
         process.replaces = None
         if process.start_timer is not None and process.start_timer.active():
             process.start_timer.cancel()
-        slot.retiring.append(old)
-        old.signal(signal.SIGTERM)
+        if not old.exited:
+            slot.retiring.append(old)
+            old.signal(signal.SIGTERM)
         self._roll_next()
 
     def worker_ended(self, process: WorkerProcess, reason: Failure) -> None:

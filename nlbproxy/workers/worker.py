@@ -91,9 +91,15 @@ def worker_config(config: UnitConfig, spec: WorkerSpec) -> UnitConfig:
 
     listeners = tuple(dataclasses.replace(lc, endpoint=endpoint_string(*spec.listeners[lc.name]))
                       for lc in config.listeners)
+    access_log = config.access_log
+    if access_log not in (None, "-"):
+        # Buffered writes of several processes to one file could interleave
+        # inside a line: each worker keeps a file of its own.
+        access_log = f"{access_log}.w{spec.index}"
     return dataclasses.replace(
         config,
         workers=1,
+        access_log=access_log,
         listeners=listeners,
         admin=endpoint_string(*spec.admin),
         admin_token=spec.admin_token,
