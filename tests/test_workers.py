@@ -109,6 +109,11 @@ def test_connections_spread_and_metrics_sum_both_workers(setup: Setup) -> None:
     assert _requests_metric(setup) - metrics_before == 40
     text = _metrics(setup)
     assert "nlbproxy_worker_up{worker=\"0\"} 1" in text and "nlbproxy_worker_up{worker=\"1\"} 1" in text
+    # The unit's health socket counts each agent datagram once; the relay counts a copy per worker.
+    health_in = [line for line in text.splitlines() if line.startswith('nlbproxy_health_datagrams_total{direction="in"}')]
+    relayed = [line for line in text.splitlines() if line.startswith("nlbproxy_health_relayed_total")]
+    assert len(health_in) == 1 and len(relayed) == 1
+    assert int(relayed[0].split()[1]) == 2 * int(health_in[0].split()[1]) > 0
 
 
 def _metrics(setup: Setup) -> str:

@@ -79,6 +79,11 @@ class MergeMetricsTests(SynchronousTestCase):
         self.assertEqual(lines.count("# TYPE nlbproxy_requests_total counter"), 1)
         self.assertIn("# HELP nlbproxy_requests_total Responses.", lines)
 
+    def test_families_left_out(self) -> None:
+        text = merge_metrics([_page(1, 1, 1)], leave_out=frozenset({"nlbproxy_requests_total"}))
+        self.assertNotIn("nlbproxy_requests_total", text)
+        self.assertIn("nlbproxy_host_up", text)
+
     def test_histograms_add_bucket_by_bucket(self) -> None:
         page = (
             "# HELP d Durations.\n# TYPE d histogram\n"

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+#: Metrics of the public health socket: the supervisor's own, not the workers' sum.
+PUBLIC_HEALTH_FAMILIES = frozenset({"nlbproxy_health_datagrams_total", "nlbproxy_health_dropped_total"})
+
 
 class Reply:
     """A worker's answer: status, content type and body."""
@@ -174,6 +177,16 @@ class WorkerAdmin:
                   slot.policy.restarts, worker=str(slot.index))
         w.add("nlbproxy_workers_unanswered_total", "counter",
               "Calls to a worker's private admin API that failed or timed out.", self.unanswered)
+        public = self.supervisor.public_health
+        if public is not None:
+            # The unit's socket, not the sum of the copies relayed to workers.
+            w.add("nlbproxy_health_datagrams_total", "counter", "Health datagrams received and accepted.",
+                  public.received, direction="in")
+            w.add("nlbproxy_health_datagrams_total", "counter", "Health datagrams received and accepted.",
+                  public.sent, direction="out")
+            for reason, count in sorted(public.drops.items()):
+                w.add("nlbproxy_health_dropped_total", "counter",
+                      "Health datagrams dropped: malformed, unauthenticated, stale or replayed.", count, reason=reason)
         link = self.supervisor.link
         if link is not None:
             w.add("nlbproxy_health_relayed_total", "counter",
@@ -256,7 +269,7 @@ class SupervisorResource(Resource):
         if method == b"GET" and segments == ("metrics",):
             replies = yield admin.fan_out(method, path)
             texts = [r.body.decode() for r in replies if r.code == 200]
-            text = (merge_metrics(texts) if texts else "") + admin.own_metrics()
+            text = (merge_metrics(texts, PUBLIC_HEALTH_FAMILIES) if texts else "") + admin.own_metrics()
             return Reply(200, PROMETHEUS_TYPE, text.encode())
         if segments[:3] == ("api", "v1", "workers") and len(segments) > 3:
             # One worker's own API, for operators chasing a worker that disagrees.

@@ -90,12 +90,13 @@ class _Family:
         self.samples: dict[str, float] = {}
 
 
-def merge_metrics(texts: Iterable[str]) -> str:
+def merge_metrics(texts: Iterable[str], leave_out: frozenset[str] = frozenset()) -> str:
     """One Prometheus text page for the unit from its workers' pages.
 
     Counters and histograms (buckets, sums and counts) are summed sample by
     sample; gauges are summed too, except :data:`SHARED_GAUGES`, which come
-    from the first worker that has them.
+    from the first worker that has them.  Families named in ``leave_out``
+    are dropped (the caller has the unit's own figures for them).
     """
     families: dict[str, _Family] = {}
     for text in texts:
@@ -125,6 +126,8 @@ def merge_metrics(texts: Iterable[str]) -> str:
                 current.samples[key] += number
     out: list[str] = []
     for family in families.values():
+        if family.name in leave_out:
+            continue
         if family.help:
             out.append(f"# HELP {family.name} {family.help}")
         out.append(f"# TYPE {family.name} {family.type}")
