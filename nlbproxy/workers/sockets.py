@@ -47,8 +47,6 @@ def listening_sockets(endpoint: str, count: int, backlog: int = limits.WORKER_BA
             result.append(Inherited(sock))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((interface, port))
             port = sock.getsockname()[1]
             sock.listen(int(params.get("backlog", backlog)))
