@@ -314,8 +314,9 @@ class Supervisor(service.Service):
             index=slot.index, listeners=listeners, admin=admin, admin_token=self.token,
             # Each process is a DAM peer of its own: a reload's new worker and
             # the one it replaces run side by side for a while.
-            dam_name=f"{self.config.name}.w{slot.index}.{slot.spawned}", dam=dam, peers=tuple(peers), secret=self.secret, health=health,
-            config=self.config_text, status_fd=status_fd, generation=self.generation,
+            dam_name=f"{self.config.name}.w{slot.index}.{slot.spawned}", dam=dam, peers=tuple(peers),
+            secret=self.secret, health=health, config=self.config_text, status_fd=status_fd,
+            generation=self.generation,
         )
         return spec, fds, status_fd
 
