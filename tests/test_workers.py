@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.realnet import Farm, Unit, agent_config, start_agent, unit_config, wait_until
+from tests.realnet import Farm, Unit, agent_config, free_port, start_agent, unit_config, wait_until
 
 SECRET = b"farm secret for the workers tests\n"
 POOL = 'affinity = "session"\nsession_cookie = "SID"\nbalance = "round_robin"'
@@ -282,3 +282,38 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
         wait_until(lambda: not any(_alive(pid) for pid in pids), what="orphaned workers gone")
     finally:
         farm.close()
+
+
+def test_worker_0_shares_sessions_with_another_unit(tmp_path: Path) -> None:
+    """A unit of two workers and a single-process unit, DAM peers: a session the
+    application sets through one unit holds through the other, whichever worker."""
+    farm = Farm(tmp_path)
+    try:
+        (tmp_path / "farm.key").write_bytes(SECRET)
+        backends = [farm.backend(f"b{i}")[1] for i in range(3)]
+        dam = [free_port(), free_port()]
+        units = []
+        for i, workers in enumerate((2, 1)):
+            units.append(farm.unit(unit_config(
+                backends, pools=POOL, name=f"u{i}",
+                extra_unit=(f'workers = {workers}\nsecret_file = "farm.key"\n'
+                            f'dam = "tcp:{dam[i]}:interface=127.0.0.1"\n'
+                            f'peers = ["127.0.0.1:{dam[1 - i]}"]\nreplication = 1'),
+            ), name=f"u{i}.toml"))
+        units[0].process.wait_for(r"u0\.w0\.\d+ connected to u1")
+        wait_until(lambda: all(w["serving"] for w in get_json(units[0].admin + "/api/v1/state")["workers"]),
+                   what="workers serving")
+        units[1].process.wait_for(r"farm known")
+        for origin, other in ((1, 0), (0, 1)):
+            name = _login(units[origin], f"user{origin}")
+            wait_until(lambda o=other, n=name, i=origin: {fetch(units[o], f"p{k}", f"user{i}") for k in range(10)} == {n},
+                       what=f"session set through unit {origin} honoured by unit {other}")
+    finally:
+        farm.close()
+
+
+def _login(unit: Unit, user: str) -> str:
+    """Logs in through ``unit``: the backend sets SID=user; returns the backend's name."""
+    with urllib.request.urlopen(unit.url() + f"login/{user}", timeout=10) as response:
+        assert (response.headers.get("Set-Cookie") or "").startswith(f"SID={user}")
+        return response.read().split()[0].decode()
