@@ -446,6 +446,15 @@ def _choice(*options: str) -> _Convert:
     return convert
 
 
+def _workers(value: object) -> int:
+    """``workers``: a count of processes, or ``"auto"`` for one per core."""
+    if value == "auto":
+        return min(limits.MAX_WORKERS, max(1, os.cpu_count() or 1))
+    if isinstance(value, str):
+        raise ValueError(f"expected an integer or \"auto\", got {value!r}")
+    return int(_integer(1, limits.MAX_WORKERS)(value))
+
+
 def _not_yet(
     convert: _Convert, unsupported: Callable[[Any], bool], reason: str
 ) -> _Convert:
@@ -658,9 +667,7 @@ _UNIT: dict[str, _Convert] = {
     "name": _name,
     "admin": _admin_endpoint,
     "admin_token_file": _string,
-    "workers": _not_yet(
-        _integer(1), lambda n: n > 1, "workers > 1 is not supported yet"
-    ),
+    "workers": _workers,
     "access_log": _string,
     "log_format": _choice("text", "json"),
     "grace_period": _seconds(zero_ok=True),
@@ -890,6 +897,8 @@ class _Parser:
                 raise self.error(f"unit.{key}", "the forwarder serves handoff listeners: no listener has handoff = true")
             if key != "forwarder_in" and key in unit and "forwarder_in" not in unit:
                 raise self.error(f"unit.{key}", "set unit.forwarder_in, the client-facing interface, too")
+        if unit.get("workers", 1) > 1:
+            self.check_workers(unit, listeners)
 
         return UnitConfig(
             **unit,
@@ -897,6 +906,18 @@ class _Parser:
             pools=MappingProxyType(self.pools),
             path=self.path,
         )
+
+    def check_workers(self, unit: dict[str, Any], listeners: dict[str, ListenerConfig]) -> None:
+        """What a unit of several worker processes cannot do (nlbproxy.workers)."""
+        for i, config in enumerate(listeners.values()):
+            if config.handoff:
+                # The forwarder and the handoff fence are per process.
+                raise self.error(f"listener[{i}].handoff", "handoff needs a single process: set unit.workers = 1")
+        if "dam" in unit:
+            kind, params = _endpoint_params(unit["dam"])
+            if kind == "unix" or params.get("port") == "0":
+                # The other workers dial the unit's own dam address.
+                raise self.error("unit.dam", "with workers > 1 the dam endpoint needs a TCP port other than 0")
 
     def check_pool(self, where: str, name: str) -> None:
         if name not in self.pools:

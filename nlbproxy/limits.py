@@ -179,3 +179,35 @@ FORWARDER_BATCH = 64
 FORWARDER_WATCH_INTERVAL = 0.5
 #: Routes listed in the admin API's state document (the counts cover all).
 ADMIN_ROUTE_ROWS = 100
+
+# --- workers (nlbproxy.workers) ---------------------------------------------
+#: Most worker processes one unit runs (``workers`` in ``[unit]``).
+MAX_WORKERS = 64
+#: A worker that dies is restarted after this delay, doubled for each death
+#: in a row (a worker that ran WORKER_STABLE_AFTER seconds starts from 0).
+WORKER_RESTART_DELAYS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
+#: A worker that ran this long before dying counts as stable again.
+WORKER_STABLE_AFTER = 30.0
+#: A worker that dies this many times in a row (each time before it was
+#: stable) is given up on; the unit stops when no worker is left.
+WORKER_MAX_RESTARTS = 10
+#: Seconds the supervisor waits for a worker's private admin API (fan-out
+#: of directives, aggregation of state and metrics).
+WORKER_ADMIN_TIMEOUT = 5.0
+#: How long the supervisor waits, beyond the grace period, for workers to
+#: exit after SIGTERM before it kills them.
+WORKER_STOP_MARGIN = 5.0
+#: Listen backlog of each worker's listening socket (the supervisor keeps it
+#: open, so connections queue here while a worker restarts).
+WORKER_BACKLOG = 1024
+#: A worker started by a reload or an upgrade that does not serve within this
+#: many seconds is killed and the old worker kept.
+WORKER_START_TIMEOUT = 30.0
+#: A directive replayed to a restarted worker for a host it does not know yet
+#: (its agent was not heard yet) is retried this many times, this far apart.
+WORKER_REPLAY_TRIES = 20
+WORKER_REPLAY_INTERVAL = 0.5
+#: A worker stopping gracefully stops accepting, then waits this long before
+#: it closes connections that carry no request yet (one accepted a moment
+#: before would otherwise be closed under a client about to send).
+WORKER_STOP_LINGER = 0.5

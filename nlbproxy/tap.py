@@ -20,13 +20,17 @@ class Options(usage.Options):
         ["config", "c", None, "The unit's TOML config file."],
         ["demo-port", None, 8080, "With --demo: the port of the demo listener.", int],
         ["demo-admin-port", None, 9901, "With --demo: the port of the admin API.", int],
+        ["worker", None, None, "Internal: run as worker I of a supervisor (its wiring comes on stdin).", int],
     ]
     optFlags = [["demo", None, "Run in front of an embedded demo farm of three backends on loopback."]]
 
     def postOptions(self) -> None:
         if bool(self["config"]) == bool(self["demo"]):
             raise usage.UsageError("give exactly one of --config FILE and --demo")
-        if self["config"]:
+        if self["worker"] is not None and not self["config"]:
+            raise usage.UsageError("--worker needs --config FILE")
+        if self["config"] and self["worker"] is None:
+            # (A worker takes the config text its supervisor accepted.)
             try:
                 self["unit_config"] = load_config(self["config"])
             except ConfigError as exc:
@@ -49,6 +53,17 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         unit.demo_ports = ports  # type: ignore[attr-defined]
         reactor.callWhenRunning(_announce_demo, unit)
         return unit
+    if options["worker"] is not None:
+        import sys
+
+        from nlbproxy.workers.worker import read_spec, worker_service
+
+        return worker_service(os.path.abspath(options["config"]), read_spec(sys.stdin.buffer), reactor)
+    config = options["unit_config"]
+    if config.workers > 1:
+        from nlbproxy.workers.supervisor import Supervisor
+
+        return Supervisor(config, reactor)
     # An upgrading unit started us with its listening sockets: adopt them
     # (and keep the variables from any process we start in turn).
     try:
@@ -56,7 +71,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     except sockets.InheritedError as exc:
         raise usage.UsageError(str(exc)) from None
     return Unit(
-        options["unit_config"], reactor, config_path=os.path.abspath(options["config"]), signals=True,
+        config, reactor, config_path=os.path.abspath(options["config"]), signals=True,
         inherited=inherited, ready_fd=ready_fd, upgrade_blocker=_upgrade_blocker(options),
     )
 

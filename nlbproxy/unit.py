@@ -77,6 +77,7 @@ class Unit(service.Service):
         inherited: dict[str, int] | None = None,
         ready_fd: int | None = None,
         upgrade_blocker: str | None = None,
+        dam_name: str | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -96,14 +97,17 @@ class Unit(service.Service):
         self.handed_over = False
         self.farm = Farm(config.pools.values(), reactor, config.secret)
         self.upstreams = Upstreams(reactor)
-        dam = DAM(config.name, reactor, _no_peers, config.replication)
+        # A worker of a multi-process unit (nlbproxy.workers) is a DAM peer
+        # of its siblings, so it needs a name of its own there.
+        dam_name = dam_name or config.name
+        dam = DAM(dam_name, reactor, _no_peers, config.replication)
         # With a ``dam`` endpoint the DamService carries the DAM's calls to
         # the other units and drives its clock; alone, the tracker does.
         self.dam_service: DamService | None = None
         if config.dam is not None:
             assert config.secret is not None  # the config requires it
             self.dam_service = DamService(
-                dam, config.name, config.dam, [format_host_port(*p) for p in config.peers],
+                dam, dam_name, config.dam, [format_host_port(*p) for p in config.peers],
                 config.secret, reactor,
             )
         self.sessions = SessionTracker(dam, reactor, standalone=self.dam_service is None)

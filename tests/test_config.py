@@ -293,7 +293,8 @@ ERRORS: list[tuple[tuple[str | int, ...], object, str, str]] = [
         "unit.grace_period",
         "must be finite and >= 0, got -1",
     ),
-    (("unit",), {"workers": 0}, "unit.workers", "must be >= 1, got 0"),
+    (("unit",), {"workers": 0}, "unit.workers", "must be between 1 and 64, got 0"),
+    (("unit",), {"workers": "many"}, "unit.workers", "expected an integer or \"auto\", got 'many'"),
     (
         (*WEB, "hosts", 0),
         "127.0.0.1:0",
@@ -437,7 +438,6 @@ ERRORS: list[tuple[tuple[str | int, ...], object, str, str]] = [
     (("unit",), {"admin": "tcp:9901"}, "unit.admin", NO_INTERFACE),
     (("unit",), {"admin": "tcp6:port=9901:interface="}, "unit.admin", NO_INTERFACE),
     # features of a later release
-    (("unit",), {"workers": 2}, "unit.workers", "workers > 1 is not supported yet"),
     (
         (*LISTENER, "protocol"),
         "ftp",

@@ -11,7 +11,7 @@ that ask for them, HTTP probes and HAProxy agent-checks of their hosts.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
@@ -29,6 +29,14 @@ from nlbproxy.session.tracker import SessionTracker
 from nlbproxy.session.unitside import SessionReceiver
 
 log = Logger()
+
+
+class HealthRelayLink(Protocol):
+    """Where a worker's health socket reads and writes instead of the public address."""
+
+    def adopt(self, reactor: Any, socket: HealthSocket) -> Any:
+        """Connects ``socket`` to the supervisor; returns the listening port."""
+        ...
 
 
 class _HostProbes:
@@ -83,6 +91,10 @@ class UnitHealth:
         self._ticker: LoopingCall | None = None
         #: host -> (its pool's check settings, its running probes)
         self._probes: dict[Host, tuple[tuple[Any, Any], list[HttpProbe | AgentCheck]]] = {}
+        #: In a worker of a multi-process unit, the supervisor owns the
+        #: public health socket: ``relay`` adopts the worker's private link
+        #: to it instead (nlbproxy.workers.healthrelay).
+        self.relay: HealthRelayLink | None = None
 
     def listen(self) -> None:
         """Binds the health socket (in privilegedStartService)."""
@@ -94,6 +106,9 @@ class UnitHealth:
         self.receiver = SessionReceiver(self._send, self.sessions.session_up, self.sessions.session_down)
         self.socket = HealthSocket(codec, ReplayGuard(), node_id(self.config.name), SENDER_AGENT_KINDS,
                                    self.reactor, self._received)
+        if self.relay is not None:
+            self._port = self.relay.adopt(self.reactor, self.socket)
+            return
         ip, port = self.config.health
         self._port = self.reactor.listenUDP(port, self.socket, interface=ip)
 
