@@ -225,33 +225,36 @@ def test_upgrade_under_load_refuses_no_connection(farm: Farm) -> None:
     backends, port = start(farm)
     unit = farm.unit(unit_config(backends, endpoint=f"tcp:{port}:interface=127.0.0.1"))
     old_pid = unit.process.popen.pid
-    with Load(unit.port()) as load:
-        load.wait_for_more()
-        code, answer = admin_post(unit, "/api/v1/upgrade")
-        assert code == 202, answer
-        new_pid = answer["pid"]
-        assert isinstance(new_pid, int) and new_pid != old_pid
-        unit.process.wait_for(rf"upgrade: process {new_pid} serves")
-        # The old process drains and exits; the new one serves on the same sockets.
-        wait_until(lambda: unit.process.popen.poll() is not None, what="the old process to exit")
-        assert unit.process.popen.returncode == 0, unit.process.output()
-        load.wait_for_more()
-        # And it can upgrade in turn (SIGUSR2 this time), onto the sockets it adopted.
-        before = load.done
-        os.kill(new_pid, signal.SIGUSR2)
 
-        def second_upgrade() -> list[str]:
-            return re.findall(r"upgrade: process (\d+) serves", unit.process.output())[1:]
+    def upgraded() -> list[int]:
+        return [int(pid) for pid in re.findall(r"upgrade: process (\d+) serves", unit.process.output())]
 
-        newest = int(wait_until(second_upgrade, what="the second upgrade")[0])
-        wait_until(lambda: not _alive(new_pid), what="the second process to exit")
-        load.wait_for_more()
     try:
+        with Load(unit.port()) as load:
+            load.wait_for_more()
+            code, answer = admin_post(unit, "/api/v1/upgrade")
+            assert code == 202, answer
+            new_pid = answer["pid"]
+            assert isinstance(new_pid, int) and new_pid != old_pid
+            unit.process.wait_for(rf"upgrade: process {new_pid} serves")
+            # The old process drains and exits; the new one serves on the same sockets.
+            wait_until(lambda: unit.process.popen.poll() is not None, what="the old process to exit")
+            assert unit.process.popen.returncode == 0, unit.process.output()
+            load.wait_for_more()
+            # And it can upgrade in turn (SIGUSR2 this time), onto the sockets it adopted.
+            before = load.done
+            os.kill(new_pid, signal.SIGUSR2)
+            wait_until(lambda: upgraded()[1:], what="the second upgrade")
+            wait_until(lambda: not _alive(new_pid), what="the second process to exit")
+            load.wait_for_more()
         load.check()
         assert load.done > before
         assert state(unit)["unit"] == "test"  # the admin socket moved too
     finally:
-        _kill(newest)
+        # The upgraded processes are the unit's children, not the farm's:
+        # whatever happened, none outlives the test.
+        for pid in upgraded():
+            _kill(pid)
 
 
 def test_upgrade_that_fails_keeps_the_old_process(farm: Farm) -> None:
