@@ -15,6 +15,13 @@ CPU-second of the proxy: one client CPU may not saturate a proxy, and other
 load on the machine moves per-second figures far more.
 Requests: wrk keep-alive GETs over https and over http.
 
+Where the cost goes: ``tcp`` connections (connect, half-close, read the
+close; no TLS) on the plain port give each proxy's fixed cost of a
+connection; and OpenSSL's own server-side cost of each handshake kind is
+timed in one process pinned to the proxy's CPU (nlbproxy's
+``TLSServer`` contexts, memory BIOs, no sockets), which bounds the
+resumed/full ratio any proxy on this OpenSSL can reach.
+
 Checks printed: nlbproxy resumed/full handshakes >= 3 (TLS 1.2 and 1.3) and
 nlbproxy TLS/plain keep-alive req/s >= 0.8.
 """
@@ -159,6 +166,20 @@ def _read_tickets(raw: socket.socket, incoming: ssl.MemoryBIO, tls: ssl.SSLObjec
         pass
 
 
+def tcp_client(port: int, duration: float) -> None:
+    """One client process: plain TCP connections in a loop (connect,
+    half-close, read the proxy's close); prints JSON counts."""
+    done = 0
+    end = time.monotonic() + duration
+    while time.monotonic() < end:
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.shutdown(socket.SHUT_WR)
+            while raw.recv(65536):
+                pass
+        done += 1
+    print(json.dumps({"connections": done, "reused": 0}), flush=True)
+
+
 def handshake_client(port: int, version: str, mode: str, duration: float) -> None:
     """One client process: handshakes in a loop; prints JSON counts."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -195,7 +216,10 @@ def handshakes(port: int, mode: str, version: str, args: argparse.Namespace, cpu
                pid: int) -> dict:
     """``--clients`` client processes at once; connections per second (all of
     them), per proxy CPU-second, and the share that really resumed."""
-    argv = [H.PY, str(Path(__file__).resolve()), "--handshakes", str(port), version, mode, str(args.duration)]
+    if mode == "tcp":
+        argv = [H.PY, str(Path(__file__).resolve()), "--tcp", str(port), str(args.duration)]
+    else:
+        argv = [H.PY, str(Path(__file__).resolve()), "--handshakes", str(port), version, mode, str(args.duration)]
     cpu0, start = H.cpu_seconds(pid), time.monotonic()
     running = [procs.start(f"handshakes-{i}", argv, cpu=cpu) for i in range(args.clients)]
     for proc in running:
@@ -207,6 +231,62 @@ def handshakes(port: int, mode: str, version: str, args: argparse.Namespace, cpu
     reused = sum(c["reused"] for c in counts) / total if total else 0.0
     return {"per_s": total / elapsed, "per_cpu_s": total / proxy_cpu if proxy_cpu else 0.0,
             "proxy_cpu": proxy_cpu / elapsed, "connections": total, "reused_share": reused}
+
+
+def openssl_costs(pem: str, rounds: int) -> None:
+    """Server-side CPU of each handshake kind in OpenSSL alone, through
+    nlbproxy's listener contexts and memory BIOs; prints JSON microseconds."""
+    from nlbproxy.tls import TLSServer
+
+    server = TLSServer("bench", (pem,))
+    costs = {}
+    for version in ("TLSv1_2", "TLSv1_3"):
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname = False
+        client.verify_mode = ssl.CERT_NONE
+        client.minimum_version = client.maximum_version = getattr(ssl.TLSVersion, version)
+        for mode in ("new", "reuse"):
+            session = None
+            spent = 0.0
+            for i in range(rounds + 1):  # the first one makes the session to resume
+                c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+                start = time.process_time()
+                tls = server.new_connection(s_in, s_out)
+                taken = time.process_time() - start
+                peer = client.wrap_bio(c_in, c_out, server_hostname="bench.test", session=session)
+                done = False
+                while not done:
+                    try:
+                        peer.do_handshake()
+                        done = True
+                    except ssl.SSLWantReadError:
+                        pass
+                    s_in.write(c_out.read())
+                    start = time.process_time()
+                    try:
+                        tls.do_handshake()
+                    except ssl.SSLWantReadError:
+                        pass
+                    taken += time.process_time() - start
+                    c_in.write(s_out.read())
+                try:
+                    peer.read(1)  # TLS 1.3 tickets
+                except ssl.SSLWantReadError:
+                    pass
+                if mode == "reuse":
+                    if i and not tls.session_reused:
+                        raise RuntimeError(f"{version} did not resume")
+                    session = peer.session
+                if i:
+                    spent += taken
+            costs[f"{mode} {version.lower().replace('v', '')}"] = spent / rounds * 1e6
+    print(json.dumps(costs), flush=True)
+
+
+def openssl(pem: Path, cpu: int, procs: H.Procs) -> dict:
+    proc = procs.start("openssl-costs", [H.PY, str(Path(__file__).resolve()), "--openssl", str(pem), "2000"], cpu=cpu)
+    proc.popen.wait(300)
+    return json.loads(proc.log.read_text().strip().splitlines()[-1])
 
 
 def rps(url: str, args: argparse.Namespace, cpu: int, pid: int) -> dict:
@@ -223,6 +303,12 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--handshakes"]:
         handshake_client(int(argv[1]), argv[2], argv[3], float(argv[4]))
         return
+    if argv[:1] == ["--tcp"]:
+        tcp_client(int(argv[1]), float(argv[2]))
+        return
+    if argv[:1] == ["--openssl"]:
+        openssl_costs(argv[1], int(argv[2]))
+        return
     args = parse_args(argv)
     proxy_cpu, load_cpu = H.pick_cpus()
     print(H.load_note(), flush=True)
@@ -230,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict] = {}
     with H.workdir(args.keep) as wd, H.Procs(wd) as procs:
         pem = CA(wd / "pki").issue("bench.pem", dns=["bench.test"], rsa_bits=2048 if args.key == "rsa2048" else 0)
+        costs = openssl(pem, proxy_cpu, procs)
+        print("OpenSSL alone, server side: " + ", ".join(f"{k} {v:.0f} us" for k, v in costs.items()), flush=True)
         backend = H.start_backend_nginx(procs, load_cpu)
         for name in args.only:
             if name == "nlbproxy" and not H.nlbproxy_available():
@@ -245,6 +333,9 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{name:<9} {mode:<5} {version}: {hs['per_s']:8.0f} handshakes/s "
                           f"{hs['per_cpu_s']:8.0f} per proxy CPU-s (proxy CPU {hs['proxy_cpu']:.0%}, "
                           f"{hs['reused_share']:.0%} resumed)", flush=True)
+            r["tcp"] = hs = handshakes(plain, "tcp", "", args, load_cpu, procs, pid)
+            print(f"{name:<9} tcp connect/close: {hs['per_s']:8.0f} /s {hs['per_cpu_s']:8.0f} per proxy CPU-s "
+                  f"(proxy CPU {hs['proxy_cpu']:.0%})", flush=True)
             for kind, url in (("plain", f"http://127.0.0.1:{plain}/"), ("tls", f"https://127.0.0.1:{tls}/")):
                 r[f"rps {kind}"] = res = rps(url, args, load_cpu, pid)
                 print(f"{name:<9} keep-alive {kind:<5}: {res['per_s']:8.0f} req/s {res['per_cpu_s']:8.0f} per proxy "
@@ -252,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
                       flush=True)
             results[name] = r
             procs.stop(H.find_target_proc(procs, name))
-    report(results, args)
+    report(results, costs, args)
 
 
 def ratios(r: dict, key: str) -> dict[str, float]:
@@ -267,7 +358,7 @@ def ratios(r: dict, key: str) -> dict[str, float]:
 COLUMNS = ["new tls1_2", "reuse tls1_2", "new tls1_3", "reuse tls1_3", "rps plain", "rps tls"]
 
 
-def report(results: dict[str, dict], args: argparse.Namespace) -> None:
+def report(results: dict[str, dict], costs: dict[str, float], args: argparse.Namespace) -> None:
     print(f"\n{args.key} certificate, {args.clients} handshake clients, wrk -c{args.connections}, "
           f"{args.duration:g}s per figure")
     tables = {}
@@ -288,6 +379,22 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
                 print(f"nlbproxy/{name}: TLS req/s {nlb['rps tls']['per_s'] / results[name]['rps tls']['per_s']:.2f}, "
                       f"full TLS 1.2 handshakes/CPU-s "
                       f"{nlb['new tls1_2']['per_cpu_s'] / results[name]['new tls1_2']['per_cpu_s']:.2f}")
+    # Per connection: full = F + S_full and resumed = F + S_resumed, with S
+    # OpenSSL's own cost and F all the rest (accept, events, close); the
+    # ratio reaches 3 only while F <= (S_full - 3 S_resumed) / 2.
+    print("\nper connection, microseconds of proxy CPU (OpenSSL alone: server side, in one process)")
+    print(f"{'':<24}" + "".join(f"{n:>10}" for n in ["OpenSSL", *results]))
+    for column in COLUMNS[:4]:
+        print(f"{column:<24}{costs[column]:>10.0f}"
+              + "".join(f"{1e6 / r[column]['per_cpu_s'] if r[column]['per_cpu_s'] else 0:>10.0f}"
+                        for r in results.values()))
+    print(f"{'tcp connect/close':<24}{'':>10}"
+          + "".join(f"{1e6 / r['tcp']['per_cpu_s'] if r['tcp']['per_cpu_s'] else 0:>10.0f}"
+                    for r in results.values()))
+    for version in ("tls1_2", "tls1_3"):
+        full, resumed = costs[f"new {version}"], costs[f"reuse {version}"]
+        print(f"{version}: OpenSSL alone resumed/full {full / resumed:.2f}; 3 x needs the rest of a "
+              f"connection <= {max(0.0, (full - 3 * resumed) / 2):.0f} us")
     # The checks are on the unit's capacity (per CPU-second): a single
     # client CPU cannot always saturate the proxy, and other load on the
     # machine moves the per-second figures far more.
@@ -301,7 +408,7 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         print(f"{verdict} nlbproxy {what} per proxy CPU-second = {'n/a' if value is None else f'{value:.2f}'} "
               f"(target >= {minimum}; per second: {tables['per_s'].get('nlbproxy', {}).get(what, 0):.2f})")
     if args.json:
-        args.json.write_text(json.dumps({"benchmark": "tls", "key": args.key, "results": results,
+        args.json.write_text(json.dumps({"benchmark": "tls", "key": args.key, "results": results, "openssl_us": costs,
                                          "ratios": tables, "checks": verdicts}, indent=2))
 
 

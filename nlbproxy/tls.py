@@ -409,7 +409,11 @@ class TLSServerProtocol(Protocol):
             if self._pending:
                 pending, self._pending = self._pending, []
                 self.write(b"".join(pending))
-        while not self.disconnecting:
+        # Read while records wait in the BIO, or plaintext inside OpenSSL
+        # (which reads no record ahead): reading an empty buffer only raises
+        # SSLWantReadError, an exception per read event on every connection.
+        incoming = self._incoming
+        while not self.disconnecting and (incoming.pending or tls.pending()):
             try:
                 chunk = tls.read(READ_SIZE)
             except ssl.SSLWantReadError:

@@ -189,6 +189,43 @@ class Protocol_(SynchronousTestCase):
         self.protocol.loseConnection()
         self.assertTrue(self.transport.disconnecting)
 
+    def test_records_arriving_with_the_finished_or_in_pieces_are_all_read(self) -> None:
+        # The protocol reads only while records wait: the client's Finished,
+        # two requests and its close_notify in one segment all get through,
+        # and a record cut in two is read once whole.
+        client, incoming, outgoing = self.client()
+        try:
+            client.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        self.protocol.dataReceived(outgoing.read())  # ClientHello
+        incoming.write(self.transport.value())
+        self.transport.clear()
+        client.do_handshake()
+        client.write(b"GET /1 HTTP/1.1\r\n\r\n")
+        client.write(b"GET /2 HTTP/1.1\r\n\r\n")
+        with self.assertRaises(ssl.SSLWantReadError):
+            client.unwrap()
+        self.protocol.dataReceived(outgoing.read())
+        self.assertTrue(self.protocol.handshaken)
+        self.assertEqual(self.router.data, b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_record_cut_in_two_is_read_once_whole(self) -> None:
+        client, incoming, outgoing = self.client()
+        try:
+            client.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        self.pump(client, incoming, outgoing)
+        client.write(b"GET / HTTP/1.1\r\n\r\n")
+        record = outgoing.read()
+        self.protocol.dataReceived(record[:7])
+        self.assertEqual(self.router.data, b"")
+        self.assertFalse(self.transport.disconnecting)
+        self.protocol.dataReceived(record[7:])
+        self.assertEqual(self.router.data, b"GET / HTTP/1.1\r\n\r\n")
+
     def test_the_clients_close_notify_closes(self) -> None:
         client, incoming, outgoing = self.client()
         try:
