@@ -18,9 +18,8 @@ this one once the new one serves.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.application import service
@@ -33,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nlbproxy import limits, sockets
+from nlbproxy.signals import ControlSignals
 from nlbproxy.accesslog import FileAccessLog, LoggerAccessLog
 from nlbproxy.admin import AdminResource, make_admin_site
 from nlbproxy.cache import ResponseCache, pool_caches
@@ -85,7 +85,7 @@ class Unit(service.Service):
         self.config_path = config_path
         #: Install SIGHUP (reload) and SIGUSR2 (upgrade) handlers at start.
         self.signals = signals
-        self._previous_handlers: dict[int, Any] = {}
+        self._signals = ControlSignals(reactor, self._reload_signalled, self._upgrade_signalled)
         #: Listening sockets handed over by the process this one upgrades.
         self.inherited = dict(inherited or {})
         self.ready_fd = ready_fd
@@ -224,7 +224,7 @@ class Unit(service.Service):
         else:
             self._serving()
         if self.signals:
-            self._install_signals()
+            self._signals.install()
         for name, port in self.ports.items():
             scheme = "https" if name in self.tls else "http"
             log.info("listener {name} on {url}", name=name, url=url_of(port, scheme))
@@ -271,7 +271,7 @@ class Unit(service.Service):
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
-        self._restore_signals()
+        self._signals.restore()
         if self.upgrading is not None:
             self.upgrading.abandon()
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports.values()])
@@ -421,24 +421,6 @@ class Unit(service.Service):
         return plan
 
     # -- signals ------------------------------------------------------------------
-    def _install_signals(self) -> None:
-        # Python runs a handler in the main thread between two bytecodes,
-        # which may be in the middle of the reactor's own work: hand the
-        # work to the reactor instead (twistd rotates its log on SIGUSR1,
-        # so SIGHUP and SIGUSR2 are ours).
-        for signum, work in ((signal.SIGHUP, self._reload_signalled), (signal.SIGUSR2, self._upgrade_signalled)):
-            self._previous_handlers[signum] = signal.signal(signum, self._signal_handler(work))
-
-    def _signal_handler(self, work: Callable[[], None]) -> Callable[[int, Any], None]:
-        def handler(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(work)
-        return handler
-
-    def _restore_signals(self) -> None:
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers.clear()
-
     def _reload_signalled(self) -> None:
         log.info("SIGHUP: reloading {path}", path=self.config_path)
         try:

@@ -194,8 +194,30 @@ def open_packet_socket(ifname: str, receive: bool, rcvbuf: int = limits.FORWARDE
     return sock
 
 
+class _PacketReader:
+    """What the reactor asks of an AF_PACKET socket it reads (IReadDescriptor)."""
+
+    #: Names the reader in logs.
+    kind = "packets"
+    rx_ifname: str
+    _rx: socket.socket | None
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def fileno(self) -> int:
+        return self._rx.fileno() if self._rx is not None else -1
+
+    def logPrefix(self) -> str:
+        return f"{self.kind}({self.rx_ifname})"
+
+    def connectionLost(self, reason: failure.Failure) -> None:
+        log.msg(f"{self.logPrefix()}: lost: {reason.getErrorMessage()}")
+        self.stop()
+
+
 @implementer(IReadDescriptor)
-class PacketPort:
+class PacketPort(_PacketReader):
     """The forwarder's I/O: reads the client-facing interface, sends out of the
     host-facing ones, and runs the route table's timeouts.
 
@@ -205,6 +227,8 @@ class PacketPort:
     full) is dropped and counted: the client's TCP retransmits it, and
     blocking here would stall every other flow.
     """
+
+    kind = "forwarder"
 
     def __init__(self, reactor: Any, forwarder: Forwarder, rx_ifname: str,
                  on_deleted: Callable[[list[Deleted]], None] | None = None,
@@ -254,17 +278,6 @@ class PacketPort:
             sock = self._tx[ifname] = self._opener(ifname, False)
         return sock
 
-    # IReadDescriptor
-
-    def fileno(self) -> int:
-        return self._rx.fileno() if self._rx is not None else -1
-
-    def logPrefix(self) -> str:
-        return f"forwarder({self.rx_ifname})"
-
-    def connectionLost(self, reason: failure.Failure) -> None:
-        log.msg(f"{self.logPrefix()}: lost: {reason.getErrorMessage()}")
-        self.stop()
 
     def doRead(self) -> None:
         # Read a batch per wake-up: one select round per frame would cost
@@ -419,7 +432,7 @@ def to_tun_header(vnet: bytes | bytearray | memoryview) -> bytes:
 
 
 @implementer(IReadDescriptor)
-class DecapsulatorPort:
+class DecapsulatorPort(_PacketReader):
     """The host's tunnel end: reads tunnelled frames from the host's interface,
     restores them (:class:`nlbproxy.handoff.tunnel.Decapsulator`) and hands the
     IP packet to the host's stack through a TUN device, as if the client's
@@ -427,6 +440,8 @@ class DecapsulatorPort:
     originals (:meth:`nlbproxy.handoff.fence.Fence.add_tunnel`), and the TUN
     device needs rp_filter off: the client's address is not routed through it.
     """
+
+    kind = "decapsulator"
 
     def __init__(self, reactor: Any, decapsulator: Any, rx_ifname: str, tun_name: str,
                  max_batch: int = limits.FORWARDER_BATCH,
@@ -458,15 +473,6 @@ class DecapsulatorPort:
             os.close(self._tun)
             self._tun = -1
 
-    def fileno(self) -> int:
-        return self._rx.fileno() if self._rx is not None else -1
-
-    def logPrefix(self) -> str:
-        return f"decapsulator({self.rx_ifname})"
-
-    def connectionLost(self, reason: failure.Failure) -> None:
-        log.msg(f"{self.logPrefix()}: lost: {reason.getErrorMessage()}")
-        self.stop()
 
     def doRead(self) -> None:
         rx = self._rx

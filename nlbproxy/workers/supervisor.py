@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nlbproxy import limits
+from nlbproxy.signals import ControlSignals
 from nlbproxy.config import ConfigError, UnitConfig, format_host_port, parse_config
 from nlbproxy.health.codec import SENDER_AGENT_KINDS, Codec, ReplayGuard
 from nlbproxy.health.messages import node_id
@@ -185,7 +186,7 @@ class Supervisor(service.Service):
         self._rolling = False
         self._previous: tuple[UnitConfig, str] | None = None
         self.last_roll: dict[str, Any] = {}
-        self._previous_handlers: dict[int, Any] = {}
+        self._signals = ControlSignals(reactor, self._reload_signalled, self._upgrade_signalled)
 
     # -- start -----------------------------------------------------------------
     def privilegedStartService(self) -> None:
@@ -284,7 +285,7 @@ class Supervisor(service.Service):
             log.info("health messages on udp {ip}:{port}", ip=where.host, port=where.port)
         for slot in self.slots:
             self.spawn(slot)
-        self._install_signals()
+        self._signals.install()
 
     def spec(self, slot: Slot, admin_socket: Inherited) -> tuple[WorkerSpec, dict[int, int | str], int]:
         """What worker ``slot`` is told, its descriptors (child -> ours) and its status descriptor."""
@@ -483,22 +484,6 @@ class Supervisor(service.Service):
             self._rolling = False
 
     # -- signals ---------------------------------------------------------------------------
-    def _install_signals(self) -> None:
-        # From the signal handler, the work runs in the reactor's thread.
-        for signum, work in ((signal.SIGHUP, self._reload_signalled), (signal.SIGUSR2, self._upgrade_signalled)):
-            self._previous_handlers[signum] = signal.signal(signum, self._handler(work))
-
-    def _handler(self, work: Any) -> Any:
-        def handler(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(work)
-
-        return handler
-
-    def _restore_signals(self) -> None:
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers.clear()
-
     def _reload_signalled(self) -> None:
         log.info("SIGHUP: reloading {path}", path=self.path)
         try:
@@ -515,7 +500,7 @@ class Supervisor(service.Service):
     def stopService(self) -> Any:
         super().stopService()
         self.stopping = True
-        self._restore_signals()
+        self._signals.restore()
         waits = []
         for slot in self.slots:
             if slot.pending is not None and slot.pending.active():
