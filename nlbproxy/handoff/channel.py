@@ -110,6 +110,14 @@ class ChannelProtocol(Protocol):
 
     def send(self, message: Message) -> None:
         self.transport.write(self.channel.send(message))
+        # Twisted writes on the reactor's next turn, after whatever the
+        # caller does next (the agent starts a delivery thread, the unit
+        # commits a route): each message is on a client's critical path, so
+        # it goes now.  A write error stays buffered, and the reactor's own
+        # doWrite then meets it and closes the connection.
+        transport = self.transport
+        if self.connected_ and hasattr(transport, "doWrite") and not transport.disconnecting:
+            transport.doWrite()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected_ = False
