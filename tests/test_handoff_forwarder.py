@@ -353,6 +353,24 @@ class PlumbingTests(SynchronousTestCase):
         self.assertRaises(OSError, self.plumbing.fence, self.flow, Host())
         self.assertEqual(len(self.table), 0)
 
+    def test_host_mac_reused_for_its_ttl(self) -> None:
+        looked_up: list[str] = []
+        macs = iter(["02:00:00:00:00:03", "02:00:00:00:00:09"])
+
+        def resolve(ip: str) -> str:
+            looked_up.append(ip)
+            return next(macs)
+
+        self.plumbing.resolve_mac = resolve
+        self.plumbing.fence(self.flow, "10.0.1.3")
+        self.plumbing.unfence(self.flow)
+        self.plumbing.fence(self.flow, "10.0.1.3")
+        self.assertEqual((looked_up, self.table.get(KEY).via.host_mac), (["10.0.1.3"], "02:00:00:00:00:03"))  # type: ignore[union-attr]
+        self.plumbing.unfence(self.flow)
+        self.reactor.advance(self.plumbing.mac_ttl)
+        self.plumbing.fence(self.flow, "10.0.1.3")  # the host's MAC changed: read again
+        self.assertEqual((looked_up, self.table.get(KEY).via.host_mac), (["10.0.1.3"] * 2, "02:00:00:00:00:09"))  # type: ignore[union-attr]
+
     def test_unknown_neighbour(self) -> None:
         self.plumbing.resolve_mac = lambda ip: neighbour_mac(ip, self.arp)
         with tempfile.NamedTemporaryFile("w", suffix=".arp", delete=False) as f:
@@ -502,9 +520,13 @@ class KernelPathTests(SynchronousTestCase):
         sockets["rx:eth0"].inbox = [(VNET + frame(), PACKET_HOST)]
         port.doRead()
         plumbing.commit(flow)
+        # Committed, not yet offloaded: Python forwards, and the filter still lets the flow in.
+        self.assertEqual(len(sockets["tx:eth1"].sent), 1)  # the buffered frame, by Python
+        self.assertFalse(any(c.startswith("add element") for c in commands))
+        self.assertTrue(run_bpf(filters[-1], frame()))
+        reactor.advance(0)  # the next turn: the fast path takes it
         self.assertIn("add element netdev nlbproxy_fast routes4 { 10.0.0.5 . 40000 . 10.0.0.100 . 80 : "
                       "02:00:00:00:00:03 }\n", commands)
-        self.assertEqual(len(sockets["tx:eth1"].sent), 1)  # the buffered frame, by Python
         self.assertFalse(run_bpf(filters[-1], frame()))  # now the kernel's
         self.assertTrue(table.get(KEY).offloaded)  # type: ignore[union-attr]
         # A frame the filter let through anyway (a FIN) is watched, not sent twice.
@@ -514,4 +536,28 @@ class KernelPathTests(SynchronousTestCase):
         self.assertEqual(table.get(KEY).state, State.CLOSING)  # type: ignore[union-attr]
         plumbing.ended(flow)
         self.assertTrue(commands[-1].startswith("delete element netdev nlbproxy_fast routes4"))
+        self.assertEqual(len(kernel), 0)
+
+    def test_offload_skips_a_route_that_ended_first(self) -> None:
+        reactor = MemoryReactorClock()
+        table = RouteTable(reactor)
+        commands: list[str] = []
+        backend = type("B", (), {"run": lambda self, text: commands.append(text)})()
+        kernel = KernelPath(backend, "eth0", "eth1", mac_text(OUT_MAC))
+        kernel.setup()
+
+        def opener(ifname: str, receive: bool) -> socket.socket:
+            return FakeSocket(ifname, receive)  # type: ignore[return-value]
+
+        port = PacketPort(reactor, Forwarder(table, {"eth1": OUT_MAC}), "eth0", opener=opener, kernel=kernel,
+                          attach=lambda sock, program: None)
+        port.start()
+        self.addCleanup(port.stop)
+        plumbing = ForwarderPlumbing(port, RecordingFence(), "eth1", resolve_mac=lambda ip: mac_text(HOST_MAC))
+        flow = Flow(("10.0.0.5", 40000), ("10.0.0.100", 80))
+        plumbing.fence(flow, Host())
+        plumbing.commit(flow)
+        plumbing.ended(flow)
+        reactor.advance(0)
+        self.assertFalse(any(c.startswith(("add element", "delete element")) for c in commands))
         self.assertEqual(len(kernel), 0)

@@ -350,7 +350,8 @@ def test_kernel_fast_path(farm: tuple[Topology, Node, Node, Node]) -> None:
     assert c.eval("start()") == 115
     wait_for(lambda: u.eval("table.stats['buffered_packets']") >= 1, what="the SYN buffered")
     u.exec(f"call(reactor, plumbing.commit, flow({port}))")
-    assert u.eval("[len(kernel), table.routes()[0].offloaded]") == [1, True]
+    # The kernel takes the committed route on the reactor's next turn.
+    wait_for(lambda: u.eval("[len(kernel), table.routes()[0].offloaded]") == [1, True], what="the route offloaded")
     assert c.eval("established()") == 0
     assert c.eval("exchange()")[:2] == [True, True]
     # Megabytes went through; Python saw a handful of frames (the SYNs, the FIN).

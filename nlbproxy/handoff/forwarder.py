@@ -337,14 +337,30 @@ class PacketPort(_PacketReader):
     def commit(self, key: FlowKey) -> int:
         """Commits ``key`` and sends its buffered frames; returns how many.
 
-        With a fast path the route goes to the kernel first and the buffered
-        frames follow: a later frame may overtake them (TCP copes with that
-        reordering), but none arrives while no path exists.
+        With a fast path the route goes to the kernel right after, on the
+        reactor's next turn (:meth:`offload`): the nftables call and the new
+        socket filter cost a third of a millisecond, which the handoff's
+        critical path (the unit's COMMIT to the agent) need not wait for.
+        Until then the filter still lets the flow's frames in (it was
+        fenced) and Python forwards them, so no frame arrives while no path
+        exists; a later frame may overtake the buffered ones once the kernel
+        has the route (TCP copes with that reordering).
         """
-        table = self.forwarder.table
         sent = self.forwarder.commit(key)
+        for ifname, data in sent:
+            self._send(ifname, data)
+        if self.kernel is not None:
+            self.reactor.callLater(0, self.offload, key)
+        return len(sent)
+
+    def offload(self, key: FlowKey) -> None:
+        """Hands committed ``key`` to the fast path and drops it from the
+        socket filter; a route that ended or closed meanwhile stays as it is."""
+        table = self.forwarder.table
         route = table.get(key)
-        if self.kernel is not None and route is not None and self.kernel.can_offload(route.via):
+        if self.kernel is None or route is None or route.state is not State.COMMITTED or route.offloaded:
+            return
+        if self.kernel.can_offload(route.via):
             try:
                 self.kernel.add(key, route.via.host_mac)
                 table.offload(key)
@@ -352,10 +368,7 @@ class PacketPort(_PacketReader):
                 # The flow stays on the AF_PACKET path, which the filter must then let through.
                 self.stats["offload_failed"] += 1
                 log.msg(f"{self.logPrefix()}: {key} not offloaded: {e}")
-        for ifname, data in sent:
-            self._send(ifname, data)
         self.refilter()
-        return len(sent)
 
     def delete(self, key: FlowKey, reason: str = "ended") -> None:
         gone = self.forwarder.table.delete(key, reason)
@@ -528,14 +541,18 @@ class ForwarderPlumbing:
     """
 
     def __init__(self, port: PacketPort, fence: Any, ifname: str,
-                 resolve_mac: Callable[[str], str] = neighbour_mac, dam: Any = None) -> None:
+                 resolve_mac: Callable[[str], str] = neighbour_mac, dam: Any = None,
+                 mac_ttl: float = limits.FORWARDER_MAC_TTL) -> None:
         self.port = port
         self.table = port.forwarder.table
         self.fence_ = fence
         self.ifname = ifname
         self.resolve_mac = resolve_mac
         self.dam = dam
+        self.mac_ttl = mac_ttl
         self.stats: Counter[str] = Counter()
+        #: host IP -> (MAC, until when it is reused)
+        self._macs: dict[str, tuple[str, float]] = {}
         port.on_deleted = self._deleted
 
     @staticmethod
@@ -545,7 +562,7 @@ class ForwarderPlumbing:
     def fence(self, flow: Any, host: Any) -> None:
         key = self.key(flow)
         host_ip = getattr(host, "host", host)
-        via = Via(str(host_ip), self.resolve_mac(str(host_ip)), self.ifname)
+        via = Via(str(host_ip), self.host_mac(str(host_ip)), self.ifname)
         self.table.fence(key, via)
         try:
             # The socket must let the flow's frames in before the kernel stops seeing them.
@@ -555,6 +572,18 @@ class ForwarderPlumbing:
             self.table.delete(key, "aborted")
             raise
         self._durable(key)
+
+    def host_mac(self, ip: str) -> str:
+        """``resolve_mac(ip)``, reused for ``mac_ttl`` seconds (failures are not)."""
+        now = self.port.reactor.seconds()
+        known = self._macs.get(ip)
+        if known is not None and now < known[1]:
+            return known[0]
+        mac = self.resolve_mac(ip)
+        if len(self._macs) >= limits.FORWARDER_MAC_ENTRIES:
+            self._macs.clear()
+        self._macs[ip] = (mac, now + self.mac_ttl)
+        return mac
 
     def commit(self, flow: Any) -> None:
         key = self.key(flow)
