@@ -195,6 +195,20 @@ class LifecycleTests(SynchronousTestCase):
         clock.advance(20)
         self.assertEqual([d.reason for d in t.tick()], ["closing_timeout"])
 
+    def test_python_keys_are_what_the_fast_path_does_not_carry(self) -> None:
+        _, t = table()
+        t.fence(KEY, VIA)
+        self.assertEqual(t.python_keys(), [KEY])
+        t.commit(KEY)
+        self.assertEqual(t.python_keys(), [KEY])  # committed, not offloaded (yet, or ever)
+        t.offload(KEY)
+        self.assertEqual(t.python_keys(), [])
+        other = FlowKey("10.0.0.6", 40001, "10.0.0.100", 80)
+        t.restore(other, VIA)  # taken over from the DAM: Python forwards it
+        self.assertEqual(t.python_keys(), [other])
+        t.delete(other)
+        self.assertEqual(t.python_keys(), [])
+
     def test_delete_host(self) -> None:
         _, t = table()
         other = Via("10.0.1.8", "02:00:00:00:01:08", "eth1")

@@ -321,10 +321,11 @@ class PacketPort(_PacketReader):
 
     def refilter(self) -> None:
         """With a fast path, lets through the socket only what Python must see
-        (fenced flows, FIN/SYN/RST); call it before fencing a flow."""
+        (fenced flows, flows the kernel does not carry, FIN/SYN/RST); call it
+        before fencing a flow."""
         if self.kernel is None or self._rx is None:
             return
-        self._attach(self._rx, socket_filter(self.forwarder.table.fenced_keys()))
+        self._attach(self._rx, socket_filter(self.forwarder.table.python_keys()))
 
     def _send(self, ifname: str, data: memoryview) -> None:
         try:

@@ -264,6 +264,10 @@ class RouteTable:
         self._routes: dict[bytes, Route] = {}
         # The FENCED ones, kept apart: the forwarder's socket filter names them.
         self._fenced: dict[bytes, FlowKey] = {}
+        # Routes past the fence that the kernel's fast path does not carry
+        # (not offloaded yet, or its offload failed): Python forwards their
+        # frames, so the socket filter must let them through too.
+        self._in_python: dict[bytes, FlowKey] = {}
         #: Bytes held in all fence buffers.
         self.buffered_bytes = 0
         #: Packets, bytes, drops by reason and state changes, for metrics.
@@ -313,6 +317,11 @@ class RouteTable:
     def fenced_keys(self) -> list[FlowKey]:
         return list(self._fenced.values())
 
+    def python_keys(self) -> list[FlowKey]:
+        """The flows whose frames Python must see: fenced ones, and those past
+        the fence that are not offloaded to a fast path."""
+        return [*self._fenced.values(), *self._in_python.values()]
+
     def commit(self, key: FlowKey) -> list[bytes]:
         """The host holds the connection: returns the buffered packets, in
         arrival order, for the caller to send before any later packet."""
@@ -321,6 +330,7 @@ class RouteTable:
             raise RouteError(f"cannot commit {key}: it is {route.state.value}")
         route.state = State.COMMITTED
         self._fenced.pop(route.packed, None)
+        self._in_python[route.packed] = key
         route.deadline = self._clock.seconds() + self.idle_timeout
         held, route.buffer = route.buffer, []
         self.buffered_bytes -= route.buffered_bytes
@@ -360,6 +370,8 @@ class RouteTable:
         self._routes[packed] = route
         if state is State.FENCED:
             self._fenced[packed] = key
+        else:
+            self._in_python[packed] = key
         self.stats["restored"] += 1
         return route
 
@@ -371,6 +383,7 @@ class RouteTable:
         if route.state is not State.COMMITTED:
             raise RouteError(f"cannot offload {key}: it is {route.state.value}")
         route.offloaded = True
+        self._in_python.pop(route.packed, None)
         route.deadline = float("inf")
         self.stats["offloaded"] += 1
         return route
@@ -481,6 +494,7 @@ class RouteTable:
     def _drop(self, route: Route) -> None:
         del self._routes[route.packed]
         self._fenced.pop(route.packed, None)
+        self._in_python.pop(route.packed, None)
         self.buffered_bytes -= route.buffered_bytes
         route.buffered_bytes = 0
         route.buffer = []
