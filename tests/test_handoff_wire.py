@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from nlbproxy.handoff.routes import FlowKey
+from nlbproxy.handoff.tunnel import Mapping
 from nlbproxy.handoff.wire import (
     MAX_FRAME,
     VERSION,
@@ -21,6 +23,7 @@ from nlbproxy.handoff.wire import (
 )
 
 SECRET = b"farm secret"
+MAPPING = Mapping(0x00020003, "10.1.0.1", FlowKey("192.0.2.7", 40000, "10.1.0.100", 80))
 
 
 def connect(unit_secret: bytes = SECRET, agent_secret: bytes = SECRET) -> tuple[Channel, Channel]:
@@ -159,3 +162,48 @@ class MessageTests(SynchronousTestCase):
     def test_property_handoff_round_trip(self, id_: int, pool: str, endpoint: str, blob: bytes) -> None:
         unit, agent = connect()
         self.assertEqual(deliver(unit, agent, Handoff(id_, pool, endpoint, blob)), [Handoff(id_, pool, endpoint, blob)])
+
+
+class TunnelHandoffTests(SynchronousTestCase):
+    """HANDOFF_TUNNEL: a handoff carrying the flow-id tunnel's mapping."""
+
+    def test_round_trip_v4_and_v6(self) -> None:
+        v6 = Mapping(0x00070008, "2001:db8:1::2", FlowKey("2001:db8::7", 1234, "2001:db8:1::100", 443))
+        for mapping in (MAPPING, v6):
+            unit, agent = connect()
+            message = Handoff(9, "web", "10.2.0.7:8080", b"state blob", mapping)
+            self.assertEqual(deliver(unit, agent, message), [message])
+
+    def test_plain_handoff_keeps_its_frame_type(self) -> None:
+        unit, _ = connect()
+        self.assertEqual(unit.send(Handoff(1, "p", "h:1", b"x"))[0], 4)
+        unit, _ = connect()
+        self.assertEqual(unit.send(Handoff(1, "p", "h:1", b"x", MAPPING))[0], 8)
+
+    def test_malformed(self) -> None:
+        good = MAPPING.encode()
+        head = struct.pack("!I", 1) + b"\x00\x01p" + b"\x00\x03h:1"
+        bad_version = bytes([99]) + good[1:]
+        for payload in (
+            head,  # no mapping length
+            head + struct.pack("!H", len(good) + 5) + good,  # mapping truncated
+            head + struct.pack("!H", len(bad_version)) + bad_version,  # unknown mapping version
+            head + struct.pack("!H", len(good) - 1) + good[:-1],  # mapping of the wrong size
+            head + struct.pack("!H", 0),  # empty mapping
+        ):
+            unit, agent = connect()
+            frame = unit._frame(8, payload, mac=True)
+            self.assertEqual(self.assertRaises(ChannelError, agent.receive, frame).reason, "malformed")
+
+    def test_agent_cannot_send_it(self) -> None:
+        unit, agent = connect()
+        frame = agent._frame(8, struct.pack("!I", 1) + b"\x00\x01p\x00\x03h:1"
+                             + struct.pack("!H", len(MAPPING.encode())) + MAPPING.encode(), mac=True)
+        self.assertEqual(self.assertRaises(ChannelError, unit.receive, frame).reason, "out_of_turn")
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.binary(max_size=2000))
+    def test_property_round_trip(self, id_: int, flow_id: int, blob: bytes) -> None:
+        unit, agent = connect()
+        message = Handoff(id_, "web", "10.2.0.7:80", blob, Mapping(flow_id, "10.1.0.1", MAPPING.key))
+        self.assertEqual(deliver(unit, agent, message), [message])

@@ -55,6 +55,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nlbproxy.handoff.tunnel import Mapping, TunnelError
+
 __all__ = [
     "CHALLENGE_SIZE",
     "MAC_SIZE",
@@ -84,7 +86,7 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _COUNTER = struct.Struct("!Q")
 
-HELLO, WELCOME, PROVE, HANDOFF, RESULT, COMMIT, ENDED = range(1, 8)
+HELLO, WELCOME, PROVE, HANDOFF, RESULT, COMMIT, ENDED, HANDOFF_TUNNEL = range(1, 9)
 
 
 class ChannelError(Exception):
@@ -101,6 +103,9 @@ class Handoff:
     pool: str
     endpoint: str
     blob: bytes
+    #: The flow-id tunnel's entry for this connection, when the unit reaches
+    #: the host through the tunnel; None for a host on the unit's segment.
+    tunnel: Mapping | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +265,10 @@ def _text(value: str) -> bytes:
 
 
 def _encode(message: Message) -> tuple[int, bytes]:
+    if isinstance(message, Handoff) and message.tunnel is not None:
+        mapping = message.tunnel.encode()
+        return HANDOFF_TUNNEL, (_U32.pack(message.id) + _text(message.pool) + _text(message.endpoint)
+                                + _U16.pack(len(mapping)) + mapping + message.blob)
     if isinstance(message, Handoff):
         return HANDOFF, _U32.pack(message.id) + _text(message.pool) + _text(message.endpoint) + message.blob
     if isinstance(message, Result):
@@ -309,6 +318,14 @@ def _decode(kind: int, payload: bytes) -> Message:
     message: Message
     if kind == HANDOFF:
         message = Handoff(cursor.u32(), cursor.text(), cursor.text(), cursor.rest())
+    elif kind == HANDOFF_TUNNEL:
+        id_, pool, endpoint = cursor.u32(), cursor.text(), cursor.text()
+        (length,) = _U16.unpack(cursor.take(2))
+        try:
+            mapping = Mapping.decode(cursor.take(length))
+        except TunnelError as e:
+            raise ChannelError("malformed", f"tunnel mapping: {e}") from None
+        message = Handoff(id_, pool, endpoint, cursor.rest(), mapping)
     elif kind == RESULT:
         id_ = cursor.u32()
         ok = cursor.take(1)[0]
