@@ -23,6 +23,7 @@ from nlbproxy.handoff.packets import (
     tcp_checksum,
 )
 from nlbproxy.handoff.routes import ACK, FIN, SYN, FlowKey, RouteTable, State, Via, atom_key, from_atom, to_atom
+from nlbproxy.handoff.tunnel import Decapsulator, Encapsulator, TunnelError, TunnelPlan
 from nlbproxy.session.dam import DAM
 
 CLIENT_MAC = mac_bytes("02:00:00:00:00:05")
@@ -561,3 +562,86 @@ class KernelPathTests(SynchronousTestCase):
         reactor.advance(0)
         self.assertFalse(any(c.startswith(("add element", "delete element")) for c in commands))
         self.assertEqual(len(kernel), 0)
+
+
+class TunnelPlumbingTests(SynchronousTestCase):
+    """A host in the unit's ``tunnel_networks``: its flows get a flow id and go
+    to the router's MAC, and the mapping for its agent comes out of fence."""
+
+    ROUTER_MAC = "02:00:00:00:00:01"
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.table = RouteTable(self.reactor, closing_timeout=10)
+        self.fwd = Forwarder(self.table, {"eth1": OUT_MAC}, tunnel=Encapsulator({4: "10.0.0.2"}))
+        self.sockets: dict[str, FakeSocket] = {}
+
+        def opener(ifname: str, receive: bool) -> socket.socket:
+            sock = self.sockets[("rx:" if receive else "tx:") + ifname] = FakeSocket(ifname, receive)
+            return sock  # type: ignore[return-value]
+
+        self.port = PacketPort(self.reactor, self.fwd, "eth0", opener=opener)
+        self.port.start()
+        self.addCleanup(self.port.stop)
+        self.fence = RecordingFence()
+        self.macs = {"10.0.0.1": self.ROUTER_MAC, "10.0.1.3": mac_text(HOST_MAC)}
+        self.plan = TunnelPlan(["10.2.0.0/16"], {4: "10.0.0.2"}, {4: "10.0.0.1"})
+        self.plumbing = ForwarderPlumbing(self.port, self.fence, "eth1", resolve_mac=self.macs.__getitem__,
+                                          tunnel=self.plan)
+        self.flow = Flow(("10.0.0.5", 40000), ("10.0.0.100", 80))
+
+    def test_tunnelled_host(self) -> None:
+        mapping = self.plumbing.fence(self.flow, "10.2.0.7")
+        assert mapping is not None
+        self.assertEqual((mapping.forwarder_ip, mapping.key), ("10.0.0.2", KEY))
+        route = self.table.get(KEY)
+        assert route is not None
+        self.assertEqual((route.via.host, route.via.flow_id, route.via.mac_bytes),
+                         ("10.2.0.7", mapping.flow_id, mac_bytes(self.ROUTER_MAC)))
+        self.sockets["rx:eth0"].inbox = [(VNET + frame(payload=b"hello"), PACKET_HOST)]
+        self.port.doRead()
+        self.plumbing.commit(self.flow)
+        [sent] = self.sockets["tx:eth1"].sent
+        eth = sent[VNET_HDR_LEN:]  # what leaves carries the vnet header the socket wants
+        self.assertEqual(eth[:6], mac_bytes(self.ROUTER_MAC))
+        self.assertEqual(eth[14 + 12:14 + 20], ipaddress.ip_address("10.0.0.2").packed
+                         + ipaddress.ip_address("10.2.0.7").packed)
+        self.assertEqual(struct.unpack_from("!HH", eth, 34), (mapping.flow_id >> 16, mapping.flow_id & 0xFFFF))
+        # The host's decapsulator, told the mapping, restores the client's packet.
+        decap = Decapsulator()
+        decap.add(mapping)
+        restored = bytearray(sent)
+        self.assertEqual(decap.decode(restored, len(restored)), KEY)
+        self.assertEqual(restored[VNET_HDR_LEN + 14 + 12:VNET_HDR_LEN + 14 + 20], CLIENT + VIP)
+
+    def test_host_on_the_segment_is_not_tunnelled(self) -> None:
+        self.assertIsNone(self.plumbing.fence(self.flow, Host()))
+        route = self.table.get(KEY)
+        assert route is not None
+        self.assertEqual((route.via.flow_id, route.via.mac_bytes), (None, HOST_MAC))
+        self.assertEqual(len(self.plan.flow_ids), 0)
+
+    def test_flow_id_released_when_the_route_goes(self) -> None:
+        for end in (self.plumbing.ended, self.plumbing.unfence):
+            self.plumbing.fence(self.flow, "10.2.0.7")
+            self.assertEqual(len(self.plan.flow_ids), 1)
+            end(self.flow)
+            self.assertEqual(len(self.plan.flow_ids), 0)
+
+    def test_flow_id_released_when_the_fence_fails(self) -> None:
+        self.fence.fail = True
+        self.assertRaises(OSError, self.plumbing.fence, self.flow, "10.2.0.7")
+        self.assertEqual((len(self.plan.flow_ids), len(self.table)), (0, 0))
+        self.fence.fail = False
+        del self.macs["10.0.0.1"]  # the router unresolved: no route, no flow id kept
+        self.reactor.advance(10)  # past the MAC's reuse
+        self.assertRaises(KeyError, self.plumbing.fence, self.flow, "10.2.0.7")
+        self.assertEqual((len(self.plan.flow_ids), len(self.table)), (0, 0))
+
+    def test_plan(self) -> None:
+        self.assertTrue(self.plan.reaches("10.2.3.4"))
+        self.assertFalse(self.plan.reaches("10.3.0.1"))
+        self.assertFalse(self.plan.reaches("2001:db8::1"))
+        self.assertFalse(self.plan.reaches("not-an-address"))
+        self.assertRaises(TunnelError, self.plan.source, "2001:db8::1")
+        self.assertRaises(TunnelError, self.plan.gateway, "2001:db8::1")

@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from nlbproxy import limits
 from nlbproxy.handoff.fence import check_table_name
+from nlbproxy.handoff.tunnel import Mapping as TunnelMapping, TunnelPlan
 from nlbproxy.handoff.packets import ETH_HLEN, VNET_HDR_LEN, Malformed, Parsed, parse, set_macs
 from nlbproxy.handoff.routes import (
     Deleted, FlowKey, RouteError, RouteTable, State, TableFull, Verdict, Via, WireError, atom_key, from_atom,
@@ -543,8 +544,11 @@ class ForwarderPlumbing:
 
     def __init__(self, port: PacketPort, fence: Any, ifname: str,
                  resolve_mac: Callable[[str], str] = neighbour_mac, dam: Any = None,
-                 mac_ttl: float = limits.FORWARDER_MAC_TTL) -> None:
+                 mac_ttl: float = limits.FORWARDER_MAC_TTL, tunnel: TunnelPlan | None = None) -> None:
         self.port = port
+        self.tunnel = tunnel
+        #: Flow ids of this unit's tunnelled routes, released when the route goes.
+        self._flow_ids: dict[FlowKey, int] = {}
         self.table = port.forwarder.table
         self.fence_ = fence
         self.ifname = ifname
@@ -560,19 +564,42 @@ class ForwarderPlumbing:
     def key(flow: Any) -> FlowKey:
         return FlowKey(flow.client[0], int(flow.client[1]), flow.vip[0], int(flow.vip[1]))
 
-    def fence(self, flow: Any, host: Any) -> None:
+    def fence(self, flow: Any, host: Any) -> TunnelMapping | None:
+        """Fences ``flow`` towards ``host``; for a host reached through the
+        tunnel returns the mapping its agent must know before the first
+        tunnelled packet (None otherwise)."""
         key = self.key(flow)
-        host_ip = getattr(host, "host", host)
-        via = Via(str(host_ip), self.host_mac(str(host_ip)), self.ifname)
-        self.table.fence(key, via)
+        host_ip = str(getattr(host, "host", host))
+        mapping = None
+        if self.tunnel is not None and self.tunnel.reaches(host_ip):
+            mapping = TunnelMapping(self.tunnel.flow_ids.allocate(), self.tunnel.source(host_ip), key)
+        try:
+            if mapping is None:
+                via = Via(host_ip, self.host_mac(host_ip), self.ifname)
+            else:
+                assert self.tunnel is not None
+                via = Via(host_ip, self.host_mac(self.tunnel.gateway(host_ip)), self.ifname, mapping.flow_id)
+            self.table.fence(key, via)
+        except BaseException:
+            self._release(mapping)
+            raise
+        if mapping is not None:
+            self._flow_ids[key] = mapping.flow_id
         try:
             # The socket must let the flow's frames in before the kernel stops seeing them.
             self.port.refilter()
             self.fence_.add(key)
         except BaseException:
             self.table.delete(key, "aborted")
+            self._flow_ids.pop(key, None)
+            self._release(mapping)
             raise
         self._durable(key)
+        return mapping
+
+    def _release(self, mapping: TunnelMapping | None) -> None:
+        if mapping is not None and self.tunnel is not None:
+            self.tunnel.flow_ids.release(mapping.flow_id)
 
     def host_mac(self, ip: str) -> str:
         """``resolve_mac(ip)``, reused for ``mac_ttl`` seconds (failures are not)."""
@@ -649,6 +676,10 @@ class ForwarderPlumbing:
 
     def _deleted(self, gone: list[Deleted]) -> None:
         keys = [d.route.key for d in gone]
+        for key in keys:
+            fid = self._flow_ids.pop(key, None)
+            if fid is not None and self.tunnel is not None:
+                self.tunnel.flow_ids.release(fid)
         try:
             self.fence_.remove(*keys)
         except Exception as e:

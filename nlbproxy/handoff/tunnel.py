@@ -28,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from nlbproxy.handoff.packets import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN, Parsed, parse
@@ -140,6 +141,44 @@ class FlowIds:
 
     def __len__(self) -> int:
         return len(self._used)
+
+
+class TunnelPlan:
+    """Which hosts a unit reaches through the tunnel, and how.
+
+    A host whose address is in one of ``networks`` is on another segment:
+    its flows get a flow id, leave with ``source`` (the forwarder's own
+    address F, of the host's family) as their source, and go to the MAC of
+    ``gateway``, the router towards those networks.
+    """
+
+    def __init__(self, networks: Iterable[str], sources: dict[int, str], gateways: dict[int, str]) -> None:
+        self.networks = tuple(ipaddress.ip_network(n) for n in networks)
+        self.sources = {v: str(ipaddress.ip_address(a)) for v, a in sources.items()}
+        self.gateways = {v: str(ipaddress.ip_address(a)) for v, a in gateways.items()}
+        self.flow_ids = FlowIds()
+
+    def reaches(self, host_ip: str) -> bool:
+        """Whether ``host_ip`` is reached through the tunnel."""
+        try:
+            address = ipaddress.ip_address(host_ip)
+        except ValueError:
+            return False
+        return any(address.version == n.version and address in n for n in self.networks)
+
+    def source(self, host_ip: str) -> str:
+        version = ipaddress.ip_address(host_ip).version
+        try:
+            return self.sources[version]
+        except KeyError:
+            raise TunnelError(f"no IPv{version} tunnel source for host {host_ip}") from None
+
+    def gateway(self, host_ip: str) -> str:
+        version = ipaddress.ip_address(host_ip).version
+        try:
+            return self.gateways[version]
+        except KeyError:
+            raise TunnelError(f"no IPv{version} tunnel gateway for host {host_ip}") from None
 
 
 # --- rewriting frames in place --------------------------------------------------------------
