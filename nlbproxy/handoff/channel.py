@@ -26,6 +26,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from nlbproxy.handoff.tunnel import Mapping
 from nlbproxy.handoff.wire import Channel, ChannelError, Commit, Ended, Handoff, Message, Result
 
 __all__ = [
@@ -187,8 +188,11 @@ class AgentLink:
             self.protocol.transport.loseConnection()
 
     # -- calls ---------------------------------------------------------------------------
-    def handoff(self, pool: str, endpoint: str, blob: bytes) -> tuple[int, defer.Deferred[Result]]:
+    def handoff(self, pool: str, endpoint: str, blob: bytes,
+                tunnel: Mapping | None = None) -> tuple[int, defer.Deferred[Result]]:
         """Send a HANDOFF on the live connection; (id, Deferred of the RESULT).
+        ``tunnel`` goes with it when the unit reaches the host through the
+        flow-id tunnel.
 
         Needs :attr:`protocol` (call :meth:`connect` first): the unit must
         know the agent is there before it fences and dumps the connection.
@@ -201,7 +205,7 @@ class AgentLink:
         self._next_id = self._next_id % 0xFFFFFFFF + 1
         waiting: defer.Deferred[Result] = defer.Deferred()
         self._pending[id_] = waiting
-        self.protocol.send(Handoff(id_, pool, endpoint, blob))
+        self.protocol.send(Handoff(id_, pool, endpoint, blob, tunnel))
         waiting.addTimeout(HANDOFF_TIMEOUT, self.reactor, onTimeoutCancel=self._timed_out(id_))
         return id_, waiting
 

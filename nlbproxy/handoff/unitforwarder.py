@@ -39,6 +39,7 @@ from nlbproxy.handoff.forwarder import (
     Forwarder, ForwarderPlumbing, KernelPath, PacketPort, interface_mac, neighbour_mac, open_packet_socket,
 )
 from nlbproxy.handoff.routes import ATOM_KIND, FlowKey, RouteTable, State, WireError, atom_key, from_atom
+from nlbproxy.handoff.tunnel import Mapping as TunnelMapping
 from nlbproxy.metrics import PrometheusWriter
 
 log = Logger()
@@ -169,8 +170,8 @@ class UnitForwarder:
             raise RuntimeError("the forwarder is not running")
         return self.plumbing
 
-    def fence(self, flow: Any, host: Any) -> None:
-        self._need().fence(flow, host)
+    def fence(self, flow: Any, host: Any) -> TunnelMapping | None:
+        return self._need().fence(flow, host)
 
     def commit(self, flow: Any) -> None:
         self._need().commit(flow)

@@ -56,6 +56,7 @@ from nlbproxy.config import parse_host_port
 from nlbproxy.handoff import repair
 from nlbproxy.handoff.channel import AgentLink, AgentUnavailable
 from nlbproxy.handoff.state import encode
+from nlbproxy.handoff.tunnel import Mapping
 from nlbproxy.handoff.wire import Ended, Result
 from nlbproxy.metrics import Histogram, PrometheusWriter
 from nlbproxy.routers import headers as hdrs
@@ -156,9 +157,11 @@ class Flow:
 class Plumbing(TypingProtocol):
     """The fence and the forwarder's routes (:mod:`nlbproxy.handoff.forwarder`)."""
 
-    def fence(self, flow: Flow, host: Host) -> None:
+    def fence(self, flow: Flow, host: Host) -> Mapping | None:
         """Stop the unit's kernel from seeing the flow's packets; hold them
-        for the host.  Raising means the flow cannot be handed off."""
+        for the host.  Raising means the flow cannot be handed off.  Returns
+        the tunnel's mapping when the host is reached through the flow-id
+        tunnel (it goes to the agent with the handoff), else None."""
 
     def commit(self, flow: Flow) -> None:
         """The host owns the connection: forward the flow's packets to it."""
@@ -348,7 +351,7 @@ class _Peeking(Protocol):
         local, peer = self.sock.getsockname(), self.sock.getpeername()
         flow = Flow((peer[0], peer[1]), (local[0], local[1]))
         try:
-            self.unit.plumbing.fence(flow, host)
+            tunnel = self.unit.plumbing.fence(flow, host)
         except Exception as exc:
             log.warn("cannot fence {flow}: {error}", flow=flow, error=exc)
             self.fall_back("fence_failed")
@@ -362,7 +365,7 @@ class _Peeking(Protocol):
             self.fall_back("dump_failed")
             return
         try:
-            id_, waiting = link.handoff(host.pool, host.key, encode(state))
+            id_, waiting = link.handoff(host.pool, host.key, encode(state), tunnel)
         except AgentUnavailable:
             repair.cancel(self.sock)
             self.unit.plumbing.unfence(flow)
