@@ -259,6 +259,12 @@ class UnitConfig:
     forwarder_fast_path: bool = False
     #: The nftables table of the fence (family inet; the fast path's is ``<name>_fast``, netdev).
     fence_table: str = "nlbproxy_fence"
+    #: Hosts on another segment (CIDRs): handoffs to them use the flow-id tunnel.
+    tunnel_networks: tuple[str, ...] = ()
+    #: The forwarder's own address, the tunnelled packets' source (hosts' agents know it).
+    tunnel_source: str | None = None
+    #: The router on forwarder_out towards tunnel_networks (tunnelled frames go to its MAC).
+    tunnel_gateway: str | None = None
     listeners: tuple[ListenerConfig, ...]
     pools: Mapping[str, PoolConfig]
     path: str
@@ -567,6 +573,15 @@ def _replication(value: object) -> int | None:
     return _integer(0, 16)(value)
 
 
+def _ip(value: object) -> str:
+    """An IP address (no port), in canonical form."""
+    text = _string(value)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"expected an IP address such as '10.0.0.2', got {text!r}") from None
+
+
 def _address(value: object) -> tuple[str, int]:
     host, port = parse_host_port(_string(value))
     if port == 0:
@@ -681,6 +696,9 @@ _UNIT: dict[str, _Convert] = {
     "forwarder_out": _ifname,
     "forwarder_fast_path": _boolean,
     "fence_table": _nft_table,
+    "tunnel_networks": _networks,
+    "tunnel_source": lambda value: _ip(value),
+    "tunnel_gateway": lambda value: _ip(value),
 }
 
 _LISTENER: dict[str, _Convert] = {
@@ -892,7 +910,8 @@ class _Parser:
         for i, config in enumerate(listeners.values()):
             if config.handoff and "secret" not in unit:
                 raise self.error(f"listener[{i}].handoff", "handoffs go to authenticated agents: set unit.secret_file")
-        for key in ("forwarder_in", "forwarder_out", "forwarder_fast_path", "fence_table"):
+        self.check_tunnel(unit)
+        for key in ("forwarder_in", "forwarder_out", "forwarder_fast_path", "fence_table", "tunnel_networks"):
             if key in unit and not any(config.handoff for config in listeners.values()):
                 raise self.error(f"unit.{key}", "the forwarder serves handoff listeners: no listener has handoff = true")
             if key != "forwarder_in" and key in unit and "forwarder_in" not in unit:
@@ -906,6 +925,23 @@ class _Parser:
             pools=MappingProxyType(self.pools),
             path=self.path,
         )
+
+    def check_tunnel(self, unit: dict[str, Any]) -> None:
+        """tunnel_networks, tunnel_source and tunnel_gateway go together, of one family."""
+        keys = ("tunnel_networks", "tunnel_source", "tunnel_gateway")
+        given = [key for key in keys if key in unit]
+        if not given:
+            return
+        for key in keys:
+            if key not in unit:
+                raise self.error(f"unit.{key}", f"the flow-id tunnel needs it with unit.{given[0]}")
+        version = ipaddress.ip_address(unit["tunnel_source"]).version
+        if ipaddress.ip_address(unit["tunnel_gateway"]).version != version:
+            raise self.error("unit.tunnel_gateway", f"must be an IPv{version} address like unit.tunnel_source")
+        for network in unit["tunnel_networks"]:
+            if ipaddress.ip_network(network).version != version:
+                raise self.error("unit.tunnel_networks",
+                                 f"{network} is not IPv{version}, the family of unit.tunnel_source")
 
     def check_workers(self, unit: dict[str, Any], listeners: dict[str, ListenerConfig]) -> None:
         """What a unit of several worker processes cannot do (nlbproxy.workers)."""

@@ -832,6 +832,41 @@ class FileTests(ConfigTestCase):
                 self.assertConfigError(error, path, f"unit.{key}",
                                        "set unit.forwarder_in, the client-facing interface, too")
 
+    def test_tunnel_keys(self) -> None:
+        """Hosts in tunnel_networks are reached by the flow-id tunnel; source and gateway go with it."""
+        self.write("secret", b"key\n")
+        handoff = MINIMAL.replace('pool = "web"\n', 'pool = "web"\nhandoff = true\n', 1)
+        head = '[unit]\nsecret_file = "secret"\nforwarder_in = "eth0"\n'
+        tunnel = 'tunnel_networks = ["10.2.0.0/16", "10.3.0.9"]\ntunnel_source = "10.0.0.2"\ntunnel_gateway = "10.0.0.1"\n'
+        config = load_config(self.write("unit.toml", head + tunnel + handoff))
+        self.assertEqual((config.tunnel_networks, config.tunnel_source, config.tunnel_gateway),
+                         (("10.2.0.0/16", "10.3.0.9/32"), "10.0.0.2", "10.0.0.1"))
+        defaults = load_config(self.write("unit.toml", head + handoff))
+        self.assertEqual((defaults.tunnel_networks, defaults.tunnel_source, defaults.tunnel_gateway), ((), None, None))
+        cases = [
+            ('tunnel_networks = ["10.2.0.0/16"]\ntunnel_source = "10.0.0.2"\n', "unit.tunnel_gateway",
+             "the flow-id tunnel needs it with unit.tunnel_networks"),
+            ('tunnel_source = "10.0.0.2"\n', "unit.tunnel_networks",
+             "the flow-id tunnel needs it with unit.tunnel_source"),
+            (tunnel.replace('"10.0.0.1"', '"fe80::1"'), "unit.tunnel_gateway",
+             "must be an IPv4 address like unit.tunnel_source"),
+            (tunnel.replace('"10.3.0.9"', '"2001:db8::/32"'), "unit.tunnel_networks",
+             "2001:db8::/32 is not IPv4, the family of unit.tunnel_source"),
+            (tunnel.replace('"10.0.0.2"', '"unit-a"'), "unit.tunnel_source",
+             "expected an IP address such as '10.0.0.2', got 'unit-a'"),
+            (tunnel.replace('"10.2.0.0/16"', '"10.2.0.0/40"'), "unit.tunnel_networks",
+             "expected a network such as '10.0.0.0/8', got '10.2.0.0/40': '10.2.0.0/40' does not appear to be an"
+             " IPv4 or IPv6 network"),
+        ]
+        for text, key, reason in cases:
+            with self.subTest(key=key, reason=reason):
+                path = self.write("unit.toml", head + text + handoff)
+                error = self.assertRaises(ConfigError, load_config, path)
+                self.assertConfigError(error, path, key, reason)
+        path = self.write("unit.toml", '[unit]\nsecret_file = "secret"\n' + tunnel + handoff)
+        self.assertConfigError(self.assertRaises(ConfigError, load_config, path), path, "unit.tunnel_networks",
+                               "set unit.forwarder_in, the client-facing interface, too")
+
     def test_syntax_error(self) -> None:
         path = self.write("unit.toml", "[unit]\nname = \n")
         error = self.assertRaises(ConfigError, load_config, path)

@@ -4,8 +4,10 @@ peer's routes taken over, and what the admin API shows of it."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
@@ -15,10 +17,10 @@ from nlbproxy.admin import render_metrics, state_document
 from nlbproxy.classifier import Farm
 from nlbproxy.config import HostConfig, PoolConfig
 from nlbproxy.handoff.forwarder import PACKET_HOST
-from nlbproxy.handoff.packets import mac_text
+from nlbproxy.handoff.packets import VNET_HDR_LEN, mac_text
 from nlbproxy.handoff.routes import State, atom_key
 from nlbproxy.handoff.unitforwarder import (
-    ForwarderStartError, HandoffReport, UnitForwarder, dead_hosts, hosts_by_address,
+    ForwarderStartError, HandoffReport, UnitForwarder, build_forwarder, dead_hosts, hosts_by_address,
 )
 from nlbproxy.handoff.unitside import Flow, HandoffStats
 from nlbproxy.session.dam import DAM
@@ -223,3 +225,43 @@ class UnitForwarderTests(SynchronousTestCase):
         no_forwarder = HandoffReport(unit, None)
         self.assertIsNone(no_forwarder.state()["forwarder"])
         self.assertEqual(no_forwarder.handed_off(), {})
+
+
+class TunnelledUnitForwarderTests(SynchronousTestCase):
+    """``[unit] tunnel_*`` builds a forwarder whose routes to hosts in
+    tunnel_networks are tunnelled, and whose fence hands out their mappings."""
+
+    def test_build_from_config(self) -> None:
+        reactor = MemoryReactorClock()
+        config = SimpleNamespace(forwarder_in="eth0", forwarder_out="eth1", forwarder_fast_path=False,
+                                 fence_table="fence_t", tunnel_networks=("10.0.1.0/24",),
+                                 tunnel_source="10.0.0.2", tunnel_gateway="10.0.0.1")
+        fwd = build_forwarder(config, reactor, make_farm(reactor), None)
+        assert fwd is not None and fwd.tunnel is not None
+        sockets: dict[str, FakeSocket] = {}
+
+        def opener(ifname: str, receive: bool) -> socket.socket:
+            sock = sockets[f"{'rx' if receive else 'tx'}:{ifname}"] = FakeSocket(ifname, receive)
+            return sock  # type: ignore[return-value]
+
+        backend = RecordingBackend()
+        fwd._backend_factory, fwd._opener, fwd._mac_of = lambda: backend, opener, lambda ifname: OUT_MAC
+        fwd._resolve_mac = {"10.0.0.1": "02:00:00:00:00:01"}.__getitem__
+        fwd.start()
+        self.addCleanup(fwd.stop)
+        mapping = fwd.fence(FLOW, Host())
+        assert mapping is not None
+        self.assertEqual((mapping.forwarder_ip, mapping.key), ("10.0.0.2", KEY))
+        sockets["rx:eth0"].inbox = [(VNET + frame(), PACKET_HOST)]
+        fwd.port.doRead()  # type: ignore[union-attr]
+        fwd.commit(FLOW)
+        [sent] = sockets["tx:eth1"].sent
+        self.assertEqual(sent[VNET_HDR_LEN + 26:VNET_HDR_LEN + 34],
+                         ipaddress.ip_address("10.0.0.2").packed + ipaddress.ip_address(HOST_IP).packed)
+        fwd.ended(FLOW)
+        self.assertEqual(len(fwd.tunnel.flow_ids), 0)
+        plain = SimpleNamespace(**{**vars(config), "tunnel_networks": (), "tunnel_source": None,
+                                   "tunnel_gateway": None})
+        untunnelled = build_forwarder(plain, reactor, make_farm(reactor), None)
+        assert untunnelled is not None
+        self.assertIsNone(untunnelled.tunnel)

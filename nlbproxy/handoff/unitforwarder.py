@@ -39,7 +39,7 @@ from nlbproxy.handoff.forwarder import (
     Forwarder, ForwarderPlumbing, KernelPath, PacketPort, interface_mac, neighbour_mac, open_packet_socket,
 )
 from nlbproxy.handoff.routes import ATOM_KIND, FlowKey, RouteTable, State, WireError, atom_key, from_atom
-from nlbproxy.handoff.tunnel import Mapping as TunnelMapping
+from nlbproxy.handoff.tunnel import Encapsulator, Mapping as TunnelMapping, TunnelPlan
 from nlbproxy.metrics import PrometheusWriter
 
 log = Logger()
@@ -85,7 +85,8 @@ class UnitForwarder:
                  opener: Callable[[str, bool], Any] = open_packet_socket,
                  mac_of: Callable[[str], bytes] = interface_mac,
                  resolve_mac: Callable[[str], str] = neighbour_mac,
-                 watch_interval: float = limits.FORWARDER_WATCH_INTERVAL) -> None:
+                 watch_interval: float = limits.FORWARDER_WATCH_INTERVAL,
+                 tunnel: TunnelPlan | None = None) -> None:
         self.reactor = reactor
         self.farm = farm
         self.dam = dam
@@ -93,6 +94,7 @@ class UnitForwarder:
         self.out_ifname = out_ifname or in_ifname
         self.fast_path = fast_path
         self.fence_table = fence_table
+        self.tunnel = tunnel
         self.table = RouteTable(reactor)
         self.plumbing: ForwarderPlumbing | None = None
         self.port: PacketPort | None = None
@@ -130,14 +132,16 @@ class UnitForwarder:
                 self.kernel = KernelPath(self._backend, self.in_ifname, self.out_ifname, out_mac.hex(":"),
                                          table=f"{self.fence_table}_fast")
                 self.kernel.setup()
-            forwarder = Forwarder(self.table, {self.out_ifname: out_mac})
+            encapsulator = Encapsulator(self.tunnel.sources) if self.tunnel is not None else None
+            forwarder = Forwarder(self.table, {self.out_ifname: out_mac}, tunnel=encapsulator)
             self.port = PacketPort(self.reactor, forwarder, self.in_ifname, opener=self._opener,
                                    kernel=self.kernel)
             self.port.start()
         except Exception as e:
             self.stop()
             raise ForwarderStartError(f"forwarder on {self.in_ifname}: {e}") from e
-        self.plumbing = ForwarderPlumbing(self.port, self._fence, self.out_ifname, self._resolve_mac, dam=self.dam)
+        self.plumbing = ForwarderPlumbing(self.port, self._fence, self.out_ifname, self._resolve_mac, dam=self.dam,
+                                          tunnel=self.tunnel)
         self._peers = frozenset(self.dam.peers) if self.dam is not None else frozenset()
         self._watch.start(self._watch_interval, now=False)
         log.info("handoff forwarder on {rx} -> {tx} (fence table {table}{fast})", rx=self.in_ifname,
@@ -293,8 +297,13 @@ def build_forwarder(config: Any, reactor: Any, farm: Any, dam: Any) -> UnitForwa
     """The unit's forwarder from its ``[unit]`` config; None without ``forwarder_in``."""
     if config.forwarder_in is None:
         return None
+    tunnel = None
+    if config.tunnel_networks:
+        version = 6 if ":" in config.tunnel_source else 4
+        tunnel = TunnelPlan(config.tunnel_networks, {version: config.tunnel_source},
+                            {version: config.tunnel_gateway})
     return UnitForwarder(reactor, farm, dam, config.forwarder_in, config.forwarder_out,
-                         fast_path=config.forwarder_fast_path, fence_table=config.fence_table)
+                         fast_path=config.forwarder_fast_path, fence_table=config.fence_table, tunnel=tunnel)
 
 
 class HandoffReport:
