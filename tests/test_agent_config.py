@@ -95,6 +95,8 @@ class AgentConfigTests(SynchronousTestCase):
         self.assertEqual((api.deliver, api.adopt_path), ("adopt", str(self.dir / "api.sock")))
         plain = load_agent_config(self.write(GOOD))
         self.assertEqual((plain.handoff, plain.apps[0].deliver, plain.apps[0].proxy_protocol), (None, None, 0))
+        tunnelled = load_agent_config(self.write(text.replace("[agent]\n", '[agent]\ntunnel_interface = "eth0"\n')))
+        self.assertEqual((tunnelled.tunnel_interface, plain.tunnel_interface), ("eth0", None))
 
     def test_errors_name_the_key(self) -> None:
         cases = {
@@ -120,6 +122,10 @@ class AgentConfigTests(SynchronousTestCase):
             GOOD.replace("[agent]\n", '[agent]\nhandoff = "tcp:9904"\n').replace(
                 "capacity = 70", 'deliver = "bridge"\nbridge_to = "127.0.0.1:80"\nproxy_protocol = 3'):
                 "app[0].proxy_protocol: expected true, false, 'v1' or 'v2'",
+            GOOD.replace('[agent]\n', '[agent]\ntunnel_interface = "eth0"\n'):
+                "agent.tunnel_interface: the tunnel carries handed-off connections: set agent.handoff",
+            GOOD.replace('[agent]\n', '[agent]\nhandoff = "tcp:9904"\ntunnel_interface = "eth 0"\n'):
+                "agent.tunnel_interface: expected a network interface name",
             GOOD.replace("capacity = 70", 'colour = "red"'): "app[0].colour: unknown key",
             GOOD.replace('path = "/hz"', 'path = "hz"'): "app[0].check.path: must start with '/'",
             GOOD.replace("rise = 3", "rise = 0"): "app[0].check.rise: must be between 1 and 100",

@@ -48,6 +48,7 @@ from nlbproxy.config import (
     _join,
     _choice,
     _endpoint,
+    _ifname,
     _name,
     _Parser,
     _string,
@@ -126,6 +127,9 @@ class AgentConfig:
     apps: tuple[AppConfig, ...]
     path: str
     handoff: str | None = None
+    #: The interface tunnelled handoff packets arrive on (units on another
+    #: segment): the agent runs the flow-id tunnel's end there.
+    tunnel_interface: str | None = None
 
     @property
     def udp_interface(self) -> str:
@@ -195,6 +199,7 @@ _AGENT: dict[str, _Convert] = {
     "api": _api_endpoint,
     "secret_file": _string,
     "handoff": _endpoint,
+    "tunnel_interface": _ifname,
 }
 
 _APP: dict[str, _Convert] = {
@@ -227,6 +232,8 @@ class _AgentParser(_Parser):
             raise self.error("app", f"at most {MAX_ROWS} [[app]] tables, got {len(apps)}")
         if any(app.deliver for app in apps.values()) and "handoff" not in agent:
             raise self.error("agent.handoff", "required when an [[app]] has deliver")
+        if "tunnel_interface" in agent and "handoff" not in agent:
+            raise self.error("agent.tunnel_interface", "the tunnel carries handed-off connections: set agent.handoff")
         return AgentConfig(**agent, apps=tuple(apps.values()), path=self.path)
 
     def units(self, value: object) -> tuple[tuple[str, int], ...]:

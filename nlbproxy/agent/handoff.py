@@ -24,6 +24,13 @@ nor a local server's connect holds the reactor:
 A delivery that fails (no local server, no application) resets the client:
 the connection already lives here and nothing else would ever answer it.
 
+A HANDOFF from a unit on another segment carries the flow-id tunnel's
+mapping (``[agent] tunnel_interface``): it is installed in the tunnel's end
+(:class:`~nlbproxy.agent.tunnel.HostTunnel`) before the restore, and removed
+when the bridge ends or the handoff fails.  (An adopted connection's end is
+not seen here, so its mapping stays until the agent stops.)  An agent
+without a tunnel refuses such a handoff.
+
 When the dumped side had bytes it never sent (:attr:`ConnState.unsent`),
 the agent holds the connection until the unit's COMMIT says the route is in
 place: before that, the client's acknowledgements are held at the unit and
@@ -44,12 +51,14 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from nlbproxy.agent.config import AgentConfig, AppConfig
+from nlbproxy.agent.tunnel import HostTunnel
 from nlbproxy.config import format_host_port
 from nlbproxy.handoff import adopt, repair
 from nlbproxy.handoff.bridge import Bridge
 from nlbproxy.handoff.channel import ChannelProtocol
 from nlbproxy.handoff.proxyproto import header
 from nlbproxy.handoff.state import BlobError, ConnState, decode
+from nlbproxy.handoff.tunnel import Mapping
 from nlbproxy.handoff.wire import Commit, Ended, Handoff, Message, Result
 from nlbproxy.health.messages import RowKey
 
@@ -78,8 +87,10 @@ class HandoffReceiver:
     """Receives handoffs for the ``[[app]]`` tables of ``config``."""
 
     def __init__(self, config: AgentConfig, reactor: Any,
-                 send_socket: Callable[[str, socket.socket], None] = adopt.send_socket) -> None:
+                 send_socket: Callable[[str, socket.socket], None] = adopt.send_socket,
+                 tunnel: HostTunnel | None = None) -> None:
         self.config = config
+        self.tunnel = tunnel
         self.reactor = reactor
         self.send_socket = send_socket
         self.apps: dict[RowKey, AppConfig] = {app.key: app for app in config.apps}
@@ -87,6 +98,8 @@ class HandoffReceiver:
         self.bridges: set[Bridge] = set()
         # (channel, handoff id) -> the connection waiting for COMMIT
         self._held: dict[tuple[ChannelProtocol, int], tuple[socket.socket, ConnState, AppConfig, Any]] = {}
+        # The tunnel mappings of live connections, by (client, VIP) address.
+        self._mappings: dict[tuple[Any, Any], Mapping] = {}
 
     @property
     def held(self) -> int:
@@ -120,11 +133,25 @@ class HandoffReceiver:
         except BlobError as exc:
             self._refuse(channel, message.id, "bad_blob", str(exc))
             return
+        mapping = message.tunnel
+        if mapping is not None:
+            if self.tunnel is None:
+                self._refuse(channel, message.id, "no_tunnel", "a tunnelled handoff, and no agent.tunnel_interface")
+                return
+            try:
+                # Before the restore: the client's next packet may come right after.
+                self.tunnel.add(mapping)
+            except Exception as exc:
+                self._refuse(channel, message.id, "tunnel_failed", f"tunnel mapping not installed: {exc}")
+                return
         try:
             sock = repair.restore(state)
         except repair.RepairError as exc:
+            self._untunnel(mapping)
             self._refuse(channel, message.id, "restore_failed", str(exc))
             return
+        if mapping is not None:
+            self._mappings[state.peer, state.local] = mapping
         self.stats["restored"] += 1
         channel.send(Result(message.id, True))
         if state.unsent:
@@ -138,24 +165,35 @@ class HandoffReceiver:
         log.warn("handoff refused: {reason}", reason=reason)
         channel.send(Result(id_, False, reason))
 
+    def _untunnel(self, mapping: Mapping | None) -> None:
+        if mapping is not None and self.tunnel is not None:
+            self.tunnel.remove(mapping)
+
+    def _gone(self, state: ConnState) -> None:
+        """The connection ``state`` ended here: its tunnel mapping goes."""
+        self._untunnel(self._mappings.pop((state.peer, state.local), None))
+
     def _commit_timed_out(self, channel: ChannelProtocol, id_: int) -> None:
         held = self._held.pop((channel, id_), None)
         if held is not None:
             self.stats["commit_timeout"] += 1
             reset(held[0])
+            self._gone(held[1])
 
     def _lost(self, channel: ChannelProtocol) -> None:
         for key in [key for key in self._held if key[0] is channel]:
-            sock, _, _, timer = self._held.pop(key)
+            sock, state, _, timer = self._held.pop(key)
             timer.cancel()
             self.stats["commit_lost"] += 1
             reset(sock)
+            self._gone(state)
 
     # -- delivery ----------------------------------------------------------------------
     def _deliver(self, channel: ChannelProtocol, sock: socket.socket, state: ConnState, app: AppConfig) -> None:
         if app.deliver == "bridge" and len(self.bridges) >= MAX_BRIDGES:
             self.stats["too_many_bridges"] += 1
             reset(sock)
+            self._gone(state)
             return
         threading.Thread(target=self._deliver_thread, args=(channel, sock, state, app), daemon=True,
                          name="handoff-deliver").start()
@@ -168,21 +206,21 @@ class HandoffReceiver:
                 assert app.adopt_path is not None
                 self.send_socket(app.adopt_path, sock)
                 sock.close()
-                self.reactor.callFromThread(self._count, "adopted")
+                self.reactor.callFromThread(self._adopted, state)
                 return
             assert app.bridge_to is not None
             server = socket.create_connection(app.bridge_to, timeout=BRIDGE_CONNECT_TIMEOUT)
             server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             reset(sock)
-            self.reactor.callFromThread(self._failed, app, exc)
+            self.reactor.callFromThread(self._failed, app, exc, state)
             return
         try:
             server.sendall(header(app.proxy_protocol, state.peer, state.local))
         except OSError as exc:
             server.close()
             reset(sock)
-            self.reactor.callFromThread(self._failed, app, exc)
+            self.reactor.callFromThread(self._failed, app, exc, state)
             return
         bridge = Bridge(sock, server, self.reactor, lambda done: self._bridge_ended(channel, state, done))
         self.reactor.callFromThread(self._bridge_started, bridge)
@@ -192,10 +230,14 @@ class HandoffReceiver:
         self.stats["bridged"] += 1
         bridge.start()
 
-    def _count(self, counter: str) -> None:
-        self.stats[counter] += 1
+    def _adopted(self, state: ConnState) -> None:
+        # The application owns the connection now, and its end is not seen
+        # here: the tunnel mapping stays (until the agent stops).
+        self._mappings.pop((state.peer, state.local), None)
+        self.stats["adopted"] += 1
 
-    def _failed(self, app: AppConfig, error: OSError) -> None:
+    def _failed(self, app: AppConfig, error: OSError, state: ConnState) -> None:
+        self._gone(state)
         self.stats["deliver_failed"] += 1
         log.warn("handoff to {app} ({mode}) failed, client reset: {error}", app=app.name, mode=app.deliver,
                  error=error)
@@ -203,5 +245,6 @@ class HandoffReceiver:
     def _bridge_ended(self, channel: ChannelProtocol, state: ConnState, bridge: Bridge) -> None:
         self.bridges.discard(bridge)
         self.stats["bridge_ended"] += 1
+        self._gone(state)
         if channel.connected_:
             channel.send(Ended(format_host_port(*state.peer), format_host_port(*state.local)))

@@ -12,7 +12,9 @@ once.  Stop sends GOODBYE first, so units clear the host at once instead of
 aging it out, then stops everything.
 
 With ``handoff`` set, start also listens there for the units' handoff
-channel (:class:`~nlbproxy.agent.handoff.HandoffReceiver`).
+channel (:class:`~nlbproxy.agent.handoff.HandoffReceiver`); with
+``tunnel_interface`` it first starts the flow-id tunnel's end there
+(:class:`~nlbproxy.agent.tunnel.HostTunnel`).
 
 Session tracking shares the health socket: the API's session routes feed the
 :class:`~nlbproxy.session.agentside.SessionSender`, which sends SESSION_UP /
@@ -38,6 +40,7 @@ from nlbproxy.agent.api import make_api_site
 from nlbproxy.agent.checks import EndpointCheck
 from nlbproxy.agent.config import AgentConfig
 from nlbproxy.agent.handoff import HandoffReceiver
+from nlbproxy.agent.tunnel import HostTunnel, TunnelStartError
 from nlbproxy.config import format_host_port
 from nlbproxy.agent.load import CpuLoad
 from nlbproxy.health.agent import HEARTBEAT_INTERVAL, AgentCore
@@ -86,7 +89,8 @@ class AgentService(service.Service):
         self._session_ticks.clock = reactor
         self.api_port: Any = None
         self.udp_port: Any = None
-        self.handoff = HandoffReceiver(config, reactor) if config.handoff else None
+        self.tunnel = HostTunnel(reactor, config.tunnel_interface) if config.tunnel_interface else None
+        self.handoff = HandoffReceiver(config, reactor, tunnel=self.tunnel) if config.handoff else None
         self.handoff_port: Any = None
 
     # -- wiring --------------------------------------------------------------------
@@ -118,6 +122,13 @@ class AgentService(service.Service):
         except Exception as exc:
             self.api_port.stopListening()
             raise StartError(f"cannot bind the health socket: {exc}") from exc
+        if self.tunnel is not None:
+            try:
+                self.tunnel.start()
+            except TunnelStartError as exc:
+                self.api_port.stopListening()
+                self.udp_port.stopListening()
+                raise StartError(str(exc)) from exc
         if self.handoff is not None:
             assert self.config.handoff is not None
             result = []
@@ -126,6 +137,8 @@ class AgentService(service.Service):
                 why = result[0].getErrorMessage() if result else "endpoint did not bind at once"
                 self.api_port.stopListening()
                 self.udp_port.stopListening()
+                if self.tunnel is not None:
+                    self.tunnel.stop()
                 raise StartError(f"cannot listen for handoffs on {self.config.handoff}: {why}")
             self.handoff_port = result[0]
         super().privilegedStartService()
@@ -167,3 +180,5 @@ class AgentService(service.Service):
             check.stop()
         ports = [p for p in (self.api_port, self.udp_port, self.handoff_port) if p is not None]
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        if self.tunnel is not None:
+            self.tunnel.stop()
