@@ -23,7 +23,9 @@
     NAME, "bridges": N, "held": N, "stats": {COUNTER: N}}`` -- live bridged
     connections, restored connections waiting for the unit's commit, and the
     receiver's counters (``restored``, ``adopted``, ``bridged``,
-    ``bridge_ended``, refusals and channel drops by reason).
+    ``bridge_ended``, refusals and channel drops by reason); ``"tunnel"``
+    (null without ``tunnel_interface``) is ``{"interface": NAME, "mappings":
+    N, "port": {COUNTER: N}}``, the flow-id tunnel's end.
 
 Sessions (the seed's session API; present when the agent tracks sessions):
 
@@ -378,8 +380,12 @@ class AgentApi(JsonApiResource):
 
     def get_handoff(self, request: Request, params: list[str]) -> Answer:
         receiver = self.handoff
+        tunnel = receiver.tunnel
         return json_answer(200, {"agent": self.agent_name, "bridges": len(receiver.bridges),
-                                 "held": receiver.held, "stats": dict(receiver.stats)})
+                                 "held": receiver.held, "stats": dict(receiver.stats),
+                                 "tunnel": None if tunnel is None else {
+                                     "interface": tunnel.ifname, "mappings": len(tunnel),
+                                     "port": dict(tunnel.port.stats) if tunnel.port is not None else {}}})
 
     def get_app(self, request: Request, params: list[str]) -> Answer:
         return self._app_answer(params[0])
