@@ -186,10 +186,12 @@ class HandoffTests(SynchronousTestCase):
             bridges = {object(), object()}
             held = 1
             stats = Counter(restored=3, bridged=2, no_app=1)
+            tunnel = None  # no tunnel_interface
 
         f.resource = AgentApi(f.table, f.published.extend, "host-7", handoff=Receiver())
         self.assertEqual(f.call(b"GET", "/v1/handoff"), (200, {
-            "agent": "host-7", "bridges": 2, "held": 1, "stats": {"restored": 3, "bridged": 2, "no_app": 1}}))
+            "agent": "host-7", "bridges": 2, "held": 1, "stats": {"restored": 3, "bridged": 2, "no_app": 1},
+            "tunnel": None}))
         self.assertEqual(f.call(b"POST", "/v1/handoff")[0], 405)
 
 
