@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import threading
 from typing import Any
 
-import pytest
+from tests.needs import need_root
 
 #: Seconds a blocking socket operation of a test may take before it fails.
 IO_TIMEOUT = 30.0
 
 
 def require_root() -> None:
-    """TCP_REPAIR needs CAP_NET_ADMIN: skip without root, except in CI
-    (``NLB_REQUIRE_ROOT=1``), where a missing privilege is a failure."""
-    if os.geteuid() == 0:
-        return
-    if os.environ.get("NLB_REQUIRE_ROOT") == "1":
-        pytest.fail("this test needs root (NLB_REQUIRE_ROOT=1)")
-    pytest.skip("needs root (TCP_REPAIR needs CAP_NET_ADMIN)")
+    """TCP_REPAIR needs CAP_NET_ADMIN (see :mod:`tests.needs`)."""
+    need_root("TCP_REPAIR needs CAP_NET_ADMIN")
 
 
 def pattern(size: int, seed: int = 0) -> bytes:

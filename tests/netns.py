@@ -45,26 +45,18 @@ def require_netns() -> None:
     CI sets ``NLB_REQUIRE_ROOT=1`` so that a missing privilege shows up as a
     failure there rather than as a silently skipped packet-level suite.
     """
-    import pytest
+    from tests.needs import unmet
 
     reason = _netns_unavailable()
-    if reason is None:
-        return
-    if os.environ.get("NLB_REQUIRE_ROOT") == "1":
-        pytest.fail(f"NLB_REQUIRE_ROOT=1 but network namespaces are unusable: {reason}")
-    pytest.skip(f"network namespaces unusable: {reason}")
+    if reason is not None:
+        unmet(f"network namespaces are unusable: {reason}")
 
 
 def require_tools(*commands: str) -> None:
     """Like :func:`require_netns` for commands a test needs (``make deps`` installs them)."""
-    import pytest
+    from tests.needs import need_commands
 
-    missing = [c for c in commands if shutil.which(c) is None]
-    if not missing:
-        return
-    if os.environ.get("NLB_REQUIRE_ROOT") == "1":
-        pytest.fail(f"NLB_REQUIRE_ROOT=1 but {', '.join(missing)} missing (make deps)")
-    pytest.skip(f"{', '.join(missing)} not installed (make deps)")
+    need_commands(*commands)
 
 
 _probe_result: list[str | None] = []

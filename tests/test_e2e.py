@@ -11,7 +11,6 @@ import hashlib
 import http.client
 import json
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 
 from tests.backend import pattern_bytes
 from tests.realnet import Farm, unit_config, wait_until
+from tests.needs import need_commands
 
 
 def three_backends(farm: Farm) -> list[str]:
@@ -235,8 +235,7 @@ def test_ipv6_listener_and_backend(farm: Farm) -> None:
 
 
 def test_wrk_load_has_no_errors(farm: Farm) -> None:
-    if shutil.which("wrk") is None:
-        pytest.fail("wrk is not installed; `make deps` installs it")
+    need_commands("wrk")
     unit = farm.unit(unit_config(three_backends(farm)))
     result = subprocess.run(["wrk", "-t1", "-c8", "-d2s", unit.url()], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from tests.realnet import Farm, Unit, unit_config, wait_until
+from tests.needs import unmet
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -53,9 +54,7 @@ def _missing() -> str | None:
 def browser() -> Iterator[Any]:
     missing = _missing()
     if missing:
-        if os.environ.get("NLB_REQUIRE_ROOT") == "1":
-            pytest.fail(f"NLB_REQUIRE_ROOT=1 but the browser test cannot run: {missing}")
-        pytest.skip(missing)
+        unmet(f"the browser test cannot run: {missing}")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
