@@ -578,29 +578,28 @@ class AdminResource(JsonApiResource):
         for name, contexts in loaded.items():
             self.tls[name].install(contexts)
         return json_answer(200, certificates_document(self.tls))
-    def _control(self) -> UnitControl:
+
+    def _control(self, request: Request, what: str) -> UnitControl:
         if self.control is None:
             raise Refusal(404, "this unit cannot reload or upgrade")
+        client = request.getClientAddress()
+        log.info("{what} asked by {client}", what=what, client=getattr(client, "host", client))
         return self.control
 
     def post_reload(self, request: Request, params: list[str]) -> Answer:
-        control = self._control()
-        client = request.getClientAddress()
-        log.info("reload asked by {client}", client=getattr(client, "host", client))
+        control = self._control(request, "reload")
         try:
             plan = control.reload_file()
         except ReloadRefused as exc:
-            return json_answer(409, {"error": str(exc), "reasons": exc.reasons})
+            return _refused(exc)
         return json_answer(200, {"reloaded": True, "plan": plan.document(), "summary": plan.summary()})
 
     def post_upgrade(self, request: Request, params: list[str]) -> Answer:
-        control = self._control()
-        client = request.getClientAddress()
-        log.info("upgrade asked by {client}", client=getattr(client, "host", client))
+        control = self._control(request, "upgrade")
         try:
             pid = control.upgrade()
         except ReloadRefused as exc:
-            return json_answer(409, {"error": str(exc), "reasons": exc.reasons})
+            return _refused(exc)
         return json_answer(202, {"upgrading": True, "pid": pid})
 
     def put_directive(self, request: Request, params: list[str]) -> Answer:
@@ -635,6 +634,11 @@ class AdminRequest(BoundedRequest):
     body_limit = MAX_ADMIN_BODY
     api_name = "admin API"
     logger = log
+
+
+def _refused(exc: ReloadRefused) -> Answer:
+    """A reload or upgrade the unit will not do: 409 with every reason."""
+    return json_answer(409, {"error": str(exc), "reasons": exc.reasons})
 
 
 def certificates_document(tls: Mapping[str, TLSServer]) -> dict[str, Any]:
