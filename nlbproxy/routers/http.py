@@ -325,8 +325,10 @@ class ClientConnection(Protocol):
         if max_body and content_length > max_body:
             self.local_response(413, b"request body too large\n")
             return
+        pairs = None
         if listener.filter is not None:
-            verdict = listener.filter.check(self.client_ip, method, request.target, hdrs.pairs(fields))
+            pairs = hdrs.pairs(fields)
+            verdict = listener.filter.check(self.client_ip, method, request.target, pairs)
             if verdict is not None:
                 if not (chunked or content_length > 0):
                     # A bodiless request's end is there already: taking it
@@ -341,6 +343,7 @@ class ClientConnection(Protocol):
         else:
             self.deadline.cancel()
         exchange = self.exchange = Exchange(self, request, fields, listener.default_pool, has_body, upgrade)
+        exchange._pairs = pairs
         routes = listener.routes
         if not routes.rules:
             exchange.start()
@@ -526,7 +529,7 @@ class Exchange:
         "has_body", "request_complete", "body_bytes", "body_forwarded", "pending", "pending_bytes",
         "response_started", "response_complete", "status", "bytes_sent", "set_cookie",
         "cancelled", "queue_timer", "sent_end", "session", "upgrade", "prefix_wanted", "affinity_key",
-        "routing", "cached", "filling",
+        "routing", "cached", "filling", "_pairs",
     )
 
     def __init__(
@@ -571,9 +574,17 @@ class Exchange:
         self.affinity_key: bytes | None = None
         #: A routing decision still to come (a plugin answering later).
         self.routing: Deferred[Decision] | None = None
+        self._pairs: list[tuple[bytes, bytes]] | None = None
         #: What the pool's cache may do with this exchange, and the response being kept.
         self.cached: CacheRequest | None = None
         self.filling: Filling | None = None
+
+    def pairs(self) -> list[tuple[bytes, bytes]]:
+        """The request's (lower-case name, value) pairs, made once for the
+        filter, the rules and affinity, whichever of them asks."""
+        if self._pairs is None:
+            self._pairs = hdrs.pairs(self.fields)
+        return self._pairs
 
     # -- routing ---------------------------------------------------------------------
     def decide(self) -> None:
@@ -587,7 +598,7 @@ class Exchange:
         if wanted and len(body) > wanted:
             body, complete = body[:wanted], False
         view = RequestView(
-            self.request.method, self.request.target, hdrs.pairs(self.fields), client.client_ip,
+            self.request.method, self.request.target, self.pairs(), client.client_ip,
             listener.scheme, body, complete,
         )
         try:
@@ -650,7 +661,7 @@ class Exchange:
         affinity = pool.config.affinity
         sessions = self.client.listener.sessions
         if affinity == "session" and sessions is not None:
-            cookie = cookies_of(hdrs.pairs(self.fields)).get(pool.config.session_cookie.encode())
+            cookie = cookies_of(self.pairs()).get(pool.config.session_cookie.encode())
             if cookie:
                 self.session = cookie.decode("latin-1")
                 found = sessions.lookup(pool, self.session, self._session_found)
@@ -750,7 +761,7 @@ class Exchange:
         host = None
         if not self.tried:
             if affinity == "cookie":
-                token = cookies_of(hdrs.pairs(self.fields)).get(pool.config.affinity_cookie.encode())
+                token = cookies_of(self.pairs()).get(pool.config.affinity_cookie.encode())
                 if token:
                     host = pool.host_for_token(token.decode("ascii", "replace"))
             else:
