@@ -92,9 +92,8 @@ from twisted.internet.threads import blockingCallFromThread as call
 from nlbproxy.handoff.fence import Fence, open_backend
 from nlbproxy.handoff.forwarder import Forwarder, PacketPort, interface_mac
 from nlbproxy.handoff.routes import FlowKey, RouteTable, Via
-from nlbproxy.handoff.tunnel import Encapsulator
 table = RouteTable(reactor)
-fwd = Forwarder(table, {"eth0": interface_mac("eth0")}, tunnel=Encapsulator({4: "10.0.0.2"}))
+fwd = Forwarder(table, {"eth0": interface_mac("eth0")})
 fence = Fence(open_backend(), "nlbbench"); fence.setup()
 port = PacketPort(reactor, fwd, "eth0")
 threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True).start()
@@ -102,7 +101,8 @@ call(reactor, port.start)
 def plumb(client_port, host_ip, mac, flow_id=None):
     key = FlowKey("10.0.0.5", client_port, "10.0.0.100", 80)
     def go():
-        table.fence(key, Via(host_ip, mac, "eth0", flow_id)); fence.add(key); port.commit(key)
+        source = "10.0.0.2" if flow_id is not None else None
+        table.fence(key, Via(host_ip, mac, "eth0", flow_id, source)); fence.add(key); port.commit(key)
     call(reactor, go)
 def cpu():
     t = os.times(); return t.user + t.system

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.netns import Node, Topology
+from tests.netns import Node, Topology, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 VIP = "10.0.0.100"
@@ -104,6 +104,69 @@ class Output:
             if self.proc.poll() is not None or time.monotonic() > end:
                 raise AssertionError(f"no {pattern!r} in output (exit {self.proc.poll()}):\n" + "\n".join(self.lines))
             time.sleep(0.02)
+
+
+# A client holding one keep-alive connection: a request per path, the first at
+# once, each other when told (a line on stdin); prints one line per request.
+_HOLD = (
+    "import hashlib,socket,sys\n"
+    "s=socket.create_connection((sys.argv[1],80),timeout=20)\n"
+    "def ask(path):\n"
+    "    s.sendall(b'GET '+path.encode()+b' HTTP/1.1\\r\\nHost: v\\r\\n\\r\\n')\n"
+    "    data=b''\n"
+    "    while b'\\r\\n\\r\\n' not in data:\n"
+    "        chunk=s.recv(65536)\n"
+    "        if not chunk: raise EOFError\n"
+    "        data+=chunk\n"
+    "    head,body=data.split(b'\\r\\n\\r\\n',1)\n"
+    "    n=int([l for l in head.split(b'\\r\\n') if l.lower().startswith(b'content-length')][0].split(b':')[1])\n"
+    "    h=hashlib.sha256(body); got=len(body)\n"
+    "    while got<n:\n"
+    "        chunk=s.recv(1<<20)\n"
+    "        if not chunk: raise EOFError\n"
+    "        h.update(chunk); got+=len(chunk)\n"
+    "    return got, h.hexdigest(), body[:40]\n"
+    "for i, path in enumerate(sys.argv[2:]):\n"
+    "    if i: sys.stdin.readline()\n"
+    "    try:\n"
+    "        print('got', *ask(path), flush=True)\n"
+    "    except ConnectionResetError:\n"
+    "        print('reset', flush=True); break\n"
+    "    except (TimeoutError, socket.timeout):\n"
+    "        print('timeout', flush=True); break\n"
+    "    except EOFError:\n"
+    "        print('eof', flush=True); break\n"
+)
+
+
+class Held:
+    """One keep-alive connection from ``node`` to ``vip``:80 asking for
+    ``paths`` in turn, each after the previous (see ``_HOLD``); the process
+    goes with the topology that started it."""
+
+    def __init__(self, node: Node, vip: str, *paths: str) -> None:
+        self.proc = node.popen(["python3", "-c", _HOLD, vip, *paths], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.out = Output(self.proc)
+        self._asked = 1
+
+    def answer(self, timeout: float = 30.0) -> list[str]:
+        """The latest request's outcome: ``["got", size, sha256, first bytes...]``,
+        or ``["reset"]``, ``["eof"]``, ``["timeout"]``."""
+        wait_for(lambda: len(self._outcomes()) >= self._asked or self.proc.poll() is not None, timeout=timeout,
+                 what=f"the answer to request {self._asked}")
+        outcomes = self._outcomes()
+        assert len(outcomes) >= self._asked, "the client ended early:\n" + "\n".join(self.out.lines)
+        return outcomes[self._asked - 1].split()
+
+    def _outcomes(self) -> list[str]:
+        return [line for line in list(self.out.lines) if line.split()[:1] in (["got"], ["reset"], ["eof"], ["timeout"])]
+
+    def ask_next(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        self._asked += 1
 
 
 class HandoffFarm:

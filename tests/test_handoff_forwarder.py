@@ -23,7 +23,7 @@ from nlbproxy.handoff.packets import (
     tcp_checksum,
 )
 from nlbproxy.handoff.routes import ACK, FIN, SYN, FlowKey, RouteTable, State, Via, atom_key, from_atom, to_atom
-from nlbproxy.handoff.tunnel import Decapsulator, Encapsulator, TunnelError, TunnelPlan
+from nlbproxy.handoff.tunnel import Decapsulator, FlowIds, TunnelError, TunnelPlan
 from nlbproxy.session.dam import DAM
 
 CLIENT_MAC = mac_bytes("02:00:00:00:00:05")
@@ -573,7 +573,7 @@ class TunnelPlumbingTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.table = RouteTable(self.reactor, closing_timeout=10)
-        self.fwd = Forwarder(self.table, {"eth1": OUT_MAC}, tunnel=Encapsulator({4: "10.0.0.2"}))
+        self.fwd = Forwarder(self.table, {"eth1": OUT_MAC})
         self.sockets: dict[str, FakeSocket] = {}
 
         def opener(ifname: str, receive: bool) -> socket.socket:
@@ -637,6 +637,21 @@ class TunnelPlumbingTests(SynchronousTestCase):
         self.reactor.advance(10)  # past the MAC's reuse
         self.assertRaises(KeyError, self.plumbing.fence, self.flow, "10.2.0.7")
         self.assertEqual((len(self.plan.flow_ids), len(self.table)), (0, 0))
+
+    def test_own_flow_taken_back_is_not_handed_out_again(self) -> None:
+        # A flow this unit tunnelled in an earlier run (its source is ours),
+        # carried by a peer since: its flow id stays in use until it ends.
+        self.plan.flow_ids = FlowIds(start=0x00020003)
+        atom = ("route 10.0.0.5:40000 10.0.0.100:80", "2 c 10.2.0.7 02:00:00:00:00:01 131075 10.0.0.2")
+        self.assertEqual(self.plumbing.replumb([atom]), (1, 0))
+        self.assertEqual(len(self.plan.flow_ids), 1)
+        self.assertEqual(self.plan.flow_ids.allocate(), 0x00020004)
+        self.plumbing.ended(self.flow)
+        self.assertEqual(len(self.plan.flow_ids), 1)  # the one just allocated
+        # A peer's flow (another source) reserves nothing here.
+        other = ("route 10.0.0.5:40000 10.0.0.100:80", "2 c 10.2.0.7 02:00:00:00:00:01 131077 10.0.0.9")
+        self.assertEqual(self.plumbing.replumb([other]), (1, 0))
+        self.assertEqual(self.plan.flow_ids.allocate(), 0x00020005)
 
     def test_plan(self) -> None:
         self.assertTrue(self.plan.reaches("10.2.3.4"))

@@ -189,15 +189,11 @@ def test_without_route_the_unit_answers_itself(farm: tuple[Topology, Node, Node,
 
 
 TUNNEL_UNIT = UNIT.replace(
-    'fwd = Forwarder(table, {"eth0": interface_mac("eth0")})',
-    'from nlbproxy.handoff.tunnel import Encapsulator\n'
-    'fwd = Forwarder(table, {"eth0": interface_mac("eth0")}, tunnel=Encapsulator({4: "10.0.0.2"}))',
-).replace(
     "def plumb(client_port, host_ip, host_mac):",
     "def plumb(client_port, host_ip, host_mac, flow_id=None):",
 ).replace(
     'table.fence(key, Via(host_ip, host_mac, "eth0"))',
-    'table.fence(key, Via(host_ip, host_mac, "eth0", flow_id))',
+    'table.fence(key, Via(host_ip, host_mac, "eth0", flow_id, "10.0.0.2" if flow_id else None))',
 )
 
 DECAP = """

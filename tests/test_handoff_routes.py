@@ -238,7 +238,7 @@ class AtomTests(SynchronousTestCase):
     def test_round_trip(self) -> None:
         _, t = table()
         for key, via in [(KEY, VIA), (FlowKey("2001:db8::5", 7, "2001:db8::100", 443),
-                                      Via("10.0.2.9", "02:00:00:00:00:02", "eth9", flow_id=4294967295))]:
+                                      Via("10.0.2.9", "02:00:00:00:00:02", "eth9", 4294967295, "10.0.0.2"))]:
             route = t.fence(key, via)
             atom_key, data, kind = to_atom(route)
             self.assertEqual(kind, "tcp-route")
@@ -268,12 +268,24 @@ class AtomTests(SynchronousTestCase):
             (good_key, "1 c h 02:00:00:00:00:01 x"),
             (good_key, "1 c 10.0.0.1 02:00:00:00:00:01 4294967296"),
             (good_key, "1 c h 02:00:00:00:00:01 7"),
+            (good_key, "1 c 10.0.0.1 02:00:00:00:00:01 7"),  # version 1 had no tunnel source
+            (good_key, "2 c 10.0.0.1 02:00:00:00:00:01 7 -"),
+            (good_key, "2 c 10.0.0.1 02:00:00:00:00:01 - 10.0.0.2"),
+            (good_key, "2 c 10.0.0.1 02:00:00:00:00:01 7 2001:db8::2"),
+            (good_key, "2 c 10.0.0.1 02:00:00:00:00:01 7 nowhere"),
+            (good_key, "2 c 10.0.0.1 02:00:00:00:00:01 7 10.0.0.2 x"),
+            (good_key, "3 c 10.0.0.1 02:00:00:00:00:01 - -"),
             (good_key, "1 c h 02:00:00:00:00:01 ٣"),
             (good_key, ""),
         ]
         for key, data in bad:
             with self.assertRaises(WireError, msg=(key, data)):
                 from_atom(key, data)
+
+    def test_version_1_still_read(self) -> None:
+        # A unit not upgraded yet writes version 1; its untunnelled routes are taken over.
+        key = atom_key(KEY)
+        self.assertEqual(from_atom(key, "1 c 10.0.1.7 02:00:00:00:01:07 -", "eth1"), (KEY, VIA, State.COMMITTED))
 
     def test_replumb(self) -> None:
         _, source = table()
@@ -313,7 +325,8 @@ class AtomTests(SynchronousTestCase):
                                  state: State) -> None:
         key = FlowKey(str(ip), cport, "10.9.9.9", vport)
         _, t = table()
-        route = t.restore(key, Via("10.1.1.1", "02:00:00:00:00:01", flow_id=flow_id), state)
+        source = None if flow_id is None else "10.0.0.2"
+        route = t.restore(key, Via("10.1.1.1", "02:00:00:00:00:01", flow_id=flow_id, source=source), state)
         self.assertEqual(from_atom(*to_atom(route)[:2]), (key, route.via, state))
 
     @given(st.text(max_size=80), st.text(max_size=80))

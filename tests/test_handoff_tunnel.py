@@ -15,7 +15,7 @@ from nlbproxy.handoff.packets import (
     IPPROTO_TCP, VNET_HDR_LEN, VNET_HDR_NONE, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
     tcp_checksum,
 )
-from nlbproxy.handoff.routes import FlowKey, RouteTable, Via
+from nlbproxy.handoff.routes import FlowKey, RouteTable, State, Via
 from nlbproxy.handoff.tunnel import (
     Decapsulator, Encapsulator, FlowIds, Mapping, TunnelError, adjust,
 )
@@ -84,14 +84,15 @@ class ChecksumTests(SynchronousTestCase):
 
 class TunnelTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.enc = Encapsulator({4: F, 6: "2001:db8:1::2"})
+        self.enc = Encapsulator()
         self.dec = Decapsulator()
         self.dec.add(Mapping(0x00020003, F, KEY))
 
     def encode(self, buf: bytearray, vnet: bool, host: str = H, flow_id: int = 0x00020003) -> None:
         parsed = parse(buf, VNET_HDR_LEN if vnet else 0)
         assert isinstance(parsed, Parsed)
-        self.enc.encode(buf, parsed, Via(host, "02:00:00:00:00:09", "eth1", flow_id), vnet=vnet)
+        source = F if ":" not in host else "2001:db8:1::2"
+        self.enc.encode(buf, parsed, Via(host, "02:00:00:00:00:09", "eth1", flow_id, source), vnet=vnet)
 
     def test_complete_checksum_round_trip(self) -> None:
         original = frame()
@@ -153,8 +154,8 @@ class TunnelTests(SynchronousTestCase):
 
     def test_through_the_forwarder(self) -> None:
         table = RouteTable(Clock())
-        fwd = Forwarder(table, {"eth1": MAC_B}, tunnel=self.enc)
-        table.fence(KEY, Via(H, "02:00:00:00:00:09", "eth1", flow_id=0x00020003))
+        fwd = Forwarder(table, {"eth1": MAC_B})
+        table.fence(KEY, Via(H, "02:00:00:00:00:09", "eth1", flow_id=0x00020003, source=F))
         table.commit(KEY)
         original = frame()
         buf = bytearray(VNET_HDR_NONE + original)
@@ -166,10 +167,21 @@ class TunnelTests(SynchronousTestCase):
         self.assertEqual(self.dec.decode(sent, len(sent)), KEY)
         self.assertEqual(bytes(sent[VNET_HDR_LEN + 12:]), original[12:])
 
-    def test_forwarder_without_encapsulator_drops(self) -> None:
+    def test_taken_over_flow_keeps_its_tunnel_source(self) -> None:
+        # This unit's own source is not F: the route's (a failed peer's) is used.
         table = RouteTable(Clock())
         fwd = Forwarder(table, {"eth1": MAC_B})
-        table.fence(KEY, Via(H, mac_text(MAC_A), "eth1", flow_id=0x00020003))
+        table.restore(KEY, Via(H, "02:00:00:00:00:09", "eth1", 0x00020003, F), State.COMMITTED)
+        buf = bytearray(VNET_HDR_NONE + frame())
+        out = fwd.frame(buf, len(buf))
+        assert out is not None
+        sent = bytearray(out[1])
+        self.assertEqual(self.dec.decode(sent, len(sent)), KEY)
+
+    def test_route_of_the_other_family_drops(self) -> None:
+        table = RouteTable(Clock())
+        fwd = Forwarder(table, {"eth1": MAC_B})
+        table.fence(KEY, Via("2001:db8:2::3", mac_text(MAC_A), "eth1", 0x00020003, "2001:db8:1::2"))
         table.commit(KEY)
         buf = bytearray(VNET_HDR_NONE + frame())
         self.assertIsNone(fwd.frame(buf, len(buf)))

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.handoff_farm import NGINX, Output, env
+from tests.handoff_farm import NGINX, Held, Output, env
 from tests.handoff_util import pattern
 from tests.netns import Node, Topology, require_netns, require_tools, wait_for
 
@@ -170,49 +170,10 @@ def test_curl_download_through_a_handed_off_connection(farm: Farm) -> None:
     wait_for(lambda: farm.state("u1")["handoff"]["live"] == 0, what="the route deleted after the end")
 
 
-# A client that holds one keep-alive connection: a request, then another when told.
-HOLD = (
-    "import socket,sys\n"
-    "s=socket.create_connection(({vip!r},80),timeout=20)\n"
-    "def ask(path):\n"
-    "    s.sendall(b'GET '+path.encode()+b' HTTP/1.1\\r\\nHost: v\\r\\n\\r\\n')\n"
-    "    data=b''\n"
-    "    while b'\\r\\n\\r\\n' not in data:\n"
-    "        chunk=s.recv(65536)\n"
-    "        if not chunk: raise EOFError\n"
-    "        data+=chunk\n"
-    "    head,body=data.split(b'\\r\\n\\r\\n',1)\n"
-    "    n=int([l for l in head.split(b'\\r\\n') if l.lower().startswith(b'content-length')][0].split(b':')[1])\n"
-    "    import hashlib\n"
-    "    h=hashlib.sha256(body); got=len(body)\n"
-    "    while got<n:\n"
-    "        chunk=s.recv(1<<20)\n"
-    "        if not chunk: raise EOFError\n"
-    "        h.update(chunk); got+=len(chunk)\n"
-    "    return got, h.hexdigest(), body[:40]\n"
-    "print('first', *ask(sys.argv[1]), flush=True)\n"
-    "sys.stdin.readline()\n"
-    "try:\n"
-    "    print('second', *ask(sys.argv[2]), flush=True)\n"
-    "except ConnectionResetError:\n"
-    "    print('reset', flush=True)\n"
-    "except (TimeoutError, socket.timeout):\n"
-    "    print('timeout', flush=True)\n"
-    "except EOFError:\n"
-    "    print('eof', flush=True)\n"
-)
-
-
-def hold(farm: Farm, first: str, second: str) -> tuple[subprocess.Popen[str], Output]:
-    proc = farm.client.popen(["python3", "-c", HOLD.format(vip=VIP), first, second], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return proc, Output(proc)
-
-
 def test_a_dead_host_resets_its_handed_off_connections(farm: Farm) -> None:
     key = f"{HOSTS['h2']}:8080"
-    proc, out = hold(farm, "/h2/hello", "/h2/hello")
-    assert "hello from h2" in out.wait_for("^first").string
+    held = Held(farm.client, VIP, "/h2/hello", "/h2/hello")
+    assert held.answer()[:2] == ["got", str(len("hello from h2\n"))]
     wait_for(lambda: farm.state("u1")["pools"]["h2"]["hosts"][key]["handed_off"] == 1,
              what="u1 counting the live handed-off connection to h2")
     # h2 dies: it drops off the network (its agent falls silent, its kernel
@@ -222,11 +183,9 @@ def test_a_dead_host_resets_its_handed_off_connections(farm: Farm) -> None:
              what="health calling h2 down")
     wait_for(lambda: farm.state("u1")["pools"]["h2"]["hosts"][key]["handed_off"] == 0, timeout=5,
              what="h2's routes deleted")
-    assert proc.stdin is not None
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
+    held.ask_next()
     # Without the fix the request would go to the dead host and time out (20 s).
-    assert out.wait_for("^(reset|eof|timeout|second)", timeout=30).group(1) == "reset"
+    assert held.answer() == ["reset"]
     state = farm.state("u1")["handoff"]["forwarder"]
     assert state["inventory"]["stats"].get("deleted_host_down", 0) >= 1, state
     assert "host_down" in farm.get("u1", "/metrics")
@@ -234,8 +193,8 @@ def test_a_dead_host_resets_its_handed_off_connections(farm: Farm) -> None:
 
 def test_zz_connection_survives_the_unit_that_handed_it_off(farm: Farm) -> None:
     # Last: it kills u1.
-    proc, out = hold(farm, "/h1/hello", "/big")
-    assert "hello from h1" in out.wait_for("^first").string
+    held = Held(farm.client, VIP, "/h1/hello", "/big")
+    assert held.answer()[:2] == ["got", str(len("hello from h1\n"))]
     wait_for(lambda: farm.state("u1")["handoff"]["live"] == 1, what="u1 routing the connection")
     assert farm.state("u2")["handoff"]["live"] == 0
     # u1 fails; u2 sees its DAM peer leave and re-plumbs its routes from the atoms.
@@ -244,11 +203,9 @@ def test_zz_connection_survives_the_unit_that_handed_it_off(farm: Farm) -> None:
     wait_for(lambda: farm.state("u2")["handoff"]["live"] == 1, timeout=15, what="u2 taking the route over")
     # The client's traffic moves to u2 (as a VRRP failover would move the VIP).
     farm.client.add_route(f"{VIP}/32", UNITS["u2"])
-    assert proc.stdin is not None
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
-    line = out.wait_for("^(reset|eof|timeout|second)", timeout=120).string.split()
-    assert line[:3] == ["second", str(DOWNLOAD), hashlib.sha256(pattern(DOWNLOAD, seed=3)).hexdigest()], line
+    held.ask_next()
+    line = held.answer(timeout=120)
+    assert line[:3] == ["got", str(DOWNLOAD), hashlib.sha256(pattern(DOWNLOAD, seed=3)).hexdigest()], line
     forwarder = farm.state("u2")["handoff"]["forwarder"]
     assert forwarder["plumbing"].get("taken_over", 0) >= 1, forwarder
     assert forwarded(farm, forwarder) > (0 if farm.fast_path else 100), forwarder

@@ -199,6 +199,39 @@ class UnitForwarderTests(SynchronousTestCase):
         self.reactor.advance(1)
         self.assertEqual((len(other.table), other.table.stats["deleted_ended_elsewhere"]), (0, 1))
 
+    def test_restarted_unit_takes_its_routes_back(self) -> None:
+        for fwd in self.forwarders.values():
+            fwd.start()
+        self.hand_off()
+        other = self.forwarders["u2"]
+        # u1 dies; u2 carries its flow.
+        self.forwarders["u1"].stop()
+        self.net.dams["u2"].set_peers(())
+        self.reactor.advance(1)
+        self.assertEqual(other.stats["taken_over"], 1)
+        # u1 comes back under its name with nothing in memory, and resyncs.
+        self.net.dams["u1"] = DAM("u1", self.reactor, self.net._sender("u1"), replication=None)
+        again = self.make(self.net.dams["u1"])
+        again.start()
+        self.reactor.advance(1)
+        self.assertEqual(len(again.table), 0)  # alone, nothing to take back
+        self.net.dams["u1"].set_peers({"u2"})
+        self.net.dams["u2"].set_peers({"u1"})
+        self.reactor.advance(1)
+        route = again.table.get(KEY)
+        assert route is not None
+        self.assertEqual((route.state, again.stats["taken_back"]), (State.COMMITTED, 1))
+        self.reactor.advance(1)
+        self.assertEqual(again.stats["taken_back"], 1)  # once
+        # Traffic may come back to u1 (a preempting VRRP master): its packets go on to the host.
+        self.sockets["u1:rx:eth0"].inbox = [(VNET + frame(), PACKET_HOST)]
+        again.port.doRead()  # type: ignore[union-attr]
+        self.assertEqual(len(self.sockets["u1:tx:eth1"].sent), 1)
+        # The connection ends at u2 (its backstop saw the FIN): u1 lets the route go too.
+        other.port.delete(KEY, "ended")  # type: ignore[union-attr]
+        self.reactor.advance(1)
+        self.assertEqual((len(again.table), again.table.stats["deleted_ended_elsewhere"]), (0, 1))
+
     def test_admin_view(self) -> None:
         self.fwd.start()
         self.hand_off()

@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from nlbproxy import limits
 from nlbproxy.handoff.fence import check_table_name
-from nlbproxy.handoff.tunnel import Mapping as TunnelMapping, TunnelPlan
+from nlbproxy.handoff.tunnel import Encapsulator, Mapping as TunnelMapping, TunnelError, TunnelPlan
 from nlbproxy.handoff.packets import ETH_HLEN, VNET_HDR_LEN, Malformed, Parsed, parse, set_macs
 from nlbproxy.handoff.routes import (
     Deleted, FlowKey, RouteError, RouteTable, State, TableFull, Verdict, Via, WireError, atom_key, from_atom,
@@ -67,14 +67,14 @@ class Forwarder:
     """Decides, for each received frame, whether and where it goes.
 
     ``macs`` maps each out interface to its own MAC address (the source of the
-    rewritten frames).  ``tunnel`` (a :class:`nlbproxy.handoff.tunnel.Encapsulator`)
-    encodes routes that carry a flow id.
+    rewritten frames).  Routes that carry a flow id are tunnelled by
+    ``tunnel``, whether this unit fenced them or took them over.
     """
 
-    def __init__(self, table: RouteTable, macs: Mapping[str, bytes], tunnel: Any = None) -> None:
+    def __init__(self, table: RouteTable, macs: Mapping[str, bytes]) -> None:
         self.table = table
         self.macs = dict(macs)
-        self.tunnel = tunnel
+        self.tunnel = Encapsulator()
         #: Frames by outcome that the route table does not count.
         self.stats: Counter[str] = Counter()
 
@@ -116,16 +116,18 @@ class Forwarder:
             return None
         set_macs(buf, VNET_HDR_LEN, via.mac_bytes, src)
         if via.flow_id is not None:
-            if self.tunnel is None:
-                self.table.count_drop("no_tunnel")
-                return None
             if parsed is None:
                 found = parse(buf, VNET_HDR_LEN, size)
                 if not isinstance(found, Parsed):
                     self.table.count_drop("malformed")
                     return None
                 parsed = found
-            self.tunnel.encode(buf, parsed, via)
+            try:
+                self.tunnel.encode(buf, parsed, via)
+            except TunnelError:
+                # The route's tunnel is of the other address family (a bad atom).
+                self.table.count_drop("no_tunnel")
+                return None
         return via.ifname, memoryview(buf)[:size]
 
     def commit(self, key: FlowKey) -> list[tuple[str, memoryview]]:
@@ -578,7 +580,8 @@ class ForwarderPlumbing:
                 via = Via(host_ip, self.host_mac(host_ip), self.ifname)
             else:
                 assert self.tunnel is not None
-                via = Via(host_ip, self.host_mac(self.tunnel.gateway(host_ip)), self.ifname, mapping.flow_id)
+                via = Via(host_ip, self.host_mac(self.tunnel.gateway(host_ip)), self.ifname, mapping.flow_id,
+                          mapping.forwarder_ip)
             self.table.fence(key, via)
         except BaseException:
             self._release(mapping)
@@ -642,6 +645,10 @@ class ForwarderPlumbing:
                 self.stats["replumb_refused"] += 1
                 log.msg(f"route atom {atom_key_!r} not taken over: {e}")
                 continue
+            if via.flow_id is not None and self.tunnel is not None and via.source in self.tunnel.sources.values():
+                # Our own flow id from an earlier run: it must not be handed out again.
+                self.tunnel.flow_ids.reserve(via.flow_id)
+                self._flow_ids[key] = via.flow_id
             try:
                 self.port.refilter()
                 self.fence_.add(key)

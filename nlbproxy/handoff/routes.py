@@ -132,17 +132,22 @@ class Via:
 
     Their destination MAC becomes ``host_mac`` (the host's, or the next
     router's when tunnelling) and they leave by ``ifname``.  With ``flow_id``
-    the packets are also tunnelled (:mod:`.tunnel`) and ``host`` must be the
-    host's IP address; otherwise ``host`` just names the host for inventories
-    and bulk deletes (its address, for instance "10.0.1.7").
+    the packets are also tunnelled (:mod:`.tunnel`): ``host`` must be the
+    host's IP address and ``source`` the tunnel source the host's mapping
+    names (the address of the unit that handed the flow off, which a unit
+    taking the flow over keeps); otherwise ``host`` just names the host for
+    inventories and bulk deletes (its address, for instance "10.0.1.7").
     """
 
     host: str
     host_mac: str
     ifname: str = ""
     flow_id: int | None = None
+    source: str | None = None
     #: ``host_mac`` as 6 bytes, computed once: the forwarder writes it into every frame.
     mac_bytes: bytes = field(init=False, repr=False, compare=False)
+    #: A tunnelled flow's new source and destination addresses, packed once.
+    tunnel_addresses: bytes = field(init=False, repr=False, compare=False, default=b"")
 
     def __post_init__(self) -> None:
         if not self.host or len(self.host.encode()) > 64 or " " in self.host:
@@ -152,11 +157,21 @@ class Via:
             raise ValueError(f"host_mac {self.host_mac!r} is not a MAC address")
         object.__setattr__(self, "host_mac", mac)
         object.__setattr__(self, "mac_bytes", bytes.fromhex(mac.replace(":", "")))
-        if self.flow_id is not None:
-            if not 0 <= self.flow_id < 1 << 32:
-                raise ValueError(f"flow_id {self.flow_id!r} is not a 32-bit number")
-            # A tunnelled packet's destination is the host's own address.
-            ipaddress.ip_address(self.host)
+        if self.flow_id is None:
+            if self.source is not None:
+                raise ValueError("a tunnel source without a flow id")
+            return
+        if not 0 <= self.flow_id < 1 << 32:
+            raise ValueError(f"flow_id {self.flow_id!r} is not a 32-bit number")
+        if self.source is None:
+            raise ValueError("a tunnelled flow needs its tunnel source")
+        # A tunnelled packet goes from the tunnel source to the host's own address.
+        source = ipaddress.ip_address(self.source)
+        host = ipaddress.ip_address(self.host)
+        if source.version != host.version:
+            raise ValueError(f"tunnel source {self.source} and host {self.host} are of different families")
+        object.__setattr__(self, "source", str(source))
+        object.__setattr__(self, "tunnel_addresses", source.packed + host.packed)
 
 
 class State(enum.Enum):
@@ -529,11 +544,14 @@ class RouteTable:
 
 #: The DAM kind of route atoms.
 ATOM_KIND = "tcp-route"
-#: Version of the route atom's data; another version is refused.
-ATOM_VERSION = 1
+#: Version of the route atom's data.  Version 1 (no tunnel source) is still
+#: read, so units can be upgraded one by one; any other is refused.
+ATOM_VERSION = 2
 # Keys start with a word and a space: no cookie value (the DAM's other keys)
 # may hold a space, so route keys never collide with session keys.
 _KEY_PREFIX = "route "
+#: Fields of a route atom's data by its version.
+_ATOM_FIELDS = {"1": 5, str(ATOM_VERSION): 6}
 _STATE_CODES = {State.FENCED: "f", State.COMMITTED: "c", State.CLOSING: "x"}
 _CODE_STATES = {v: k for k, v in _STATE_CODES.items()}
 
@@ -545,14 +563,16 @@ def atom_key(key: FlowKey) -> str:
 def to_atom(route: Route) -> tuple[str, str, str]:
     """``(key, data, kind)`` for ``DAM.add``.
 
-    data is ``"1 <state> <host> <mac> <flow id or ->"``: version, f/c/x,
-    the host's name and MAC address, and the tunnel flow id.
+    data is ``"2 <state> <host> <mac> <flow id or -> <tunnel source or ->"``:
+    version, f/c/x, the host's name and MAC address, the tunnel flow id and
+    the tunnel source it comes from.
     """
     if route.state is State.DELETED:
         raise RouteError("a deleted route has no durable form")
     via = route.via
     flow = "-" if via.flow_id is None else str(via.flow_id)
-    data = f"{ATOM_VERSION} {_STATE_CODES[route.state]} {via.host} {via.host_mac} {flow}"
+    source = via.source or "-"
+    data = f"{ATOM_VERSION} {_STATE_CODES[route.state]} {via.host} {via.host_mac} {flow} {source}"
     return atom_key(route.key), data, ATOM_KIND
 
 
@@ -573,9 +593,8 @@ def is_route_atom(key: str) -> bool:
     return key.startswith(_KEY_PREFIX)
 
 
-def from_atom(key: str, data: str, ifname: str = "") -> tuple[FlowKey, Via, State]:
-    """Reads a route atom back; ``ifname`` is the reading unit's interface
-    towards the host.  :class:`WireError` for anything malformed."""
+def flow_of(key: str) -> FlowKey:
+    """The flow a route atom's key names; :class:`WireError` if malformed."""
     if not isinstance(key, str) or not key.startswith(_KEY_PREFIX):
         raise WireError(f"{key!r} is not a route key")
     parts = key[len(_KEY_PREFIX):].split(" ")
@@ -584,17 +603,25 @@ def from_atom(key: str, data: str, ifname: str = "") -> tuple[FlowKey, Via, Stat
     try:
         client_ip, client_port = _parse_hostport(parts[0])
         vip, vport = _parse_hostport(parts[1])
-        flow_key = FlowKey(client_ip, client_port, vip, vport)
+        return FlowKey(client_ip, client_port, vip, vport)
     except ValueError as e:
         raise WireError(f"bad route key {key!r}: {e}") from None
+
+
+def from_atom(key: str, data: str, ifname: str = "") -> tuple[FlowKey, Via, State]:
+    """Reads a route atom back; ``ifname`` is the reading unit's interface
+    towards the host.  :class:`WireError` for anything malformed."""
+    flow_key = flow_of(key)
     if not isinstance(data, str):
         raise WireError("route data is not text")
     fields = data.split(" ")
-    if not fields or fields[0] != str(ATOM_VERSION):
-        raise WireError(f"route data version {fields[0]!r} is not {ATOM_VERSION}")
-    if len(fields) != 5:
-        raise WireError(f"route data {data!r}: expected 5 fields")
-    _, code, host, mac, flow = fields
+    expected = _ATOM_FIELDS.get(fields[0])
+    if expected is None:
+        raise WireError(f"route data version {fields[0]!r} is not one of {', '.join(_ATOM_FIELDS)}")
+    if len(fields) != expected:
+        raise WireError(f"route data {data!r}: expected {expected} fields")
+    code, host, mac, flow = fields[1:5]
+    source = fields[5] if expected > 5 and fields[5] != "-" else None
     state = _CODE_STATES.get(code)
     if state is None:
         raise WireError(f"route state {code!r} unknown")
@@ -605,7 +632,7 @@ def from_atom(key: str, data: str, ifname: str = "") -> tuple[FlowKey, Via, Stat
     else:
         raise WireError(f"tunnel flow id {flow!r} is not a number")
     try:
-        via = Via(host, mac, ifname, flow_id)
+        via = Via(host, mac, ifname, flow_id, source)
     except ValueError as e:
         raise WireError(f"bad route data {data!r}: {e}") from None
     return flow_key, via, state

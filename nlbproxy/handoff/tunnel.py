@@ -26,6 +26,7 @@ form of one flow's entry; :class:`FlowIds` hands out ids.
 from __future__ import annotations
 
 import ipaddress
+import secrets
 import struct
 from collections import Counter
 from collections.abc import Iterable
@@ -121,11 +122,20 @@ class Mapping:
 
 class FlowIds:
     """Hands out flow ids, never one in use, never one with a zero port half
-    (port 0 is refused by some stacks and middleboxes on the way)."""
+    (port 0 is refused by some stacks and middleboxes on the way).
 
-    def __init__(self, start: int = 0x00010001) -> None:
-        self._next = start
+    A unit starts at a random id: after a restart its flows of the last run
+    may still be alive at a peer that took them over, under the same tunnel
+    source; it reserves those it learns of (:meth:`reserve`).
+    """
+
+    def __init__(self, start: int | None = None) -> None:
+        self._next = secrets.randbits(32) if start is None else start
         self._used: set[int] = set()
+
+    def reserve(self, fid: int) -> None:
+        """Marks ``fid`` in use (a live flow this unit did not allocate)."""
+        self._used.add(fid)
 
     def allocate(self) -> int:
         for _ in range(1 << 20):
@@ -216,22 +226,23 @@ def _rewrite(buf: bytearray, parsed: Parsed, src: bytes, dst: bytes, ports: byte
 class Encapsulator:
     """The forwarder's half: client packet -> F to H, ports = flow id.
 
-    ``sources`` maps an IP version to the forwarder's own address F of that
-    family (the address the host's decapsulator knows it by).
+    F is the route's own tunnel source (``Via.source``), not this unit's:
+    a unit that took a flow over from a failed peer keeps sending it from
+    the peer's F, the address the host's decapsulator knows the flow by.
     """
 
-    def __init__(self, sources: dict[int, str]) -> None:
-        self.sources = {v: ipaddress.ip_address(a).packed for v, a in sources.items()}
+    def __init__(self) -> None:
         self.stats: Counter[str] = Counter()
 
     def encode(self, buf: bytearray, parsed: Parsed, via: Via, vnet: bool = True) -> None:
         """Rewrites the frame in ``buf`` (after a vnet header when ``vnet``)."""
         assert via.flow_id is not None
-        src = self.sources.get(parsed.version)
-        dst = ipaddress.ip_address(via.host).packed
-        if src is None or len(dst) != len(src):
-            raise TunnelError(f"no IPv{parsed.version} tunnel source for host {via.host}")
-        _rewrite(buf, parsed, src, dst, _PORTS.pack(via.flow_id >> 16, via.flow_id & 0xFFFF), vnet)
+        addresses = via.tunnel_addresses
+        width = len(addresses) // 2
+        if width != (4 if parsed.version == 4 else 16):
+            raise TunnelError(f"an IPv{parsed.version} packet for the tunnel to host {via.host}")
+        _rewrite(buf, parsed, addresses[:width], addresses[width:],
+                 _PORTS.pack(via.flow_id >> 16, via.flow_id & 0xFFFF), vnet)
         self.stats["encoded"] += 1
 
 

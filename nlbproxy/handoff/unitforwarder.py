@@ -17,7 +17,10 @@ Twice a second it also looks at the farm and the DAM:
   hanging on a dead host;
 - a peer unit that left the DAM (it failed) leaves route atoms behind: this
   unit takes its flows over (:meth:`ForwarderPlumbing.replumb`), so that when
-  the clients' traffic moves here their packets still reach their hosts.
+  the clients' traffic moves here their packets still reach their hosts;
+- after a restart, once the DAM has resynced, this unit takes back the flows
+  of its earlier run that a peer carried meanwhile: the clients' traffic
+  may come back (a preempting VRRP master).
 
 :class:`HandoffReport` is the admin API's view of both halves (the handoff
 counters and the forwarder): the ``handoff`` section of ``/api/v1/state``,
@@ -38,8 +41,8 @@ from nlbproxy.handoff.fence import Fence, open_backend
 from nlbproxy.handoff.forwarder import (
     Forwarder, ForwarderPlumbing, KernelPath, PacketPort, interface_mac, neighbour_mac, open_packet_socket,
 )
-from nlbproxy.handoff.routes import ATOM_KIND, FlowKey, RouteTable, State, WireError, atom_key, from_atom
-from nlbproxy.handoff.tunnel import Encapsulator, Mapping as TunnelMapping, TunnelPlan
+from nlbproxy.handoff.routes import ATOM_KIND, FlowKey, RouteTable, State, WireError, atom_key, flow_of
+from nlbproxy.handoff.tunnel import Mapping as TunnelMapping, TunnelPlan
 from nlbproxy.metrics import PrometheusWriter
 
 log = Logger()
@@ -109,6 +112,8 @@ class UnitForwarder:
         self._peers: frozenset[str] = frozenset()
         #: Routes taken over from failed peers, watched for their atom's end.
         self._taken: set[FlowKey] = set()
+        #: The peers whose resync :meth:`take_back_own` has looked at.
+        self._synced_with: frozenset[str] = frozenset()
         self._watch = LoopingCall(self.watch)
         self._watch.clock = reactor
         self._watch_interval = watch_interval
@@ -132,8 +137,7 @@ class UnitForwarder:
                 self.kernel = KernelPath(self._backend, self.in_ifname, self.out_ifname, out_mac.hex(":"),
                                          table=f"{self.fence_table}_fast")
                 self.kernel.setup()
-            encapsulator = Encapsulator(self.tunnel.sources) if self.tunnel is not None else None
-            forwarder = Forwarder(self.table, {self.out_ifname: out_mac}, tunnel=encapsulator)
+            forwarder = Forwarder(self.table, {self.out_ifname: out_mac})
             self.port = PacketPort(self.reactor, forwarder, self.in_ifname, opener=self._opener,
                                    kernel=self.kernel)
             self.port.start()
@@ -194,6 +198,7 @@ class UnitForwarder:
         if self.plumbing is None or self.port is None:
             return
         self.take_over_departed()
+        self.take_back_own()
         self.drop_ended_elsewhere()
         for address in dead_hosts((r.via.host for r in self.table.routes()), self.farm):
             count = self.port.delete_host(address, "host_down")
@@ -212,19 +217,51 @@ class UnitForwarder:
             return 0
         atoms = [(a.key, a.data) for a in self.dam.atoms()
                  if not a.dead and a.kind == ATOM_KIND and a.origin in left]
-        taken, refused = self.plumbing.replumb(atoms)
-        for key, data in atoms:
-            try:
-                flow = from_atom(key, data)[0]
-            except WireError:
-                continue  # counted as refused by replumb
-            if flow in self.table:
-                self._taken.add(flow)
+        taken, refused = self._adopt(atoms)
         self.stats["taken_over"] += taken
         if atoms:
             log.info("peer {peers} left: took over {taken} of its handed-off connections ({refused} refused)",
                      peers=", ".join(sorted(left)), taken=taken, refused=refused)
         return taken
+
+    def take_back_own(self) -> int:
+        """Replumbs the live route atoms this unit wrote in an earlier run
+        (it failed, a peer carried its flows, and now the clients' traffic
+        may come back here, as a VIP does to a preempting VRRP master).
+        Runs once the DAM has resynced with a peer it had not looked at;
+        returns how many routes were taken back."""
+        if self.dam is None or self.plumbing is None or not self.dam.resync_done:
+            return 0
+        peers = frozenset(self.dam.peers)
+        if peers <= self._synced_with:
+            return 0
+        self._synced_with = peers
+        me = self.dam.me
+        atoms = [(a.key, a.data) for a in self.dam.atoms()
+                 if not a.dead and a.kind == ATOM_KIND and a.origin == me and not self._routed(a.key)]
+        if not atoms:
+            return 0
+        taken, refused = self._adopt(atoms)
+        self.stats["taken_back"] += taken
+        log.info("took back {taken} handed-off connections of this unit's earlier run ({refused} refused)",
+                 taken=taken, refused=refused)
+        return taken
+
+    def _routed(self, atom_key_: str) -> bool:
+        try:
+            return flow_of(atom_key_) in self.table
+        except WireError:
+            return False
+
+    def _adopt(self, atoms: list[tuple[str, str]]) -> tuple[int, int]:
+        """Replumbs ``atoms`` and watches the routes they became for their
+        atom's deletion by another unit; returns (taken, refused)."""
+        assert self.plumbing is not None
+        taken, refused = self.plumbing.replumb(atoms)
+        for key, _ in atoms:
+            if self._routed(key):
+                self._taken.add(flow_of(key))
+        return taken, refused
 
     def drop_ended_elsewhere(self) -> int:
         """Deletes taken-over routes whose atom was deleted (the unit thought
