@@ -12,7 +12,8 @@ and measures, side by side in one run:
                committed) over --connections sequential connections, from the
                unit's own clock; and the client's median time for one small
                GET on a new connection, through handoff and direct
-  download     --size bytes with curl from the client namespace to:
+  download     --size bytes with curl from the client namespace, --rounds
+               times each in alternating order (medians reported), to:
                  direct    a host's nginx itself
                  handoff   the VIP (handed off, bridged to nginx by the agent)
                  haproxy   HAProxy in the unit namespace (nbthread 1)
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=GB, help="download size in bytes (default 1 GB)")
     parser.add_argument("--upload-size", type=int, default=200_000_000, help="upload size (default 200 MB)")
     parser.add_argument("--connections", type=int, default=300, help="connections for the latency figures")
+    parser.add_argument("--rounds", type=int, default=5, help="downloads per target, alternating order (default 5)")
     parser.add_argument("--plumbing", choices=["forwarder", "kernel", "twistd", "twistd-fast"], default="forwarder",
                         help="the unit's AF_PACKET forwarder (default), the kernel-routed stand-in, or a real "
                              "twistd nlbproxy with forwarder_in (twistd-fast: and forwarder_fast_path)")
@@ -172,9 +174,23 @@ def main() -> None:
             "haproxy": (f"http://{farm.unit.ip}:8100/big", haproxy.pid),
             "nlbproxy": (f"http://{farm.unit.ip}:8000/big", unit_pid),
         }
-        downloads = {name: download(farm, url, pid) for name, (url, pid) in targets.items()}
+        # Rounds in alternating order: a single download's speed swings up to
+        # 3 x between runs on a shared machine; each figure is the median.
+        rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        order = list(targets)
+        for round_ in range(args.rounds):
+            for name in order if round_ % 2 == 0 else order[::-1]:
+                url, pid = targets[name]
+                rounds[name].append(download(farm, url, pid))
+            line = "  ".join(f"{name} {rounds[name][-1]['gbit_s']:.2f}" for name in order)
+            print(f"round {round_ + 1}: Gbit/s {line}; handoff/haproxy "
+                  f"{rounds['handoff'][-1]['gbit_s'] / rounds['haproxy'][-1]['gbit_s']:.2f}")
+        downloads = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+                     for name, runs in rounds.items()}
         results["download"] = downloads
-        print(f"\ndownload of {args.size / GB:.2f} GB with curl (one connection each):")
+        results["download_rounds"] = rounds
+        print(f"\ndownload of {args.size / GB:.2f} GB with curl (one connection each; median of "
+              f"{args.rounds} rounds):")
         print(f"{'target':10} {'Gbit/s':>8} {'x direct':>9} {'x haproxy':>10} {'proxy CPU s/GB':>15} "
               f"{'machine CPU s/GB':>17}")
         for name, d in downloads.items():
