@@ -11,13 +11,14 @@ host's agent is gone.  Needs root (namespaces, TCP_REPAIR, nftables).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 
 import pytest
 
 from tests.handoff_farm import CLIENT_IP, VIP, HandoffFarm
 from tests.handoff_util import pattern
-from tests.netns import Topology, require_netns
+from tests.netns import Topology, require_netns, require_tools
 
 MiB = 1024 * 1024
 DOWNLOAD = 96 * MiB
@@ -77,6 +78,25 @@ def test_pipelined_requests_on_one_handed_off_connection(farm: HandoffFarm) -> N
     before = farm.unit_stats()["handed_off"]
     assert farm.client.python(code, timeout=60).stdout.split() == ["4", "4"]
     assert farm.unit_stats()["handed_off"] == before + 1  # one connection, four requests
+
+
+def test_wrk_load_on_handed_off_connections(farm: HandoffFarm) -> None:
+    # wrk opens 8 keep-alive connections and loads each with request after
+    # request: every connection is handed off, every request answered by nginx.
+    require_tools("wrk")
+    before = farm.unit_stats()
+    done = farm.client.run(["wrk", "-t1", "-c8", "-d2s", "--timeout", "5s", f"http://{VIP}/hello"], timeout=60)
+    assert "Non-2xx" not in done.stdout and "Socket errors" not in done.stdout, done.stdout
+    requests = int(re.search(r"(\d+) requests in", done.stdout).group(1))  # type: ignore[union-attr]
+    assert requests > 100, done.stdout
+    after = farm.unit_stats()
+    assert after["handed_off"] - before["handed_off"] == 8, (before, after)
+    # ("closed": a connection that ended before its first request, as wrk's own probe does.)
+    fell_back = {k: v for k, v in after["fell_back"].items() if k != "closed"}
+    assert (after["failed"], fell_back) == (before["failed"], before["fell_back"]), after
+    # The requests went to the hosts' nginx, not through the unit.
+    served = sum(line.count('"GET /hello') for line in farm.access_log("h1") + farm.access_log("h2"))
+    assert served >= requests
 
 
 def test_upload_with_checksum_to_a_bridged_server(farm: HandoffFarm) -> None:
