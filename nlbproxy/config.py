@@ -461,20 +461,6 @@ def _workers(value: object) -> int:
     return int(_integer(1, limits.MAX_WORKERS)(value))
 
 
-def _not_yet(
-    convert: _Convert, unsupported: Callable[[Any], bool], reason: str
-) -> _Convert:
-    """Accept what *convert* accepts, except values of features of a later release."""
-
-    def check(value: object) -> Any:
-        result = convert(value)
-        if unsupported(result):
-            raise ValueError(reason)
-        return result
-
-    return check
-
-
 def _pattern(regex: re.Pattern[str], what: str) -> _Convert:
     def convert(value: object) -> str:
         text = _string(value)
