@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import struct
-import tempfile
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy.handoff.forwarder import (
     PACKET_HOST, PACKET_OUTGOING, Forwarder, ForwarderPlumbing, KernelPath, PacketPort, kernel_path_commands,
-    kernel_route_commands, neighbour_mac, socket_filter, to_tun_header,
+    kernel_route_commands, socket_filter, to_tun_header,
 )
 from nlbproxy.handoff.packets import (
     NOT_TCP, VNET_HDR_LEN, Malformed, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
@@ -373,15 +371,10 @@ class PlumbingTests(SynchronousTestCase):
         self.assertEqual((looked_up, self.table.get(KEY).via.host_mac), (["10.0.1.3"] * 2, "02:00:00:00:00:09"))  # type: ignore[union-attr]
 
     def test_unknown_neighbour(self) -> None:
-        self.plumbing.resolve_mac = lambda ip: neighbour_mac(ip, self.arp)
-        with tempfile.NamedTemporaryFile("w", suffix=".arp", delete=False) as f:
-            self.arp = f.name
-            self.addCleanup(os.unlink, f.name)
-            f.write("IP address       HW type     Flags       HW address            Mask     Device\n"
-                    "10.0.1.3         0x1         0x2         02:00:00:00:00:03     *        eth1\n"
-                    "10.0.1.4         0x1         0x0         00:00:00:00:00:00     *        eth1\n")
-        self.assertEqual(neighbour_mac("10.0.1.3", self.arp), "02:00:00:00:00:03")
-        self.assertRaises(LookupError, neighbour_mac, "10.0.1.4", self.arp)  # incomplete
+        def unknown(ip: str) -> str:
+            raise LookupError(f"no neighbour entry for {ip}")
+
+        self.plumbing.resolve_mac = unknown
         self.assertRaises(LookupError, self.plumbing.fence, Flow(("10.0.0.5", 1), ("10.0.0.100", 80)),
                           "10.0.1.9")
         self.assertEqual(len(self.table), 0)

@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from nlbproxy import limits
 from nlbproxy.handoff.fence import check_table_name
+from nlbproxy.handoff.neighbours import neighbour_mac
 from nlbproxy.handoff.tunnel import Mapping as TunnelMapping, TunnelPlan
 from nlbproxy.handoff.packets import ETH_HLEN, VNET_HDR_LEN, Malformed, Parsed, parse, set_macs
 from nlbproxy.handoff.routes import (
@@ -512,22 +513,6 @@ class DecapsulatorPort(_PacketReader):
 
 
 # --- the unit side's plumbing ---------------------------------------------------------------
-
-
-def neighbour_mac(ip: str, arp_table: str = "/proc/net/arp") -> str:
-    """The MAC address the unit's kernel has resolved for IPv4 ``ip``.
-
-    The unit talks to every host's agent, so the entry is there in practice;
-    LookupError otherwise (the handoff then falls back to proxying).
-    """
-    with open(arp_table) as lines:
-        next(lines, None)
-        for line in lines:
-            fields = line.split()
-            # IP address, HW type, flags (0x2: complete), HW address, mask, device.
-            if len(fields) >= 6 and fields[0] == ip and int(fields[2], 16) & 0x2:
-                return fields[3]
-    raise LookupError(f"no neighbour entry for {ip}")
 
 
 class ForwarderPlumbing:
