@@ -6,6 +6,11 @@ the client's address) or pass them to a Twisted application that adopts
 them; curl and raw sockets in the client namespace check pipelining, a large
 download and upload with checksums, and the fallback to proxying when a
 host's agent is gone.  Needs root (namespaces, TCP_REPAIR, nftables).
+
+Every test runs three times: over IPv4 with the unit's AF_PACKET forwarder
+and with the kernel-routed stand-in, and over IPv6 (an IPv6 VIP, client and
+hosts: the IPv6 neighbour table, fence, frames, restore and PROXY header)
+with the forwarder.
 """
 
 from __future__ import annotations
@@ -15,52 +20,67 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.handoff_farm import CLIENT_IP, VIP, HandoffFarm
+from tests.handoff_farm import IPV4, IPV6, Addresses, HandoffFarm
 from tests.handoff_util import pattern
-from tests.netns import Topology, require_netns
+from tests.netns import Topology, require_netns, require_tools
 
 MiB = 1024 * 1024
 DOWNLOAD = 96 * MiB
 UPLOAD = 48 * MiB
 
 
-@pytest.fixture(scope="module", params=["forwarder", "kernel"])
+FARMS: dict[str, tuple[str, Addresses]] = {
+    "forwarder": ("forwarder", IPV4),
+    "kernel": ("kernel", IPV4),
+    "ipv6": ("forwarder", IPV6),
+}
+
+
+@pytest.fixture(scope="module", params=list(FARMS))
 def farm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HandoffFarm]:
-    """The farm with the unit's AF_PACKET forwarder, and again with the
-    kernel-routed stand-in (which isolates the migration from the forwarder)."""
+    """The farm with the unit's AF_PACKET forwarder, again with the
+    kernel-routed stand-in (which isolates the migration from the
+    forwarder), and with the forwarder over IPv6."""
     require_netns()
+    require_tools("nginx", "nft", "curl")
+    plumbing, addresses = FARMS[request.param]
     with Topology() as topo:
         yield HandoffFarm(topo, tmp_path_factory.mktemp("handoff"), files={"big": pattern(DOWNLOAD, seed=7)},
-                          plumbing=request.param)
+                          plumbing=plumbing, addresses=addresses)
 
 
 def curl(farm: HandoffFarm, *args: str, timeout: float = 120.0) -> str:
-    done = farm.client.run(["curl", "-sS", "--fail", "--max-time", str(int(timeout)), *args], timeout=timeout + 10)
+    # -g: the brackets of an IPv6 literal are not a glob.
+    done = farm.client.run(["curl", "-gsS", "--fail", "--max-time", str(int(timeout)), *args], timeout=timeout + 10)
     return done.stdout
 
 
 def test_download_with_checksum_through_nginx(farm: HandoffFarm) -> None:
-    before = farm.unit_stats()["handed_off"]
+    before = farm.unit_stats()
     expected = hashlib.sha256(pattern(DOWNLOAD, seed=7)).hexdigest()
-    piped = farm.client.run(["sh", "-c", f"curl -sS --fail --max-time 120 http://{VIP}/big | sha256sum"], timeout=150)
+    family = "-6" if farm.addresses.v6 else "-4"
+    piped = farm.client.run(["sh", "-c", f"curl {family} -gsS --fail --max-time 120 {farm.url('/big')} | sha256sum"],
+                            timeout=150)
     assert piped.stdout.split()[0] == expected
     out = farm.client.python(
         "import hashlib,urllib.request\n"
-        f"data=urllib.request.urlopen('http://{VIP}/big', timeout=120).read()\n"
+        f"data=urllib.request.urlopen({farm.url('/big')!r}, timeout=120).read()\n"
         "print(len(data), hashlib.sha256(data).hexdigest())\n", timeout=150).stdout.split()
     assert out == [str(DOWNLOAD), expected]
     stats = farm.unit_stats()
-    assert stats["handed_off"] >= before + 2
+    # Both connections were handed off, none proxied instead.
+    assert stats["handed_off"] >= before["handed_off"] + 2
+    assert stats["fell_back"] == before["fell_back"]
     assert stats["failed"] == {}
     # nginx saw the client itself (PROXY header), not the agent or the unit.
     lines = farm.access_log("h1") + farm.access_log("h2")
-    assert any(line.startswith(f"127.0.0.1 {CLIENT_IP} \"GET /big") for line in lines), lines
+    assert any(line.startswith(f"127.0.0.1 {farm.addresses.client} \"GET /big") for line in lines), lines
 
 
 def test_pipelined_requests_on_one_handed_off_connection(farm: HandoffFarm) -> None:
     code = (
         "import socket\n"
-        f"s=socket.create_connection(({VIP!r},80),timeout=30)\n"
+        f"s=socket.create_connection(({farm.vip!r},80),timeout=30)\n"
         "s.sendall(b'GET /hello HTTP/1.1\\r\\nHost: v\\r\\n\\r\\n'*3)\n"
         "data=b''\n"
         "while data.count(b'hello from')<3:\n"
@@ -74,9 +94,11 @@ def test_pipelined_requests_on_one_handed_off_connection(farm: HandoffFarm) -> N
         "    data+=chunk\n"
         "print(data.count(b'HTTP/1.1 200 OK'), data.count(b'hello from h'))\n"
     )
-    before = farm.unit_stats()["handed_off"]
+    before = farm.unit_stats()
     assert farm.client.python(code, timeout=60).stdout.split() == ["4", "4"]
-    assert farm.unit_stats()["handed_off"] == before + 1  # one connection, four requests
+    after = farm.unit_stats()
+    assert after["handed_off"] == before["handed_off"] + 1  # one connection, four requests
+    assert after["fell_back"] == before["fell_back"]
 
 
 def test_upload_with_checksum_to_a_bridged_server(farm: HandoffFarm) -> None:
@@ -84,7 +106,7 @@ def test_upload_with_checksum_to_a_bridged_server(farm: HandoffFarm) -> None:
         "import hashlib,socket\n"
         "from tests.handoff_util import pattern, recv_exactly\n"
         f"body=pattern({UPLOAD}, seed=9)\n"
-        f"s=socket.create_connection(({VIP!r},80),timeout=60)\n"
+        f"s=socket.create_connection(({farm.vip!r},80),timeout=60)\n"
         "s.sendall(b'POST /sha256 HTTP/1.1\\r\\nHost: v\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(body))\n"
         "s.sendall(body)\n"
         "data=b''\n"
@@ -108,34 +130,34 @@ def test_upload_with_checksum_to_a_bridged_server(farm: HandoffFarm) -> None:
 
 
 def test_twisted_application_adopts_the_connection(farm: HandoffFarm) -> None:
-    assert curl(farm, f"http://{VIP}/adopt/one", f"http://{VIP}/adopt/two") == "adopted /adopt/oneadopted /adopt/two"
+    assert curl(farm, farm.url("/adopt/one"), farm.url("/adopt/two")) == "adopted /adopt/oneadopted /adopt/two"
 
 
 def test_failed_injection_resets_the_client_and_is_counted(farm: HandoffFarm) -> None:
     # Without the VIP on h2 the agent cannot bind the restored connection.
     h2 = farm.hosts["h2"]
-    h2.run(["ip", "addr", "del", f"{VIP}/32", "dev", "lo"])
+    h2.run(["ip", "addr", "del", farm.addresses.vip_cidr, "dev", "lo"])
     try:
         before = farm.unit_stats()
-        done = farm.client.run(["curl", "-sS", "--max-time", "20", f"http://{VIP}/adopt/x"], check=False, timeout=30)
+        done = farm.client.run(["curl", "-gsS", "--max-time", "20", farm.url("/adopt/x")], check=False, timeout=30)
         assert done.returncode == 56 and "reset" in done.stderr.lower(), done  # 56: receive failure
         after = farm.unit_stats()
         assert after["failed"].get("refused", 0) == before["failed"].get("refused", 0) + 1
         assert after["log"][-2:] == ["fence", "unfence"]
     finally:
-        h2.run(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
-    assert curl(farm, f"http://{VIP}/adopt/again") == "adopted /adopt/again"
+        h2.add_vip(farm.vip)
+    assert curl(farm, farm.url("/adopt/again")) == "adopted /adopt/again"
 
 
 def test_zz_agent_gone_falls_back_to_proxying(farm: HandoffFarm) -> None:
     # Last in the module: it stops h2's agent.
     farm.stop_agent("h2")
     before = farm.unit_stats()
-    assert curl(farm, f"http://{VIP}/adopt/three") == "direct /adopt/three"
+    assert curl(farm, farm.url("/adopt/three")) == "direct /adopt/three"
     after = farm.unit_stats()
     assert after["fell_back"].get("agent_unavailable", 0) == before["fell_back"].get("agent_unavailable", 0) + 1
     assert after["failed"] == before["failed"]
 
 
 def test_plain_proxy_listener_still_proxies(farm: HandoffFarm) -> None:
-    assert curl(farm, f"http://{farm.unit.ip}:8000/hello").startswith("hello from h")
+    assert curl(farm, farm.url("/hello", farm.addresses.unit, 8000)).startswith("hello from h")
