@@ -17,10 +17,10 @@ from nlbproxy.handoff.forwarder import (
     kernel_route_commands, socket_filter, to_tun_header,
 )
 from nlbproxy.handoff.packets import (
-    NOT_TCP, VNET_HDR_LEN, Malformed, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
+    ETH_HLEN, NOT_TCP, VNET_HDR_LEN, Malformed, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
     tcp_checksum,
 )
-from nlbproxy.handoff.routes import ACK, FIN, SYN, FlowKey, RouteTable, State, Via, atom_key, from_atom, to_atom
+from nlbproxy.handoff.routes import ACK, FIN, RST, SYN, FlowKey, RouteTable, State, Via, atom_key, from_atom, to_atom
 from nlbproxy.handoff.tunnel import Decapsulator, Encapsulator, TunnelError, TunnelPlan
 from nlbproxy.session.dam import DAM
 
@@ -440,16 +440,26 @@ def wanted(packet: bytes, fenced: list[FlowKey]) -> bool:
     parsed = parse(packet)
     if not isinstance(parsed, Parsed):
         return False
-    if parsed.version == 6:
-        return True
+    if parsed.version == 6 and parsed.l4 != ETH_HLEN + 40:
+        return True  # extension headers: Python walks them
     if parsed.flags & 0x07:
         return True
-    return any(parsed.packed[:4] == ipaddress.ip_address(k.client_ip).packed
-               and parsed.packed[8:10] == struct.pack("!H", k.client_port) for k in fenced)
+    size = 4 if parsed.version == 4 else 16
+    return any(parsed.packed[:size] == ipaddress.ip_address(k.client_ip).packed
+               and parsed.packed[2 * size:2 * size + 2] == struct.pack("!H", k.client_port) for k in fenced)
+
+
+CLIENT6 = ipaddress.ip_address("fd4e:4c42::5").packed
+VIP6 = ipaddress.ip_address("fd4e:4c42::100").packed
+KEY6 = FlowKey("fd4e:4c42::5", 40000, "fd4e:4c42::100", 80)
+
+
+def frame6(flags: int = ACK, sport: int = 40000, src: bytes = CLIENT6, payload: bytes = b"data") -> bytes:
+    return build_tcp_frame(CLIENT_MAC, UNIT_MAC, src, VIP6, sport, 80, flags, payload)
 
 
 class SocketFilterTests(SynchronousTestCase):
-    fenced = [KEY, FlowKey("10.0.0.6", 1, "10.0.0.100", 80)]
+    fenced = [KEY, FlowKey("10.0.0.6", 1, "10.0.0.100", 80), KEY6, FlowKey("fd4e:4c42::6", 1, "fd4e:4c42::100", 80)]
 
     def test_examples(self) -> None:
         program = socket_filter(self.fenced)
@@ -459,11 +469,40 @@ class SocketFilterTests(SynchronousTestCase):
         self.assertFalse(run_bpf(program, HOST_MAC + UNIT_MAC + b"\x08\x06" + bytes(28)))  # ARP
         self.assertFalse(run_bpf(socket_filter([]), frame()))
 
+    def test_ipv6_examples(self) -> None:
+        program = socket_filter(self.fenced)
+        self.assertTrue(run_bpf(program, frame6()))                       # fenced flow
+        self.assertFalse(run_bpf(program, frame6(sport=40001)))           # another flow's ACK
+        self.assertTrue(run_bpf(program, frame6(RST, sport=40001)))       # its RST
+        self.assertFalse(run_bpf(program, frame6(src=ipaddress.ip_address("fd4e:4c42::7").packed)))
+        self.assertFalse(run_bpf(socket_filter([KEY]), frame6()))         # only IPv4 flows fenced
+        # A hop-by-hop header before TCP: kept, Python finds the ports.
+        data = bytearray(frame6())
+        tcp = bytes(data[ETH_HLEN + 40:])
+        data[ETH_HLEN + 6] = 0
+        data[ETH_HLEN + 4:ETH_HLEN + 6] = struct.pack("!H", len(tcp) + 8)
+        data[ETH_HLEN + 40:] = bytes([6, 0]) + bytes(6) + tcp
+        self.assertTrue(wanted(bytes(data), []))
+        self.assertTrue(run_bpf(socket_filter([]), bytes(data)))
+        # ICMPv6 (neighbour discovery): the kernel's.
+        icmp = bytearray(frame6())
+        icmp[ETH_HLEN + 6] = 58
+        self.assertFalse(run_bpf(program, bytes(icmp)))
+
     def test_too_many_flows_keeps_all_tcp(self) -> None:
         many = [FlowKey("10.0.0.5", p, "10.0.0.100", 80) for p in range(1, 100)]
         program = socket_filter(many, max_flows=10)
         self.assertTrue(run_bpf(program, frame(sport=9999)))
-        self.assertEqual(len(socket_filter(many[:48])), 12 + 4 * 48 + 2)  # jumps still fit
+        self.assertTrue(run_bpf(program, frame6(sport=9999)))
+        # The longest filters' jumps still fit in a byte, whatever the mix of families.
+        v6 = [FlowKey(f"fd4e:4c42::{p:x}", p, "fd4e:4c42::100", 80) for p in range(1, 100)]
+        for keys in (many[:48], v6[:48], many[:24] + v6[:24]):
+            program = socket_filter(keys)
+            self.assertEqual(len(program), 20 + 4 * 48)
+            for key in (keys[0], keys[-1]):
+                src, sport = ipaddress.ip_address(key.client_ip).packed, key.client_port
+                data = frame(sport=sport) if len(src) == 4 else frame6(src=src, sport=sport)
+                self.assertTrue(run_bpf(program, data), key)
 
     @given(st.sampled_from([CLIENT, ipaddress.ip_address("10.0.0.6").packed, ipaddress.ip_address("10.0.0.7").packed]),
            st.sampled_from([40000, 1, 2]), st.integers(0, 255), st.binary(max_size=20), st.integers(0, 80))
@@ -475,6 +514,19 @@ class SocketFilterTests(SynchronousTestCase):
             self.assertEqual(kept, wanted(data, self.fenced))
         else:
             # A frame the parser refuses may pass the coarser filter; Python then counts it.
+            self.assertFalse(wanted(data, self.fenced))
+
+    @given(st.sampled_from([CLIENT6, ipaddress.ip_address("fd4e:4c42::6").packed,
+                            ipaddress.ip_address("fd4e:4c42::7").packed]),
+           st.sampled_from([40000, 1, 2]), st.integers(0, 255), st.binary(max_size=20), st.integers(0, 80))
+    def test_matches_the_plain_rule_over_ipv6(self, src: bytes, sport: int, flags: int, payload: bytes,
+                                              cut: int) -> None:
+        data = build_tcp_frame(CLIENT_MAC, UNIT_MAC, src, VIP6, sport, 80, flags, payload)
+        data = data[:len(data) - cut] if cut < len(data) - 74 else data
+        kept = bool(run_bpf(socket_filter(self.fenced), data))
+        if isinstance(parse(data), Parsed):
+            self.assertEqual(kept, wanted(data, self.fenced))
+        else:
             self.assertFalse(wanted(data, self.fenced))
 
 

@@ -795,18 +795,49 @@ Insn = tuple[int, int, int, int]
 
 def socket_filter(fenced: list[FlowKey], max_flows: int = MAX_FILTER_FLOWS) -> list[Insn]:
     """A classic BPF program for the AF_PACKET socket of a fast-path unit: it
-    keeps IPv4 TCP frames with FIN, SYN or RST, frames of the ``fenced`` flows
-    (client address and port), and every IPv6 TCP frame (unfiltered: those
-    flows then cost a Python wake-up each); it drops the rest.  More than
-    ``max_flows`` fenced flows: every TCP frame is kept."""
+    keeps TCP frames (IPv4 and IPv6) with FIN, SYN or RST and frames of the
+    ``fenced`` flows (client address and port); it drops the rest.  More
+    than ``max_flows`` fenced flows: every TCP frame is kept.
+
+    An IPv6 flow is named by the last 32 bits of the client's address and
+    its port: a filter compares words, and one word per flow keeps every
+    jump within reach whatever the mix of families.  A frame of another
+    client that shares them costs a wake-up, nothing more (Python matches
+    whole keys).  IPv6 frames whose TCP header follows extension headers
+    are all kept: Python walks those headers.
+    """
+    everything = len(fenced) > max_flows
     v4 = [k for k in fenced if ":" not in k.client_ip]
-    everything = len(v4) > max_flows
+    v6 = [k for k in fenced if ":" in k.client_ip]
     prog: list[tuple[Any, ...]] = [
         (_BPF_LD_H_ABS, 0, 0, 12),
         (_BPF_JEQ_K, "v4", 0, 0x0800),
         (_BPF_JEQ_K, 0, "drop", 0x86DD),
         (_BPF_LD_B_ABS, 0, 0, 20),                 # IPv6 next header
-        (_BPF_JEQ_K, "accept", "drop", 6),
+        (_BPF_JEQ_K, "tcp6", 0, 6),
+        (_BPF_JEQ_K, "accept", 0, 0),              # hop-by-hop options
+        (_BPF_JEQ_K, "accept", 0, 43),             # routing
+        (_BPF_JEQ_K, "accept", "drop", 60),        # destination options
+        ("tcp6",),
+    ]
+    if everything:
+        prog.append((_BPF_RET_K, 0, 0, _ACCEPT))
+    else:
+        prog += [
+            (_BPF_LD_B_ABS, 0, 0, 14 + 40 + 13),   # TCP flags
+            (_BPF_JSET_K, "accept", 0, 0x07),      # FIN, SYN, RST
+        ]
+        for i, key in enumerate(v6):
+            low = int.from_bytes(ipaddress.ip_address(key.client_ip).packed[12:], "big")
+            prog += [
+                (_BPF_LD_W_ABS, 0, 0, 14 + 8 + 12),  # the source address's last word
+                (_BPF_JEQ_K, 0, f"next6_{i}", low),
+                (_BPF_LD_H_ABS, 0, 0, 14 + 40),    # source port
+                (_BPF_JEQ_K, "accept", f"next6_{i}", key.client_port),
+                (f"next6_{i}",),
+            ]
+        prog.append((_BPF_RET_K, 0, 0, 0))
+    prog += [
         ("v4",),
         (_BPF_LD_B_ABS, 0, 0, 23),                 # IPv4 protocol
         (_BPF_JEQ_K, 0, "drop", 6),
