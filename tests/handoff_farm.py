@@ -27,7 +27,10 @@ With ``addresses=IPV6`` every node also gets an IPv6 address (fd4e:4c42::/64,
 the last byte as above) and everything the handoff touches speaks IPv6: the
 VIP fd4e:4c42::100, the client, the pools' hosts, the agents' handoff and
 health endpoints, and the proxying listener.  The nodes keep their IPv4
-addresses (unused by the farm).
+addresses.  With ``dual_stack=True`` as well, the handoff listener is a
+``tcp6`` one on ``::`` and the IPv4 VIP 10.0.0.100 is there too (on the
+unit's and the hosts' lo, routed by the client): IPv4 clients reach the same
+listener, which sees them with IPv4-mapped addresses.
 """
 
 from __future__ import annotations
@@ -149,13 +152,16 @@ class HandoffFarm:
     """Builds the farm inside ``topo``; ``www`` files are written before nginx starts."""
 
     def __init__(self, topo: Topology, tmp: Path, files: dict[str, bytes] | None = None,
-                 plumbing: str = "forwarder", addresses: Addresses = IPV4) -> None:
+                 plumbing: str = "forwarder", addresses: Addresses = IPV4, dual_stack: bool = False) -> None:
         self.topo = topo
         self.plumbing = plumbing
         self.tmp = tmp
         self.addresses = a = addresses
         if a.v6 and plumbing == "kernel":
             raise ValueError("the kernel-routed stand-in routes IPv4 only")
+        if dual_stack and not a.v6:
+            raise ValueError("a dual-stack farm has IPv6 addresses")
+        self.dual_stack = dual_stack
         #: The address the farm's traffic uses, by node name.
         self.ip = {"client": a.client, "unit": a.unit, **a.hosts}
         (tmp / "secret.key").write_bytes(SECRET)
@@ -169,6 +175,11 @@ class HandoffFarm:
         self.unit.relax_rp_filter()
         for host in self.hosts.values():
             host.add_vip(a.vip)
+        if dual_stack:
+            self.client.add_route(IPV4.vip_cidr, UNIT_IP)
+            self.unit.run(["ip", "addr", "add", IPV4.vip_cidr, "dev", "lo"])
+            for host in self.hosts.values():
+                host.add_vip(IPV4.vip)
         self.files = files or {}
         self.nginx: dict[str, Path] = {}
         self.agents: dict[str, Output] = {}
@@ -232,11 +243,12 @@ class HandoffFarm:
     def _unit(self) -> None:
         a = self.addresses
         h1, h2 = a.hosts["h1"], a.hosts["h2"]
+        vip_endpoint = r"'tcp6:80:interface=\:\:'" if self.dual_stack else a.endpoint(80, a.vip)
         config = self.tmp / "unit.toml"
         config.write_text(
             f'[unit]\nname = "u1"\nadmin = "tcp:0:interface=127.0.0.1"\nsecret_file = "{self.tmp / "secret.key"}"\n'
             f'health = "{format_host_port(a.unit, 9903)}"\nhandoff_port = {HANDOFF_PORT}\n\n'
-            f'[[listener]]\nname = "vip"\nendpoint = {a.endpoint(80, a.vip)}\npool = "web"\nhandoff = true\n'
+            f'[[listener]]\nname = "vip"\nendpoint = {vip_endpoint}\npool = "web"\nhandoff = true\n'
             f'[[listener.route]]\npool = "apps"\npath_prefix = "/adopt"\n'
             f'[[listener.route]]\npool = "up"\npath_prefix = "/sha256"\n\n'
             f'[[listener]]\nname = "proxy"\nendpoint = {a.endpoint(8000, a.unit)}\npool = "web"\n\n'

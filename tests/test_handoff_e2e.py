@@ -29,11 +29,13 @@ DOWNLOAD = 96 * MiB
 UPLOAD = 48 * MiB
 
 
-FARMS: dict[str, tuple[str, Addresses]] = {
-    "forwarder": ("forwarder", IPV4),
-    "kernel": ("kernel", IPV4),
-    "ipv6": ("forwarder", IPV6),
-    "ipv6-fast": ("twistd-fast", IPV6),
+#: Farms by id: the unit's plumbing, the addresses, and whether its handoff
+#: listener is a dual-stack one (``tcp6`` on ``::``, the IPv4 VIP there too).
+FARMS: dict[str, tuple[str, Addresses, bool]] = {
+    "forwarder": ("forwarder", IPV4, False),
+    "kernel": ("kernel", IPV4, False),
+    "ipv6": ("forwarder", IPV6, True),
+    "ipv6-fast": ("twistd-fast", IPV6, False),
 }
 
 
@@ -44,10 +46,10 @@ def farm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     forwarder), and over IPv6 with the forwarder and with the fast path."""
     require_netns()
     require_tools("nginx", "nft", "curl")
-    plumbing, addresses = FARMS[request.param]
+    plumbing, addresses, dual_stack = FARMS[request.param]
     with Topology() as topo:
         yield HandoffFarm(topo, tmp_path_factory.mktemp("handoff"), files={"big": pattern(DOWNLOAD, seed=7)},
-                          plumbing=plumbing, addresses=addresses)
+                          plumbing=plumbing, addresses=addresses, dual_stack=dual_stack)
 
 
 def curl(farm: HandoffFarm, *args: str, timeout: float = 120.0) -> str:
@@ -82,6 +84,24 @@ def test_download_with_checksum_through_nginx(farm: HandoffFarm) -> None:
     # nginx saw the client itself (PROXY header), not the agent or the unit.
     lines = farm.access_log("h1") + farm.access_log("h2")
     assert any(line.startswith(f"127.0.0.1 {farm.addresses.client} \"GET /big") for line in lines), lines
+
+
+@pytest.mark.parametrize("farm", ["ipv6"], indirect=True)
+def test_ipv4_client_of_a_dual_stack_listener(farm: HandoffFarm) -> None:
+    """The listener sees the IPv4 client as ::ffff:10.0.0.2; the fence, the
+    route and the restored socket must use its IPv4 address all the same
+    (the hosts are known to the unit by their IPv6 addresses)."""
+    assert farm.dual_stack
+    before = farm.unit_stats()
+    expected = hashlib.sha256(pattern(DOWNLOAD, seed=7)).hexdigest()
+    piped = farm.client.run(["sh", "-c", f"curl -4 -sS --fail --max-time 120 {IPV4.url(IPV4.vip, 80, '/big')}"
+                                         " | sha256sum"], timeout=150)
+    assert piped.stdout.split()[0] == expected
+    after = farm.unit_stats()
+    assert after["handed_off"] == before["handed_off"] + 1
+    assert (after["fell_back"], after["failed"]) == (before["fell_back"], before["failed"])
+    lines = farm.access_log("h1") + farm.access_log("h2")
+    assert any(line.startswith(f"127.0.0.1 {IPV4.client} \"GET /big") for line in lines), lines
 
 
 def test_pipelined_requests_on_one_handed_off_connection(farm: HandoffFarm) -> None:
