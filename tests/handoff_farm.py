@@ -57,6 +57,26 @@ SECRET = b"handoff farm secret\n"
 HANDOFF_PORT = 9904
 
 
+def cidr(ip: str) -> str:
+    """``ip`` as a host route or a VIP on ``lo``: /32 or /128."""
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
+def url(ip: str, port: int, path: str = "/") -> str:
+    return f"http://{format_host_port(ip, port)}{path}"
+
+
+def server_endpoint(port: int, ip: str) -> str:
+    """A Twisted server endpoint on ``ip`` (its colons escaped), as a TOML literal string."""
+    kind = "tcp6" if ":" in ip else "tcp"
+    return f"'{kind}:{port}:interface={ip.replace(':', chr(92) + ':')}'"
+
+
+def listen(ip: str) -> str:
+    """``ip`` as nginx's ``listen`` takes it (IPv6 in brackets)."""
+    return f"[{ip}]" if ":" in ip else ip
+
+
 @dataclass(frozen=True)
 class Addresses:
     """The addresses the farm's traffic uses, all of one family."""
@@ -72,15 +92,7 @@ class Addresses:
 
     @property
     def vip_cidr(self) -> str:
-        return f"{self.vip}/128" if self.v6 else f"{self.vip}/32"
-
-    def url(self, ip: str, port: int, path: str = "/") -> str:
-        return f"http://{format_host_port(ip, port)}{path}"
-
-    def endpoint(self, port: int, ip: str) -> str:
-        """A Twisted server endpoint on ``ip`` (its colons escaped), as a TOML literal string."""
-        kind = "tcp6" if ":" in ip else "tcp"
-        return f"'{kind}:{port}:interface={ip.replace(':', chr(92) + ':')}'"
+        return cidr(self.vip)
 
 
 IPV4 = Addresses(VIP, UNIT_IP, CLIENT_IP, HOSTS)
@@ -176,8 +188,8 @@ class HandoffFarm:
         for host in self.hosts.values():
             host.add_vip(a.vip)
         if dual_stack:
-            self.client.add_route(IPV4.vip_cidr, UNIT_IP)
-            self.unit.run(["ip", "addr", "add", IPV4.vip_cidr, "dev", "lo"])
+            self.client.add_route(cidr(IPV4.vip), UNIT_IP)
+            self.unit.run(["ip", "addr", "add", cidr(IPV4.vip), "dev", "lo"])
             for host in self.hosts.values():
                 host.add_vip(IPV4.vip)
         self.files = files or {}
@@ -198,7 +210,7 @@ class HandoffFarm:
 
     def url(self, path: str, ip: str | None = None, port: int = 80) -> str:
         """``http://VIP/path`` (IPv6 literals in brackets), or at ``ip:port``."""
-        return self.addresses.url(ip or self.vip, port, path)
+        return url(ip or self.vip, port, path)
 
     # -- processes ---------------------------------------------------------------------
     def _nginx(self, name: str, host: Node) -> None:
@@ -209,7 +221,7 @@ class HandoffFarm:
         (directory / "www" / "hello").write_bytes(f"hello from {name}\n".encode())
         conf = directory / "nginx.conf"
         ip = self.ip[name]
-        conf.write_text(NGINX.format(dir=directory, ip=f"[{ip}]" if ":" in ip else ip))
+        conf.write_text(NGINX.format(dir=directory, ip=listen(ip)))
         host.popen(["nginx", "-e", str(directory / "error.log"), "-c", str(conf)],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.nginx[name] = directory
@@ -229,7 +241,7 @@ class HandoffFarm:
         config.write_text(
             f'[agent]\nname = "{name}"\nunits = ["{format_host_port(a.unit, 9903)}"]\n'
             f'api = "tcp:0:interface=127.0.0.1"\nsecret_file = "{self.tmp / "secret.key"}"\n'
-            f'handoff = {a.endpoint(HANDOFF_PORT, ip)}\n\n{apps}'
+            f'handoff = {server_endpoint(HANDOFF_PORT, ip)}\n\n{apps}'
         )
         self.agents[name] = self.start(host, ["twistd", "-n", "--pidfile=", "nlbagent", "--config", str(config)])
         self.agents[name].wait_for("handoffs on ")
@@ -243,7 +255,7 @@ class HandoffFarm:
     def _unit(self) -> None:
         a = self.addresses
         h1, h2 = a.hosts["h1"], a.hosts["h2"]
-        vip_endpoint = r"'tcp6:80:interface=\:\:'" if self.dual_stack else a.endpoint(80, a.vip)
+        vip_endpoint = r"'tcp6:80:interface=\:\:'" if self.dual_stack else server_endpoint(80, a.vip)
         config = self.tmp / "unit.toml"
         config.write_text(
             f'[unit]\nname = "u1"\nadmin = "tcp:0:interface=127.0.0.1"\nsecret_file = "{self.tmp / "secret.key"}"\n'
@@ -251,7 +263,7 @@ class HandoffFarm:
             f'[[listener]]\nname = "vip"\nendpoint = {vip_endpoint}\npool = "web"\nhandoff = true\n'
             f'[[listener.route]]\npool = "apps"\npath_prefix = "/adopt"\n'
             f'[[listener.route]]\npool = "up"\npath_prefix = "/sha256"\n\n'
-            f'[[listener]]\nname = "proxy"\nendpoint = {a.endpoint(8000, a.unit)}\npool = "web"\n\n'
+            f'[[listener]]\nname = "proxy"\nendpoint = {server_endpoint(8000, a.unit)}\npool = "web"\n\n'
             f'[pool.web]\nhosts = ["{format_host_port(h1, 8080)}", "{format_host_port(h2, 8080)}"]\n'
             f'[pool.up]\nhosts = ["{format_host_port(h1, 8081)}"]\n'
             f'[pool.apps]\nhosts = ["{format_host_port(h2, 9000)}"]\n'

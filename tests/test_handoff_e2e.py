@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.handoff_farm import IPV4, IPV6, Addresses, HandoffFarm
+from tests.handoff_farm import IPV4, IPV6, Addresses, HandoffFarm, url
 from tests.handoff_util import pattern
 from tests.netns import Topology, require_netns, require_tools
 
@@ -94,7 +94,7 @@ def test_ipv4_client_of_a_dual_stack_listener(farm: HandoffFarm) -> None:
     assert farm.dual_stack
     before = farm.unit_stats()
     expected = hashlib.sha256(pattern(DOWNLOAD, seed=7)).hexdigest()
-    piped = farm.client.run(["sh", "-c", f"curl -4 -sS --fail --max-time 120 {IPV4.url(IPV4.vip, 80, '/big')}"
+    piped = farm.client.run(["sh", "-c", f"curl -4 -sS --fail --max-time 120 {url(IPV4.vip, 80, '/big')}"
                                          " | sha256sum"], timeout=150)
     assert piped.stdout.split()[0] == expected
     after = farm.unit_stats()
