@@ -164,7 +164,8 @@ class HandoffFarm:
     """Builds the farm inside ``topo``; ``www`` files are written before nginx starts."""
 
     def __init__(self, topo: Topology, tmp: Path, files: dict[str, bytes] | None = None,
-                 plumbing: str = "forwarder", addresses: Addresses = IPV4, dual_stack: bool = False) -> None:
+                 plumbing: str = "forwarder", addresses: Addresses = IPV4, dual_stack: bool = False,
+                 proxy_protocol: str = "v1") -> None:
         self.topo = topo
         self.plumbing = plumbing
         self.tmp = tmp
@@ -174,6 +175,8 @@ class HandoffFarm:
         if dual_stack and not a.v6:
             raise ValueError("a dual-stack farm has IPv6 addresses")
         self.dual_stack = dual_stack
+        #: The PROXY header the agents' bridges send nginx ("v1" or "v2").
+        self.proxy_protocol = proxy_protocol
         #: The address the farm's traffic uses, by node name.
         self.ip = {"client": a.client, "unit": a.unit, **a.hosts}
         (tmp / "secret.key").write_bytes(SECRET)
@@ -230,7 +233,7 @@ class HandoffFarm:
     def _agent(self, name: str, host: Node) -> None:
         a, ip = self.addresses, self.ip[name]
         apps = (f'[[app]]\nname = "web"\nendpoint = "{format_host_port(ip, 8080)}"\ndeliver = "bridge"\n'
-                f'bridge_to = "127.0.0.1:8082"\nproxy_protocol = true\n')
+                f'bridge_to = "127.0.0.1:8082"\nproxy_protocol = "{self.proxy_protocol}"\n')
         if name == "h1":
             apps += (f'\n[[app]]\nname = "up"\nendpoint = "{format_host_port(ip, 8081)}"\ndeliver = "bridge"\n'
                      f'bridge_to = "127.0.0.1:8081"\n')

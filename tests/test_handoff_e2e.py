@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import pytest
 
@@ -29,13 +30,20 @@ DOWNLOAD = 96 * MiB
 UPLOAD = 48 * MiB
 
 
-#: Farms by id: the unit's plumbing, the addresses, and whether its handoff
-#: listener is a dual-stack one (``tcp6`` on ``::``, the IPv4 VIP there too).
-FARMS: dict[str, tuple[str, Addresses, bool]] = {
-    "forwarder": ("forwarder", IPV4, False),
-    "kernel": ("kernel", IPV4, False),
-    "ipv6": ("forwarder", IPV6, True),
-    "ipv6-fast": ("twistd-fast", IPV6, False),
+class Setup(NamedTuple):
+    plumbing: str
+    addresses: Addresses
+    #: The handoff listener is a dual-stack one (``tcp6`` on ``::``, the IPv4 VIP there too).
+    dual_stack: bool = False
+    #: The PROXY header nginx parses (the client's address in its log proves it right).
+    proxy_protocol: str = "v1"
+
+
+FARMS = {
+    "forwarder": Setup("forwarder", IPV4),
+    "kernel": Setup("kernel", IPV4, proxy_protocol="v2"),
+    "ipv6": Setup("forwarder", IPV6, dual_stack=True),
+    "ipv6-fast": Setup("twistd-fast", IPV6, proxy_protocol="v2"),
 }
 
 
@@ -46,10 +54,10 @@ def farm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     forwarder), and over IPv6 with the forwarder and with the fast path."""
     require_netns()
     require_tools("nginx", "nft", "curl")
-    plumbing, addresses, dual_stack = FARMS[request.param]
+    setup = FARMS[request.param]
     with Topology() as topo:
         yield HandoffFarm(topo, tmp_path_factory.mktemp("handoff"), files={"big": pattern(DOWNLOAD, seed=7)},
-                          plumbing=plumbing, addresses=addresses, dual_stack=dual_stack)
+                          **setup._asdict())
 
 
 def curl(farm: HandoffFarm, *args: str, timeout: float = 120.0) -> str:
