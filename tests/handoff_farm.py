@@ -31,6 +31,16 @@ addresses.  With ``dual_stack=True`` as well, the handoff listener is a
 ``tcp6`` one on ``::`` and the IPv4 VIP 10.0.0.100 is there too (on the
 unit's and the hosts' lo, routed by the client): IPv4 clients reach the same
 listener, which sees them with IPv4-mapped addresses.
+
+With ``router_mtu=N`` the client sits on a segment of its own behind a
+router whose interface towards the client has an MTU of N (its own link is
+1500, so the client's MSS does not reveal the narrower hop)::
+
+    client 10.1.0.2 -- wan -- 10.1.0.1 router 10.0.0.254 -- lan (unit, hosts)
+           fd4e:4c43::2       fd4e:4c43::1    fd4e:4c42::fe
+
+The hosts' large segments to the client meet the narrow hop; the router's
+"packet too big" goes to their source, the VIP, which it routes to the unit.
 """
 
 from __future__ import annotations
@@ -98,6 +108,11 @@ class Addresses:
 IPV4 = Addresses(VIP, UNIT_IP, CLIENT_IP, HOSTS)
 IPV6 = Addresses("fd4e:4c42::100", "fd4e:4c42::1", "fd4e:4c42::2",
                  {"h1": "fd4e:4c42::11", "h2": "fd4e:4c42::12"})
+#: The router's (IPv4, IPv6) addresses by segment, and a client behind it.
+ROUTER = {"lan": ("10.0.0.254", "fd4e:4c42::fe"), "wan": ("10.1.0.1", "fd4e:4c43::1")}
+ROUTED_CLIENT = ("10.1.0.2", "fd4e:4c43::2")
+ROUTED_IPV4 = Addresses(VIP, UNIT_IP, ROUTED_CLIENT[0], HOSTS)
+ROUTED_IPV6 = Addresses(IPV6.vip, IPV6.unit, ROUTED_CLIENT[1], IPV6.hosts)
 
 NGINX = """\
 user root;
@@ -165,7 +180,7 @@ class HandoffFarm:
 
     def __init__(self, topo: Topology, tmp: Path, files: dict[str, bytes] | None = None,
                  plumbing: str = "forwarder", addresses: Addresses = IPV4, dual_stack: bool = False,
-                 proxy_protocol: str = "v1") -> None:
+                 proxy_protocol: str = "v1", router_mtu: int | None = None) -> None:
         self.topo = topo
         self.plumbing = plumbing
         self.tmp = tmp
@@ -174,18 +189,24 @@ class HandoffFarm:
             raise ValueError("the kernel-routed stand-in routes IPv4 only")
         if dual_stack and not a.v6:
             raise ValueError("a dual-stack farm has IPv6 addresses")
+        if (router_mtu is not None) != (a.client in ROUTED_CLIENT):
+            raise ValueError("a client behind the router has a ROUTED_* address plan")
         self.dual_stack = dual_stack
         #: The PROXY header the agents' bridges send nginx ("v1" or "v2").
         self.proxy_protocol = proxy_protocol
         #: The address the farm's traffic uses, by node name.
         self.ip = {"client": a.client, "unit": a.unit, **a.hosts}
         (tmp / "secret.key").write_bytes(SECRET)
-        self.client = self._node("client", CLIENT_IP)
         self.unit = self._node("unit", UNIT_IP)
         self.hosts = {name: self._node(name, ip) for name, ip in HOSTS.items()}
+        self.router: Node | None = None
+        if router_mtu is None:
+            self.client = self._node("client", CLIENT_IP)
+            self.client.add_route(a.vip_cidr, a.unit)
+        else:
+            self.client = self._behind_router(router_mtu)
         for node in (self.client, self.unit, *self.hosts.values()):
             node.run(["ip", "link", "set", "lo", "up"])
-        self.client.add_route(a.vip_cidr, a.unit)
         self.unit.run(["ip", "addr", "add", a.vip_cidr, "dev", "lo"])
         self.unit.relax_rp_filter()
         for host in self.hosts.values():
@@ -203,6 +224,22 @@ class HandoffFarm:
             self._agent(name, host)
         self._apps()
         self._unit()
+
+    def _behind_router(self, mtu: int) -> Node:
+        a, family = self.addresses, 1 if self.addresses.v6 else 0
+        self.topo.add_segment("wan")
+        router = self.router = self.topo.add_node("router", ROUTER["lan"][0], ip6=ROUTER["lan"][1])
+        self.topo.attach(router, "wan", ROUTER["wan"][0], ip6=ROUTER["wan"][1])
+        client = self.topo.add_node("client", ROUTED_CLIENT[0], segment="wan", ip6=ROUTED_CLIENT[1])
+        router.run(["ip", "link", "set", "eth1", "mtu", str(mtu)])
+        for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
+            router.sysctl(key, 1)
+        router.add_route(a.vip_cidr, a.unit)
+        client.add_route(a.vip_cidr, ROUTER["wan"][family])
+        wan = "fd4e:4c43::/64" if a.v6 else "10.1.0.0/24"
+        for node in (self.unit, *self.hosts.values()):
+            node.add_route(wan, ROUTER["lan"][family])
+        return client
 
     def _node(self, name: str, ip: str) -> Node:
         return self.topo.add_node(name, ip, ip6=self.ip[name] if self.addresses.v6 else None)

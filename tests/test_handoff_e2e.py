@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.handoff_farm import IPV4, IPV6, Addresses, HandoffFarm, url
+from tests.handoff_farm import IPV4, IPV6, ROUTED_IPV4, ROUTED_IPV6, Addresses, HandoffFarm, url
 from tests.handoff_util import pattern
 from tests.netns import Topology, require_netns, require_tools
 
@@ -37,6 +37,8 @@ class Setup(NamedTuple):
     dual_stack: bool = False
     #: The PROXY header nginx parses (the client's address in its log proves it right).
     proxy_protocol: str = "v1"
+    #: The client sits behind a router with a hop this narrow (path MTU discovery).
+    router_mtu: int | None = None
 
 
 FARMS = {
@@ -44,10 +46,13 @@ FARMS = {
     "kernel": Setup("kernel", IPV4, proxy_protocol="v2"),
     "ipv6": Setup("forwarder", IPV6, dual_stack=True),
     "ipv6-fast": Setup("twistd-fast", IPV6, proxy_protocol="v2"),
+    # Only for the path MTU test.
+    "routed": Setup("twistd", ROUTED_IPV4, router_mtu=1280),
+    "ipv6-routed": Setup("twistd-fast", ROUTED_IPV6, router_mtu=1280),
 }
 
 
-@pytest.fixture(scope="module", params=list(FARMS))
+@pytest.fixture(scope="module", params=[name for name, setup in FARMS.items() if setup.router_mtu is None])
 def farm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HandoffFarm]:
     """The farm with the unit's AF_PACKET forwarder, again with the
     kernel-routed stand-in (which isolates the migration from the
@@ -110,6 +115,26 @@ def test_ipv4_client_of_a_dual_stack_listener(farm: HandoffFarm) -> None:
     assert (after["fell_back"], after["failed"]) == (before["fell_back"], before["failed"])
     lines = farm.access_log("h1") + farm.access_log("h2")
     assert any(line.startswith(f"127.0.0.1 {IPV4.client} \"GET /big") for line in lines), lines
+
+
+@pytest.mark.parametrize("farm", ["routed", "ipv6-routed"], indirect=True)
+def test_path_mtu_discovery_reaches_the_host(farm: HandoffFarm) -> None:
+    """The client is behind a router whose hop towards it is narrower than
+    the hosts' links: the hosts' full-size replies meet it, and the router's
+    ICMP "too big" goes to their source, the VIP, so to the unit.  Its
+    forwarder sends it on to the host, which lowers its path MTU; else the
+    download stalls after the first window (IPv6 routers never fragment,
+    and IPv4 replies carry DF)."""
+    assert farm.router is not None
+    before = farm.unit_stats()
+    expected = hashlib.sha256(pattern(DOWNLOAD, seed=7)).hexdigest()
+    piped = farm.client.run(["sh", "-c", f"curl -gsS --fail --max-time 120 {farm.url('/big')} | sha256sum"],
+                            timeout=150)
+    assert piped.stdout.split()[0] == expected
+    after = farm.unit_stats()
+    assert after["handed_off"] == before["handed_off"] + 1
+    assert (after["fell_back"], after["failed"]) == (before["fell_back"], before["failed"])
+    assert after["forwarder"]["metrics"]["too_big"] > before["forwarder"]["metrics"]["too_big"], after["forwarder"]
 
 
 def test_pipelined_requests_on_one_handed_off_connection(farm: HandoffFarm) -> None:

@@ -18,7 +18,7 @@ from nlbproxy.handoff.forwarder import (
 )
 from nlbproxy.handoff.packets import (
     ETH_HLEN, NOT_TCP, VNET_HDR_LEN, Malformed, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
-    tcp_checksum,
+    tcp_checksum, too_big_key,
 )
 from nlbproxy.handoff.routes import ACK, FIN, RST, SYN, FlowKey, RouteTable, State, Via, atom_key, from_atom, to_atom
 from nlbproxy.handoff.tunnel import Decapsulator, Encapsulator, TunnelError, TunnelPlan
@@ -36,6 +36,36 @@ VNET = bytes([1, 0, 0x36, 0, 0, 0, 0x22, 0, 0x10, 0])  # NEEDS_CSUM, csum_start 
 
 def frame(flags: int = ACK, payload: bytes = b"data", sport: int = 40000, dport: int = 80) -> bytes:
     return build_tcp_frame(CLIENT_MAC, UNIT_MAC, CLIENT, VIP, sport, dport, flags, payload)
+
+
+CLIENT6 = ipaddress.ip_address("fd4e:4c42::5").packed
+VIP6 = ipaddress.ip_address("fd4e:4c42::100").packed
+KEY6 = FlowKey("fd4e:4c42::5", 40000, "fd4e:4c42::100", 80)
+
+
+def frame6(flags: int = ACK, sport: int = 40000, src: bytes = CLIENT6, payload: bytes = b"data") -> bytes:
+    return build_tcp_frame(CLIENT_MAC, UNIT_MAC, src, VIP6, sport, 80, flags, payload)
+
+
+ROUTER_MAC = mac_bytes("02:00:00:00:00:fe")
+ROUTER4 = ipaddress.ip_address("10.0.0.254").packed
+ROUTER6 = ipaddress.ip_address("fd4e:4c42::fe").packed
+
+
+def too_big(v6: bool = False, sport: int = 40000, kind: tuple[int, int] | None = None) -> bytes:
+    """A router's ICMP "fragmentation needed" (ICMPv6 "packet too big") to
+    the VIP about a host's reply to the client's port ``sport``, quoted
+    whole as routers do (the checksum is left to the host's kernel)."""
+    client, vip, router = (CLIENT6, VIP6, ROUTER6) if v6 else (CLIENT, VIP, ROUTER4)
+    quoted = build_tcp_frame(HOST_MAC, CLIENT_MAC, vip, client, 80, sport, ACK, b"x" * 1400)[14:]
+    icmp = bytes(kind or ((2, 0) if v6 else (3, 4))) + bytes(2) + struct.pack("!I", 1280 if v6 else 1200) + quoted
+    if v6:
+        ip = struct.pack("!IHBB16s16s", 6 << 28, len(icmp), 58, 64, router, vip)
+        ethertype = b"\x86\xdd"
+    else:
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, 1, 0, router, vip)
+        ethertype = b"\x08\x00"
+    return UNIT_MAC + ROUTER_MAC + ethertype + ip + icmp
 
 
 class ParseTests(SynchronousTestCase):
@@ -157,6 +187,25 @@ class ForwarderTests(SynchronousTestCase):
         self.assertEqual(fwd.metrics()["passed"], 3)
         self.assertEqual(fwd.metrics()["packets"], 0)
 
+    def test_too_big_about_a_committed_flow_goes_to_its_host(self) -> None:
+        for v6, key in ((False, KEY), (True, KEY6)):
+            _, table, fwd = forwarder()
+            table.fence(key, Via("h1", mac_text(HOST_MAC), "eth1"))
+            original = VNET + too_big(v6)
+            data = bytearray(original)
+            self.assertIsNone(fwd.frame(data, len(data)))  # fenced: no socket on the host yet
+            table.commit(key)
+            data = bytearray(original)
+            out = fwd.frame(data, len(data))
+            assert out is not None
+            self.assertEqual((out[0], bytes(out[1])), ("eth1", VNET + HOST_MAC + OUT_MAC + original[VNET_HDR_LEN + 12:]))
+            self.assertEqual((fwd.metrics()["too_big"], fwd.metrics()["passed"]), (1, 1))
+            # Another flow's, or another ICMP message: the unit's own.
+            for other in (too_big(v6, sport=40001), too_big(v6, kind=(1, 4) if v6 else (3, 1))):
+                data = bytearray(VNET + other)
+                self.assertIsNone(fwd.frame(data, len(data)))
+            self.assertEqual((fwd.metrics()["too_big"], fwd.metrics()["passed"]), (1, 3))
+
     def test_malformed_counted(self) -> None:
         _, _, fwd = forwarder()
         data = bytearray(VNET + frame()[:40])
@@ -170,6 +219,31 @@ class ForwarderTests(SynchronousTestCase):
         data = bytearray(VNET + frame())
         self.assertIsNone(fwd.frame(data, len(data)))
         self.assertEqual(fwd.metrics()["drops"], {"no_interface": 1})
+
+
+class TooBigTests(SynchronousTestCase):
+    def test_keys(self) -> None:
+        self.assertEqual(too_big_key(too_big()), KEY.packed)
+        self.assertEqual(too_big_key(too_big(v6=True)), KEY6.packed)
+        self.assertEqual(too_big_key(VNET + too_big(v6=True), VNET_HDR_LEN), KEY6.packed)
+
+    def test_other_frames(self) -> None:
+        for data in (frame(), frame6(), too_big(kind=(3, 1)), too_big(kind=(11, 0)), too_big(True, kind=(1, 0)),
+                     too_big(True, kind=(128, 0)), HOST_MAC + UNIT_MAC + b"\x08\x06" + bytes(28)):
+            self.assertIsNone(too_big_key(data))
+
+    def test_short_quotes(self) -> None:
+        for v6, header in ((False, 14 + 20 + 8 + 20), (True, 14 + 40 + 8 + 40)):
+            data = too_big(v6)
+            self.assertIsNotNone(too_big_key(data[:header + 4]))  # the ports are all it needs
+            for cut in range(header + 4):
+                self.assertIsNone(too_big_key(data[:cut]))
+
+    @given(st.binary(max_size=120))
+    def test_never_raises(self, data: bytes) -> None:
+        for prefix in (too_big()[:34], too_big(True)[:54], b""):
+            key = too_big_key(prefix + data)
+            self.assertTrue(key is None or len(key) in (12, 36))
 
 
 class TunHeaderTests(SynchronousTestCase):
@@ -449,15 +523,6 @@ def wanted(packet: bytes, fenced: list[FlowKey]) -> bool:
                and parsed.packed[2 * size:2 * size + 2] == struct.pack("!H", k.client_port) for k in fenced)
 
 
-CLIENT6 = ipaddress.ip_address("fd4e:4c42::5").packed
-VIP6 = ipaddress.ip_address("fd4e:4c42::100").packed
-KEY6 = FlowKey("fd4e:4c42::5", 40000, "fd4e:4c42::100", 80)
-
-
-def frame6(flags: int = ACK, sport: int = 40000, src: bytes = CLIENT6, payload: bytes = b"data") -> bytes:
-    return build_tcp_frame(CLIENT_MAC, UNIT_MAC, src, VIP6, sport, 80, flags, payload)
-
-
 class SocketFilterTests(SynchronousTestCase):
     fenced = [KEY, FlowKey("10.0.0.6", 1, "10.0.0.100", 80), KEY6, FlowKey("fd4e:4c42::6", 1, "fd4e:4c42::100", 80)]
 
@@ -489,6 +554,14 @@ class SocketFilterTests(SynchronousTestCase):
         icmp[ETH_HLEN + 6] = 58
         self.assertFalse(run_bpf(program, bytes(icmp)))
 
+    def test_too_big_messages_kept(self) -> None:
+        for fenced in ([], self.fenced):
+            program = socket_filter(fenced)
+            self.assertTrue(run_bpf(program, too_big()))
+            self.assertTrue(run_bpf(program, too_big(v6=True)))
+            self.assertFalse(run_bpf(program, too_big(kind=(3, 1))))
+            self.assertFalse(run_bpf(program, too_big(v6=True, kind=(1, 0))))
+
     def test_too_many_flows_keeps_all_tcp(self) -> None:
         many = [FlowKey("10.0.0.5", p, "10.0.0.100", 80) for p in range(1, 100)]
         program = socket_filter(many, max_flows=10)
@@ -498,7 +571,7 @@ class SocketFilterTests(SynchronousTestCase):
         v6 = [FlowKey(f"fd4e:4c42::{p:x}", p, "fd4e:4c42::100", 80) for p in range(1, 100)]
         for keys in (many[:48], v6[:48], many[:24] + v6[:24]):
             program = socket_filter(keys)
-            self.assertEqual(len(program), 20 + 4 * 48)
+            self.assertEqual(len(program), 27 + 4 * 48)
             for key in (keys[0], keys[-1]):
                 src, sport = ipaddress.ip_address(key.client_ip).packed, key.client_port
                 data = frame(sport=sport) if len(src) == 4 else frame6(src=src, sport=sport)

@@ -7,7 +7,9 @@ fenced ones the kernel then drops); frames of flows in the route table get
 their Ethernet addresses rewritten -- destination the host's MAC, source the
 unit's out interface -- and leave by the host-facing interface, unchanged
 otherwise.  The host owns the VIP on ``lo`` and answers the client directly
-(direct server return), so only the client-to-host half passes here.
+(direct server return), so only the client-to-host half passes here --
+and, for path MTU discovery, the ICMP "too big" messages a router sends
+about the host's replies: their destination is the replies' source, the VIP.
 
 Both sockets use PACKET_VNET_HDR and the 10-byte ``virtio_net_hdr`` is passed
 through untouched: veth hands over partial checksums and GSO super-frames (up
@@ -42,7 +44,7 @@ from nlbproxy import limits
 from nlbproxy.handoff.fence import check_table_name
 from nlbproxy.handoff.neighbours import neighbour_mac
 from nlbproxy.handoff.tunnel import Mapping as TunnelMapping, TunnelPlan
-from nlbproxy.handoff.packets import ETH_HLEN, VNET_HDR_LEN, Malformed, Parsed, parse, set_macs
+from nlbproxy.handoff.packets import ETH_HLEN, VNET_HDR_LEN, Malformed, Parsed, parse, set_macs, too_big_key
 from nlbproxy.handoff.routes import (
     Deleted, FlowKey, RouteError, RouteTable, State, TableFull, Verdict, Via, WireError, atom_key, from_atom,
     is_route_atom, to_atom,
@@ -95,9 +97,8 @@ class Forwarder:
                 # The kernel sees the frame too and drops it itself.
                 self.stats["malformed"] += 1
                 self.stats[f"malformed_{parsed.reason.replace(' ', '_')}"] += 1
-            else:
-                self.stats["passed"] += 1
-            return None
+                return None
+            return self._too_big(buf, size)
         assert isinstance(parsed, Parsed)
         view = memoryview(buf)[:size]
         verdict, route = self.table.packet(parsed.packed, view, parsed.flags)
@@ -109,6 +110,21 @@ class Forwarder:
         if route.offloaded:
             return None
         return self._rewrite(buf, size, route.via, parsed)
+
+    def _too_big(self, buf: bytearray, size: int) -> tuple[str, memoryview] | None:
+        """An ICMP "too big" about a committed flow goes to the host, whose
+        socket must lower its path MTU: without it the host resends the
+        same large segments into the narrow hop for ever (IPv6 routers
+        never fragment; IPv4 replies carry DF).  Everything else that is not
+        TCP is the unit's own traffic."""
+        packed = too_big_key(buf, VNET_HDR_LEN, size)
+        route = self.table.lookup(packed) if packed is not None else None
+        # A tunnelled route only carries TCP; a fenced one has no host socket yet.
+        if route is None or route.via.flow_id is not None or route.state not in (State.COMMITTED, State.CLOSING):
+            self.stats["passed"] += 1
+            return None
+        self.stats["too_big"] += 1
+        return self._rewrite(buf, size, route.via, None)
 
     def _rewrite(self, buf: bytearray, size: int, via: Via, parsed: Parsed | None) -> tuple[str, memoryview] | None:
         src = self.macs.get(via.ifname)
@@ -154,6 +170,7 @@ class Forwarder:
             "rx_frames": self.stats["rx_frames"],
             "passed": self.stats["passed"],
             "malformed": self.stats["malformed"],
+            "too_big": self.stats["too_big"],
             "routes": len(self.table),
             "buffered_bytes": self.table.buffered_bytes,
         }
@@ -795,8 +812,9 @@ Insn = tuple[int, int, int, int]
 
 def socket_filter(fenced: list[FlowKey], max_flows: int = MAX_FILTER_FLOWS) -> list[Insn]:
     """A classic BPF program for the AF_PACKET socket of a fast-path unit: it
-    keeps TCP frames (IPv4 and IPv6) with FIN, SYN or RST and frames of the
-    ``fenced`` flows (client address and port); it drops the rest.  More
+    keeps TCP frames (IPv4 and IPv6) with FIN, SYN or RST, frames of the
+    ``fenced`` flows (client address and port) and ICMP "too big" messages
+    (the kernel's fast path forwards TCP only); it drops the rest.  More
     than ``max_flows`` fenced flows: every TCP frame is kept.
 
     An IPv6 flow is named by the last 32 bits of the client's address and
@@ -815,9 +833,13 @@ def socket_filter(fenced: list[FlowKey], max_flows: int = MAX_FILTER_FLOWS) -> l
         (_BPF_JEQ_K, 0, "drop", 0x86DD),
         (_BPF_LD_B_ABS, 0, 0, 20),                 # IPv6 next header
         (_BPF_JEQ_K, "tcp6", 0, 6),
+        (_BPF_JEQ_K, "icmp6", 0, 58),
         (_BPF_JEQ_K, "accept", 0, 0),              # hop-by-hop options
         (_BPF_JEQ_K, "accept", 0, 43),             # routing
         (_BPF_JEQ_K, "accept", "drop", 60),        # destination options
+        ("icmp6",),
+        (_BPF_LD_B_ABS, 0, 0, 14 + 40),            # ICMPv6 type
+        (_BPF_JEQ_K, "accept", "drop", 2),         # packet too big
         ("tcp6",),
     ]
     if everything:
@@ -840,7 +862,12 @@ def socket_filter(fenced: list[FlowKey], max_flows: int = MAX_FILTER_FLOWS) -> l
     prog += [
         ("v4",),
         (_BPF_LD_B_ABS, 0, 0, 23),                 # IPv4 protocol
-        (_BPF_JEQ_K, 0, "drop", 6),
+        (_BPF_JEQ_K, "tcp4", 0, 6),
+        (_BPF_JEQ_K, 0, "drop", 1),                # ICMP
+        (_BPF_LDX_MSH, 0, 0, 14),                  # X = IP header length
+        (_BPF_LD_H_IND, 0, 0, 14),                 # ICMP type and code
+        (_BPF_JEQ_K, "accept", "drop", 0x0304),    # fragmentation needed
+        ("tcp4",),
     ]
     if everything:
         prog.append((_BPF_RET_K, 0, 0, _ACCEPT))
