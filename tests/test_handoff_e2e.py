@@ -7,10 +7,13 @@ them; curl and raw sockets in the client namespace check pipelining, a large
 download and upload with checksums, and the fallback to proxying when a
 host's agent is gone.  Needs root (namespaces, TCP_REPAIR, nftables).
 
-Every test runs four times: over IPv4 with the unit's AF_PACKET forwarder
-and with the kernel-routed stand-in, and over IPv6 (an IPv6 VIP, client and
-hosts: the IPv6 neighbour table, fence, frames, restore and PROXY header)
-with the forwarder, and with ``twistd nlbproxy`` and its kernel fast path.
+Every test runs four times (:data:`FARMS`): over IPv4 with the unit's
+AF_PACKET forwarder and with the kernel-routed stand-in, and over IPv6 (an
+IPv6 VIP, client and hosts: the IPv6 neighbour table, fence, frames,
+restore and PROXY header) with the forwarder behind a dual-stack listener,
+and with ``twistd nlbproxy`` and its kernel fast path.  nginx parses PROXY
+v1 headers in two farms and v2 in the other two.  Two more farms put the
+client behind a router with a narrow hop, for path MTU discovery.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ FARMS = {
 def farm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HandoffFarm]:
     """The farm with the unit's AF_PACKET forwarder, again with the
     kernel-routed stand-in (which isolates the migration from the
-    forwarder), and over IPv6 with the forwarder and with the fast path."""
+    forwarder), and over IPv6 with the forwarder and with the fast path
+    (the routed farms serve only the test that asks for them)."""
     require_netns()
     require_tools("nginx", "nft", "curl")
     setup = FARMS[request.param]
