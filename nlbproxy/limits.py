@@ -178,9 +178,16 @@ FORWARDER_BATCH = 64
 #: are taken over from the DAM).
 FORWARDER_WATCH_INTERVAL = 0.5
 #: Seconds a host's MAC address, read from the unit's neighbour table at a
-#: fence, is reused for the next fences to that host (reading
-#: /proc/net/arp costs 70 us of the handoff's critical path).
+#: fence, is reused for the next fences to that host (a neighbour dump
+#: costs about 70 us of the handoff's critical path).
 FORWARDER_MAC_TTL = 1.0
+#: Seconds one read of the kernel's neighbour table (an rtnetlink dump,
+#: nlbproxy.handoff.neighbours) may block; the kernel answers at once.
+NEIGHBOUR_DUMP_TIMEOUT = 1.0
+#: Bytes of a neighbour dump read before giving up (about 80 an entry).
+NEIGHBOUR_DUMP_MAX_BYTES = 16 * MiB
+#: The receive buffer of one datagram of the dump (the kernel fills up to 32 KiB).
+NEIGHBOUR_RECV_BUFFER = 64 * 1024
 #: Hosts whose MAC address the forwarder remembers (past it, it forgets all).
 FORWARDER_MAC_ENTRIES = 4096
 #: Routes listed in the admin API's state document (the counts cover all).

@@ -22,6 +22,25 @@ every process it started, even on failure)::
 - h1 also runs tests.backend on :8081 (pool up, bridged, for uploads with
   checksums); h2 runs tests.handoff_app, a Twisted application that adopts
   handed-off connections (pool apps) and answers proxied ones on :9000.
+
+With ``addresses=IPV6`` every node also gets an IPv6 address (fd4e:4c42::/64,
+the last byte as above) and everything the handoff touches speaks IPv6: the
+VIP fd4e:4c42::100, the client, the pools' hosts, the agents' handoff and
+health endpoints, and the proxying listener.  The nodes keep their IPv4
+addresses.  With ``dual_stack=True`` as well, the handoff listener is a
+``tcp6`` one on ``::`` and the IPv4 VIP 10.0.0.100 is there too (on the
+unit's and the hosts' lo, routed by the client): IPv4 clients reach the same
+listener, which sees them with IPv4-mapped addresses.
+
+With ``router_mtu=N`` the client sits on a segment of its own behind a
+router whose interface towards the client has an MTU of N (its own link is
+1500, so the client's MSS does not reveal the narrower hop)::
+
+    client 10.1.0.2 -- wan -- 10.1.0.1 router 10.0.0.254 -- lan (unit, hosts)
+           fd4e:4c43::2       fd4e:4c43::1    fd4e:4c42::fe
+
+The hosts' large segments to the client meet the narrow hop; the router's
+"packet too big" goes to their source, the VIP, which it routes to the unit.
 """
 
 from __future__ import annotations
@@ -32,9 +51,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nlbproxy.config import format_host_port
 from tests.netns import Node, Topology, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +65,54 @@ CLIENT_IP = "10.0.0.2"
 HOSTS = {"h1": "10.0.0.11", "h2": "10.0.0.12"}
 SECRET = b"handoff farm secret\n"
 HANDOFF_PORT = 9904
+
+
+def cidr(ip: str) -> str:
+    """``ip`` as a host route or a VIP on ``lo``: /32 or /128."""
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
+def url(ip: str, port: int, path: str = "/") -> str:
+    return f"http://{format_host_port(ip, port)}{path}"
+
+
+def server_endpoint(port: int, ip: str) -> str:
+    """A Twisted server endpoint on ``ip`` (its colons escaped), as a TOML literal string."""
+    kind = "tcp6" if ":" in ip else "tcp"
+    return f"'{kind}:{port}:interface={ip.replace(':', chr(92) + ':')}'"
+
+
+def listen(ip: str) -> str:
+    """``ip`` as nginx's ``listen`` takes it (IPv6 in brackets)."""
+    return f"[{ip}]" if ":" in ip else ip
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """The addresses the farm's traffic uses, all of one family."""
+
+    vip: str
+    unit: str
+    client: str
+    hosts: dict[str, str] = field(hash=False)
+
+    @property
+    def v6(self) -> bool:
+        return ":" in self.vip
+
+    @property
+    def vip_cidr(self) -> str:
+        return cidr(self.vip)
+
+
+IPV4 = Addresses(VIP, UNIT_IP, CLIENT_IP, HOSTS)
+IPV6 = Addresses("fd4e:4c42::100", "fd4e:4c42::1", "fd4e:4c42::2",
+                 {"h1": "fd4e:4c42::11", "h2": "fd4e:4c42::12"})
+#: The router's (IPv4, IPv6) addresses by segment, and a client behind it.
+ROUTER = {"lan": ("10.0.0.254", "fd4e:4c42::fe"), "wan": ("10.1.0.1", "fd4e:4c43::1")}
+ROUTED_CLIENT = ("10.1.0.2", "fd4e:4c43::2")
+ROUTED_IPV4 = Addresses(VIP, UNIT_IP, ROUTED_CLIENT[0], HOSTS)
+ROUTED_IPV6 = Addresses(IPV6.vip, IPV6.unit, ROUTED_CLIENT[1], IPV6.hosts)
 
 NGINX = """\
 user root;
@@ -173,21 +242,43 @@ class HandoffFarm:
     """Builds the farm inside ``topo``; ``www`` files are written before nginx starts."""
 
     def __init__(self, topo: Topology, tmp: Path, files: dict[str, bytes] | None = None,
-                 plumbing: str = "forwarder") -> None:
+                 plumbing: str = "forwarder", addresses: Addresses = IPV4, dual_stack: bool = False,
+                 proxy_protocol: str = "v1", router_mtu: int | None = None) -> None:
         self.topo = topo
         self.plumbing = plumbing
         self.tmp = tmp
+        self.addresses = a = addresses
+        if a.v6 and plumbing == "kernel":
+            raise ValueError("the kernel-routed stand-in routes IPv4 only")
+        if dual_stack and not a.v6:
+            raise ValueError("a dual-stack farm has IPv6 addresses")
+        if (router_mtu is not None) != (a.client in ROUTED_CLIENT):
+            raise ValueError("a client behind the router has a ROUTED_* address plan")
+        self.dual_stack = dual_stack
+        #: The PROXY header the agents' bridges send nginx ("v1" or "v2").
+        self.proxy_protocol = proxy_protocol
+        #: The address the farm's traffic uses, by node name.
+        self.ip = {"client": a.client, "unit": a.unit, **a.hosts}
         (tmp / "secret.key").write_bytes(SECRET)
-        self.client = topo.add_node("client", CLIENT_IP)
-        self.unit = topo.add_node("unit", UNIT_IP)
-        self.hosts = {name: topo.add_node(name, ip) for name, ip in HOSTS.items()}
+        self.unit = self._node("unit", UNIT_IP)
+        self.hosts = {name: self._node(name, ip) for name, ip in HOSTS.items()}
+        self.router: Node | None = None
+        if router_mtu is None:
+            self.client = self._node("client", CLIENT_IP)
+            self.client.add_route(a.vip_cidr, a.unit)
+        else:
+            self.client = self._behind_router(router_mtu)
         for node in (self.client, self.unit, *self.hosts.values()):
             node.run(["ip", "link", "set", "lo", "up"])
-        self.client.add_route(f"{VIP}/32", UNIT_IP)
-        self.unit.run(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
+        self.unit.run(["ip", "addr", "add", a.vip_cidr, "dev", "lo"])
         self.unit.relax_rp_filter()
         for host in self.hosts.values():
-            host.add_vip(VIP)
+            host.add_vip(a.vip)
+        if dual_stack:
+            self.client.add_route(cidr(IPV4.vip), UNIT_IP)
+            self.unit.run(["ip", "addr", "add", cidr(IPV4.vip), "dev", "lo"])
+            for host in self.hosts.values():
+                host.add_vip(IPV4.vip)
         self.files = files or {}
         self.nginx: dict[str, Path] = {}
         self.agents: dict[str, Output] = {}
@@ -197,6 +288,33 @@ class HandoffFarm:
         self._apps()
         self._unit()
 
+    def _behind_router(self, mtu: int) -> Node:
+        a, family = self.addresses, 1 if self.addresses.v6 else 0
+        self.topo.add_segment("wan")
+        router = self.router = self.topo.add_node("router", ROUTER["lan"][0], ip6=ROUTER["lan"][1])
+        self.topo.attach(router, "wan", ROUTER["wan"][0], ip6=ROUTER["wan"][1])
+        client = self.topo.add_node("client", ROUTED_CLIENT[0], segment="wan", ip6=ROUTED_CLIENT[1])
+        router.run(["ip", "link", "set", "eth1", "mtu", str(mtu)])
+        for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
+            router.sysctl(key, 1)
+        router.add_route(a.vip_cidr, a.unit)
+        client.add_route(a.vip_cidr, ROUTER["wan"][family])
+        wan = "fd4e:4c43::/64" if a.v6 else "10.1.0.0/24"
+        for node in (self.unit, *self.hosts.values()):
+            node.add_route(wan, ROUTER["lan"][family])
+        return client
+
+    def _node(self, name: str, ip: str) -> Node:
+        return self.topo.add_node(name, ip, ip6=self.ip[name] if self.addresses.v6 else None)
+
+    @property
+    def vip(self) -> str:
+        return self.addresses.vip
+
+    def url(self, path: str, ip: str | None = None, port: int = 80) -> str:
+        """``http://VIP/path`` (IPv6 literals in brackets), or at ``ip:port``."""
+        return url(ip or self.vip, port, path)
+
     # -- processes ---------------------------------------------------------------------
     def _nginx(self, name: str, host: Node) -> None:
         directory = self.tmp / f"nginx-{name}"
@@ -205,26 +323,28 @@ class HandoffFarm:
             (directory / "www" / path).write_bytes(data)
         (directory / "www" / "hello").write_bytes(f"hello from {name}\n".encode())
         conf = directory / "nginx.conf"
-        conf.write_text(NGINX.format(dir=directory, ip=host.ip))
+        ip = self.ip[name]
+        conf.write_text(NGINX.format(dir=directory, ip=listen(ip)))
         host.popen(["nginx", "-e", str(directory / "error.log"), "-c", str(conf)],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.nginx[name] = directory
         self.wait_port(host, "127.0.0.1", 8082)
 
     def _agent(self, name: str, host: Node) -> None:
-        apps = (f'[[app]]\nname = "web"\nendpoint = "{host.ip}:8080"\ndeliver = "bridge"\n'
-                f'bridge_to = "127.0.0.1:8082"\nproxy_protocol = true\n')
+        a, ip = self.addresses, self.ip[name]
+        apps = (f'[[app]]\nname = "web"\nendpoint = "{format_host_port(ip, 8080)}"\ndeliver = "bridge"\n'
+                f'bridge_to = "127.0.0.1:8082"\nproxy_protocol = "{self.proxy_protocol}"\n')
         if name == "h1":
-            apps += (f'\n[[app]]\nname = "up"\nendpoint = "{host.ip}:8081"\ndeliver = "bridge"\n'
+            apps += (f'\n[[app]]\nname = "up"\nendpoint = "{format_host_port(ip, 8081)}"\ndeliver = "bridge"\n'
                      f'bridge_to = "127.0.0.1:8081"\n')
         else:
-            apps += (f'\n[[app]]\nname = "apps"\nendpoint = "{host.ip}:9000"\ndeliver = "adopt"\n'
+            apps += (f'\n[[app]]\nname = "apps"\nendpoint = "{format_host_port(ip, 9000)}"\ndeliver = "adopt"\n'
                      f'adopt_path = "{self.tmp / "adopt.sock"}"\n')
         config = self.tmp / f"agent-{name}.toml"
         config.write_text(
-            f'[agent]\nname = "{name}"\nunits = ["{UNIT_IP}:9903"]\napi = "tcp:0:interface=127.0.0.1"\n'
-            f'secret_file = "{self.tmp / "secret.key"}"\n'
-            f'handoff = "tcp:{HANDOFF_PORT}:interface={host.ip}"\n\n{apps}'
+            f'[agent]\nname = "{name}"\nunits = ["{format_host_port(a.unit, 9903)}"]\n'
+            f'api = "tcp:0:interface=127.0.0.1"\nsecret_file = "{self.tmp / "secret.key"}"\n'
+            f'handoff = {server_endpoint(HANDOFF_PORT, ip)}\n\n{apps}'
         )
         self.agents[name] = self.start(host, ["twistd", "-n", "--pidfile=", "nlbagent", "--config", str(config)])
         self.agents[name].wait_for("handoffs on ")
@@ -233,21 +353,23 @@ class HandoffFarm:
         h1, h2 = self.hosts["h1"], self.hosts["h2"]
         self.start(h1, [sys.executable, "-m", "tests.backend", "0.0.0.0", "8081", "b1"]).wait_for("^ready")
         self.start(h2, [sys.executable, "-m", "tests.handoff_app", str(self.tmp / "adopt.sock"),
-                        f"{h2.ip}:9000"]).wait_for("^ready")
+                        f"{self.ip['h2']}:9000"]).wait_for("^ready")
 
     def _unit(self) -> None:
-        h1, h2 = self.hosts["h1"].ip, self.hosts["h2"].ip
+        a = self.addresses
+        h1, h2 = a.hosts["h1"], a.hosts["h2"]
+        vip_endpoint = r"'tcp6:80:interface=\:\:'" if self.dual_stack else server_endpoint(80, a.vip)
         config = self.tmp / "unit.toml"
         config.write_text(
             f'[unit]\nname = "u1"\nadmin = "tcp:0:interface=127.0.0.1"\nsecret_file = "{self.tmp / "secret.key"}"\n'
-            f'health = "{UNIT_IP}:9903"\nhandoff_port = {HANDOFF_PORT}\n\n'
-            f'[[listener]]\nname = "vip"\nendpoint = "tcp:80:interface={VIP}"\npool = "web"\nhandoff = true\n'
+            f'health = "{format_host_port(a.unit, 9903)}"\nhandoff_port = {HANDOFF_PORT}\n\n'
+            f'[[listener]]\nname = "vip"\nendpoint = {vip_endpoint}\npool = "web"\nhandoff = true\n'
             f'[[listener.route]]\npool = "apps"\npath_prefix = "/adopt"\n'
             f'[[listener.route]]\npool = "up"\npath_prefix = "/sha256"\n\n'
-            f'[[listener]]\nname = "proxy"\nendpoint = "tcp:8000:interface={UNIT_IP}"\npool = "web"\n\n'
-            f'[pool.web]\nhosts = ["{h1}:8080", "{h2}:8080"]\n'
-            f'[pool.up]\nhosts = ["{h1}:8081"]\n'
-            f'[pool.apps]\nhosts = ["{h2}:9000"]\n'
+            f'[[listener]]\nname = "proxy"\nendpoint = {server_endpoint(8000, a.unit)}\npool = "web"\n\n'
+            f'[pool.web]\nhosts = ["{format_host_port(h1, 8080)}", "{format_host_port(h2, 8080)}"]\n'
+            f'[pool.up]\nhosts = ["{format_host_port(h1, 8081)}"]\n'
+            f'[pool.apps]\nhosts = ["{format_host_port(h2, 9000)}"]\n'
         )
         if self.plumbing.startswith("twistd"):
             # The unit as operators run it: twistd sets up its own forwarder.

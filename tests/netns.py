@@ -17,6 +17,7 @@ running inside a namespace keeps its network stack alive after ``ip netns del``.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
 import re
@@ -33,6 +34,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "nlbt"
+#: IPv6 test addresses: unique local (RFC 4193), the counterpart of 10/8.
+IPV6_TEST_NET = ipaddress.ip_network("fd00::/8")
 # Namespace names read "<PREFIX><pid>x<counter><role>"; the pid lets a sweep tell
 # a dead run's leftovers from a live run's namespaces.
 _NAME = re.compile(r"^" + PREFIX + r"(\d+)x\d+")
@@ -142,6 +145,8 @@ class Interface:
     prefixlen: int
     mac: str
     segment: str
+    #: The interface's IPv6 address (its /64 is on-link), when it has one.
+    ip6: str | None = None
 
 
 @dataclass
@@ -156,6 +161,13 @@ class Node:
     @property
     def ip(self) -> str:
         return self.interfaces[0].ip
+
+    @property
+    def ip6(self) -> str:
+        ip6 = self.interfaces[0].ip6
+        if ip6 is None:
+            raise AttributeError(f"{self.name} has no IPv6 address")
+        return ip6
 
     @property
     def mac(self) -> str:
@@ -199,7 +211,7 @@ class Node:
         """A listener on ``ip:port`` that answers one connection with ``reply``; returns at once
         after the socket listens (it prints ``listening``)."""
         code = ("import socket,sys\n"
-                "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                f"s=socket.socket({_family(ip)}); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
                 f"s.bind(({ip!r},{port})); s.listen(8); print('listening', flush=True)\n"
                 f"c,_=s.accept(); c.sendall({reply!r}); c.close()\n")
         proc = self.popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -233,7 +245,14 @@ class Node:
         the balancer's) and nothing else here needs it.  arp_ignore=1 and
         arp_announce=2 keep the host from answering or advertising the VIP on
         a segment it shares with the balancer, which owns the VIP for ARP.
+
+        An IPv6 VIP needs none of these: IPv6 has no reverse-path filter of
+        its own, and the kernel answers a neighbour solicitation only for an
+        address of the interface it arrived on, never for one on ``lo``.
         """
+        if ":" in vip:
+            self.run(["ip", "-6", "addr", "add", f"{vip}/128", "dev", "lo", "nodad"])
+            return
         self.run(["ip", "addr", "add", f"{vip}/32", "dev", "lo"])
         self.relax_rp_filter()
         for scope in ["all", *[i.name for i in self.interfaces]]:
@@ -380,20 +399,32 @@ class Topology:
         self.segments[segment] = bridge
         return bridge
 
-    def add_node(self, name: str, ip: str, segment: str = "lan", prefixlen: int = 24) -> Node:
+    def add_node(self, name: str, ip: str, segment: str = "lan", prefixlen: int = 24,
+                 ip6: str | None = None) -> Node:
+        """A node on ``segment`` with ``ip`` (and ``ip6`` in a /64, when given)."""
         if not ip.startswith("10."):
             raise ValueError("test addresses come from 10.0.0.0/8")
+        _check_ip6(ip6)
         if name in self.nodes:
             raise ValueError(f"node {name!r} exists")
         ns = f"{self.tag}{name}"
         self._add_namespace(ns)
         node = Node(name, ns, self)
         self.nodes[name] = node
-        self.attach(node, segment, ip, prefixlen)
+        self.attach(node, segment, ip, prefixlen, ip6=ip6)
         return node
 
-    def attach(self, node: Node, segment: str, ip: str, prefixlen: int = 24) -> Interface:
-        """Joins ``node`` to ``segment`` with a new interface ``eth<N>`` holding ``ip``."""
+    def attach(self, node: Node, segment: str, ip: str, prefixlen: int = 24,
+               ip6: str | None = None) -> Interface:
+        """Joins ``node`` to ``segment`` with a new interface ``eth<N>`` holding
+        ``ip`` and, when given, the IPv6 address ``ip6`` in a /64.
+
+        Duplicate address detection is off on an interface with ``ip6``: it
+        would keep the addresses (the link-local one too, which neighbour
+        discovery speaks from) "tentative" for about a second, and every
+        address here is unique by construction.
+        """
+        _check_ip6(ip6)
         bridge = self.segments[segment]
         port = f"p{next(self._ports)}"
         ifname = f"eth{len(node.interfaces)}"
@@ -401,9 +432,14 @@ class Topology:
             "netns", node.ns)
         _ip("-n", self.switch, "link", "set", port, "master", bridge, "up")
         _ip("-n", node.ns, "addr", "add", f"{ip}/{prefixlen}", "dev", ifname)
+        if ip6 is not None:
+            node.sysctl(f"net.ipv6.conf.{ifname}.accept_dad", 0)
+            _ip("-n", node.ns, "-6", "addr", "add", f"{ip6}/64", "dev", ifname, "nodad")
         _ip("-n", node.ns, "link", "set", ifname, "up")
+        if ip6 is not None:
+            wait_for(lambda: _ipv6_ready(node.ns, ifname), what=f"IPv6 on {node.name}'s {ifname}")
         mac = _read_mac(node.ns, ifname)
-        iface = Interface(ifname, ip, prefixlen, mac, segment)
+        iface = Interface(ifname, ip, prefixlen, mac, segment, ip6)
         node.interfaces.append(iface)
         return iface
 
@@ -430,6 +466,21 @@ class Topology:
 
     def namespaces(self) -> list[str]:
         return list(self._namespaces)
+
+
+def _check_ip6(ip6: str | None) -> None:
+    if ip6 is not None and ipaddress.ip_address(ip6) not in IPV6_TEST_NET:
+        raise ValueError(f"IPv6 test addresses come from {IPV6_TEST_NET}")
+
+
+def _family(ip: str) -> str:
+    return "socket.AF_INET6" if ":" in ip else "socket.AF_INET"
+
+
+def _ipv6_ready(ns: str, ifname: str) -> bool:
+    """``ifname`` has its link-local address and none is tentative."""
+    out = _ip("-n", ns, "-6", "-o", "addr", "show", "dev", ifname).stdout
+    return "scope link" in out and "tentative" not in out
 
 
 def _read_mac(ns: str, ifname: str) -> str:

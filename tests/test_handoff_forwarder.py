@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import struct
-import tempfile
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,13 +14,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy.handoff.forwarder import (
     PACKET_HOST, PACKET_OUTGOING, Forwarder, ForwarderPlumbing, KernelPath, PacketPort, kernel_path_commands,
-    kernel_route_commands, neighbour_mac, socket_filter, to_tun_header,
+    kernel_route_commands, socket_filter, to_tun_header,
 )
 from nlbproxy.handoff.packets import (
-    NOT_TCP, VNET_HDR_LEN, Malformed, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
-    tcp_checksum,
+    ETH_HLEN, NOT_TCP, VNET_HDR_LEN, Malformed, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
+    tcp_checksum, too_big_key,
 )
-from nlbproxy.handoff.routes import ACK, FIN, SYN, FlowKey, RouteTable, State, Via, atom_key, from_atom, to_atom
+from nlbproxy.handoff.routes import ACK, FIN, RST, SYN, FlowKey, RouteTable, State, Via, atom_key, from_atom, to_atom
 from nlbproxy.handoff.tunnel import Decapsulator, FlowIds, TunnelError, TunnelPlan
 from nlbproxy.session.dam import DAM
 
@@ -38,6 +36,36 @@ VNET = bytes([1, 0, 0x36, 0, 0, 0, 0x22, 0, 0x10, 0])  # NEEDS_CSUM, csum_start 
 
 def frame(flags: int = ACK, payload: bytes = b"data", sport: int = 40000, dport: int = 80) -> bytes:
     return build_tcp_frame(CLIENT_MAC, UNIT_MAC, CLIENT, VIP, sport, dport, flags, payload)
+
+
+CLIENT6 = ipaddress.ip_address("fd4e:4c42::5").packed
+VIP6 = ipaddress.ip_address("fd4e:4c42::100").packed
+KEY6 = FlowKey("fd4e:4c42::5", 40000, "fd4e:4c42::100", 80)
+
+
+def frame6(flags: int = ACK, sport: int = 40000, src: bytes = CLIENT6, payload: bytes = b"data") -> bytes:
+    return build_tcp_frame(CLIENT_MAC, UNIT_MAC, src, VIP6, sport, 80, flags, payload)
+
+
+ROUTER_MAC = mac_bytes("02:00:00:00:00:fe")
+ROUTER4 = ipaddress.ip_address("10.0.0.254").packed
+ROUTER6 = ipaddress.ip_address("fd4e:4c42::fe").packed
+
+
+def too_big(v6: bool = False, sport: int = 40000, kind: tuple[int, int] | None = None) -> bytes:
+    """A router's ICMP "fragmentation needed" (ICMPv6 "packet too big") to
+    the VIP about a host's reply to the client's port ``sport``, quoted
+    whole as routers do (the checksum is left to the host's kernel)."""
+    client, vip, router = (CLIENT6, VIP6, ROUTER6) if v6 else (CLIENT, VIP, ROUTER4)
+    quoted = build_tcp_frame(HOST_MAC, CLIENT_MAC, vip, client, 80, sport, ACK, b"x" * 1400)[14:]
+    icmp = bytes(kind or ((2, 0) if v6 else (3, 4))) + bytes(2) + struct.pack("!I", 1280 if v6 else 1200) + quoted
+    if v6:
+        ip = struct.pack("!IHBB16s16s", 6 << 28, len(icmp), 58, 64, router, vip)
+        ethertype = b"\x86\xdd"
+    else:
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, 1, 0, router, vip)
+        ethertype = b"\x08\x00"
+    return UNIT_MAC + ROUTER_MAC + ethertype + ip + icmp
 
 
 class ParseTests(SynchronousTestCase):
@@ -159,6 +187,25 @@ class ForwarderTests(SynchronousTestCase):
         self.assertEqual(fwd.metrics()["passed"], 3)
         self.assertEqual(fwd.metrics()["packets"], 0)
 
+    def test_too_big_about_a_committed_flow_goes_to_its_host(self) -> None:
+        for v6, key in ((False, KEY), (True, KEY6)):
+            _, table, fwd = forwarder()
+            table.fence(key, Via("h1", mac_text(HOST_MAC), "eth1"))
+            original = VNET + too_big(v6)
+            data = bytearray(original)
+            self.assertIsNone(fwd.frame(data, len(data)))  # fenced: no socket on the host yet
+            table.commit(key)
+            data = bytearray(original)
+            out = fwd.frame(data, len(data))
+            assert out is not None
+            self.assertEqual((out[0], bytes(out[1])), ("eth1", VNET + HOST_MAC + OUT_MAC + original[VNET_HDR_LEN + 12:]))
+            self.assertEqual((fwd.metrics()["too_big"], fwd.metrics()["passed"]), (1, 1))
+            # Another flow's, or another ICMP message: the unit's own.
+            for other in (too_big(v6, sport=40001), too_big(v6, kind=(1, 4) if v6 else (3, 1))):
+                data = bytearray(VNET + other)
+                self.assertIsNone(fwd.frame(data, len(data)))
+            self.assertEqual((fwd.metrics()["too_big"], fwd.metrics()["passed"]), (1, 3))
+
     def test_malformed_counted(self) -> None:
         _, _, fwd = forwarder()
         data = bytearray(VNET + frame()[:40])
@@ -172,6 +219,31 @@ class ForwarderTests(SynchronousTestCase):
         data = bytearray(VNET + frame())
         self.assertIsNone(fwd.frame(data, len(data)))
         self.assertEqual(fwd.metrics()["drops"], {"no_interface": 1})
+
+
+class TooBigTests(SynchronousTestCase):
+    def test_keys(self) -> None:
+        self.assertEqual(too_big_key(too_big()), KEY.packed)
+        self.assertEqual(too_big_key(too_big(v6=True)), KEY6.packed)
+        self.assertEqual(too_big_key(VNET + too_big(v6=True), VNET_HDR_LEN), KEY6.packed)
+
+    def test_other_frames(self) -> None:
+        for data in (frame(), frame6(), too_big(kind=(3, 1)), too_big(kind=(11, 0)), too_big(True, kind=(1, 0)),
+                     too_big(True, kind=(128, 0)), HOST_MAC + UNIT_MAC + b"\x08\x06" + bytes(28)):
+            self.assertIsNone(too_big_key(data))
+
+    def test_short_quotes(self) -> None:
+        for v6, header in ((False, 14 + 20 + 8 + 20), (True, 14 + 40 + 8 + 40)):
+            data = too_big(v6)
+            self.assertIsNotNone(too_big_key(data[:header + 4]))  # the ports are all it needs
+            for cut in range(header + 4):
+                self.assertIsNone(too_big_key(data[:cut]))
+
+    @given(st.binary(max_size=120))
+    def test_never_raises(self, data: bytes) -> None:
+        for prefix in (too_big()[:34], too_big(True)[:54], b""):
+            key = too_big_key(prefix + data)
+            self.assertTrue(key is None or len(key) in (12, 36))
 
 
 class TunHeaderTests(SynchronousTestCase):
@@ -373,15 +445,10 @@ class PlumbingTests(SynchronousTestCase):
         self.assertEqual((looked_up, self.table.get(KEY).via.host_mac), (["10.0.1.3"] * 2, "02:00:00:00:00:09"))  # type: ignore[union-attr]
 
     def test_unknown_neighbour(self) -> None:
-        self.plumbing.resolve_mac = lambda ip: neighbour_mac(ip, self.arp)
-        with tempfile.NamedTemporaryFile("w", suffix=".arp", delete=False) as f:
-            self.arp = f.name
-            self.addCleanup(os.unlink, f.name)
-            f.write("IP address       HW type     Flags       HW address            Mask     Device\n"
-                    "10.0.1.3         0x1         0x2         02:00:00:00:00:03     *        eth1\n"
-                    "10.0.1.4         0x1         0x0         00:00:00:00:00:00     *        eth1\n")
-        self.assertEqual(neighbour_mac("10.0.1.3", self.arp), "02:00:00:00:00:03")
-        self.assertRaises(LookupError, neighbour_mac, "10.0.1.4", self.arp)  # incomplete
+        def unknown(ip: str) -> str:
+            raise LookupError(f"no neighbour entry for {ip}")
+
+        self.plumbing.resolve_mac = unknown
         self.assertRaises(LookupError, self.plumbing.fence, Flow(("10.0.0.5", 1), ("10.0.0.100", 80)),
                           "10.0.1.9")
         self.assertEqual(len(self.table), 0)
@@ -447,16 +514,17 @@ def wanted(packet: bytes, fenced: list[FlowKey]) -> bool:
     parsed = parse(packet)
     if not isinstance(parsed, Parsed):
         return False
-    if parsed.version == 6:
-        return True
+    if parsed.version == 6 and parsed.l4 != ETH_HLEN + 40:
+        return True  # extension headers: Python walks them
     if parsed.flags & 0x07:
         return True
-    return any(parsed.packed[:4] == ipaddress.ip_address(k.client_ip).packed
-               and parsed.packed[8:10] == struct.pack("!H", k.client_port) for k in fenced)
+    size = 4 if parsed.version == 4 else 16
+    return any(parsed.packed[:size] == ipaddress.ip_address(k.client_ip).packed
+               and parsed.packed[2 * size:2 * size + 2] == struct.pack("!H", k.client_port) for k in fenced)
 
 
 class SocketFilterTests(SynchronousTestCase):
-    fenced = [KEY, FlowKey("10.0.0.6", 1, "10.0.0.100", 80)]
+    fenced = [KEY, FlowKey("10.0.0.6", 1, "10.0.0.100", 80), KEY6, FlowKey("fd4e:4c42::6", 1, "fd4e:4c42::100", 80)]
 
     def test_examples(self) -> None:
         program = socket_filter(self.fenced)
@@ -466,11 +534,48 @@ class SocketFilterTests(SynchronousTestCase):
         self.assertFalse(run_bpf(program, HOST_MAC + UNIT_MAC + b"\x08\x06" + bytes(28)))  # ARP
         self.assertFalse(run_bpf(socket_filter([]), frame()))
 
+    def test_ipv6_examples(self) -> None:
+        program = socket_filter(self.fenced)
+        self.assertTrue(run_bpf(program, frame6()))                       # fenced flow
+        self.assertFalse(run_bpf(program, frame6(sport=40001)))           # another flow's ACK
+        self.assertTrue(run_bpf(program, frame6(RST, sport=40001)))       # its RST
+        self.assertFalse(run_bpf(program, frame6(src=ipaddress.ip_address("fd4e:4c42::7").packed)))
+        self.assertFalse(run_bpf(socket_filter([KEY]), frame6()))         # only IPv4 flows fenced
+        # A hop-by-hop header before TCP: kept, Python finds the ports.
+        data = bytearray(frame6())
+        tcp = bytes(data[ETH_HLEN + 40:])
+        data[ETH_HLEN + 6] = 0
+        data[ETH_HLEN + 4:ETH_HLEN + 6] = struct.pack("!H", len(tcp) + 8)
+        data[ETH_HLEN + 40:] = bytes([6, 0]) + bytes(6) + tcp
+        self.assertTrue(wanted(bytes(data), []))
+        self.assertTrue(run_bpf(socket_filter([]), bytes(data)))
+        # ICMPv6 (neighbour discovery): the kernel's.
+        icmp = bytearray(frame6())
+        icmp[ETH_HLEN + 6] = 58
+        self.assertFalse(run_bpf(program, bytes(icmp)))
+
+    def test_too_big_messages_kept(self) -> None:
+        for fenced in ([], self.fenced):
+            program = socket_filter(fenced)
+            self.assertTrue(run_bpf(program, too_big()))
+            self.assertTrue(run_bpf(program, too_big(v6=True)))
+            self.assertFalse(run_bpf(program, too_big(kind=(3, 1))))
+            self.assertFalse(run_bpf(program, too_big(v6=True, kind=(1, 0))))
+
     def test_too_many_flows_keeps_all_tcp(self) -> None:
         many = [FlowKey("10.0.0.5", p, "10.0.0.100", 80) for p in range(1, 100)]
         program = socket_filter(many, max_flows=10)
         self.assertTrue(run_bpf(program, frame(sport=9999)))
-        self.assertEqual(len(socket_filter(many[:48])), 12 + 4 * 48 + 2)  # jumps still fit
+        self.assertTrue(run_bpf(program, frame6(sport=9999)))
+        # The longest filters' jumps still fit in a byte, whatever the mix of families.
+        v6 = [FlowKey(f"fd4e:4c42::{p:x}", p, "fd4e:4c42::100", 80) for p in range(1, 100)]
+        for keys in (many[:48], v6[:48], many[:24] + v6[:24]):
+            program = socket_filter(keys)
+            self.assertEqual(len(program), 27 + 4 * 48)
+            for key in (keys[0], keys[-1]):
+                src, sport = ipaddress.ip_address(key.client_ip).packed, key.client_port
+                data = frame(sport=sport) if len(src) == 4 else frame6(src=src, sport=sport)
+                self.assertTrue(run_bpf(program, data), key)
 
     @given(st.sampled_from([CLIENT, ipaddress.ip_address("10.0.0.6").packed, ipaddress.ip_address("10.0.0.7").packed]),
            st.sampled_from([40000, 1, 2]), st.integers(0, 255), st.binary(max_size=20), st.integers(0, 80))
@@ -482,6 +587,19 @@ class SocketFilterTests(SynchronousTestCase):
             self.assertEqual(kept, wanted(data, self.fenced))
         else:
             # A frame the parser refuses may pass the coarser filter; Python then counts it.
+            self.assertFalse(wanted(data, self.fenced))
+
+    @given(st.sampled_from([CLIENT6, ipaddress.ip_address("fd4e:4c42::6").packed,
+                            ipaddress.ip_address("fd4e:4c42::7").packed]),
+           st.sampled_from([40000, 1, 2]), st.integers(0, 255), st.binary(max_size=20), st.integers(0, 80))
+    def test_matches_the_plain_rule_over_ipv6(self, src: bytes, sport: int, flags: int, payload: bytes,
+                                              cut: int) -> None:
+        data = build_tcp_frame(CLIENT_MAC, UNIT_MAC, src, VIP6, sport, 80, flags, payload)
+        data = data[:len(data) - cut] if cut < len(data) - 74 else data
+        kept = bool(run_bpf(socket_filter(self.fenced), data))
+        if isinstance(parse(data), Parsed):
+            self.assertEqual(kept, wanted(data, self.fenced))
+        else:
             self.assertFalse(wanted(data, self.fenced))
 
 

@@ -150,6 +150,39 @@ def test_cancelled_dump_leaves_connection_usable(pair: tuple[socket.socket, sock
     assert recv_exactly(client, 3) == b"xyz"
 
 
+def test_ipv4_client_of_a_dual_stack_socket_moves_as_ipv4() -> None:
+    """A ``tcp6`` listener on ``::`` sees IPv4 clients as ::ffff:a.b.c.d: the
+    dump names the IPv4 addresses and the restore makes an IPv4 socket."""
+    require_root()
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    restored = None
+    try:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind(("::ffff:127.0.0.1", 0))  # dual-stack, and loopback only
+        listener.listen(8)
+        client.settimeout(IO_TIMEOUT)
+        client.connect(("127.0.0.1", listener.getsockname()[1]))
+        server, _ = listener.accept()
+        assert server.getpeername()[0] == "::ffff:127.0.0.1"
+        client.sendall(b"unread request")
+        assert peek_exactly(server, 14) == b"unread request"
+        state = decode(encode(repair.dump(server)))
+        assert (state.family, state.local, state.peer) == (
+            4, ("127.0.0.1", listener.getsockname()[1]), client.getsockname())
+        repair.close_silently(server)
+        restored = repair.restore(state)
+        restored.settimeout(IO_TIMEOUT)
+        assert restored.family == socket.AF_INET
+        assert recv_exactly(restored, 14) == b"unread request"
+        restored.sendall(b"answer")
+        assert recv_exactly(client, 6) == b"answer"
+    finally:
+        for sock in (listener, client, restored):
+            if sock is not None:
+                sock.close()
+
+
 def test_dump_refuses_a_socket_that_is_not_established() -> None:
     require_root()
     listener = socket.socket()

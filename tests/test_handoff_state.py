@@ -18,6 +18,7 @@ from nlbproxy.handoff.state import (
     BlobError,
     ConnState,
     Window,
+    wire_address,
     decode,
     encode,
 )
@@ -86,6 +87,17 @@ class RoundTripTests(SynchronousTestCase):
     @given(states())
     def test_property_round_trip(self, s: ConnState) -> None:
         self.assertEqual(decode(encode(s)), s)
+
+
+class WireAddressTests(SynchronousTestCase):
+    def test_ipv4_mapped_becomes_ipv4(self) -> None:
+        # A dual-stack socket's IPv4 peer, as getpeername() gives it.
+        self.assertEqual(wire_address(("::ffff:10.0.0.2", 40000, 0, 0)), ("10.0.0.2", 40000))
+
+    def test_others_unchanged(self) -> None:
+        self.assertEqual(wire_address(("10.0.0.2", 80)), ("10.0.0.2", 80))
+        self.assertEqual(wire_address(("fd4e:4c42::2", 80, 0, 0)), ("fd4e:4c42::2", 80))
+        self.assertEqual(wire_address(("fe80::1%eth0", 80, 0, 2)), ("fe80::1%eth0", 80))
 
 
 class RefusedStateTests(SynchronousTestCase):

@@ -178,7 +178,8 @@ def test_zz_tunnelled_connection_survives_its_unit_and_goes_back(farm: TunnelFar
     assert line[:3] == ["got", str(DOWNLOAD), hashlib.sha256(pattern(DOWNLOAD, seed=5)).hexdigest()], line
     forwarder = farm.get("u2", "/api/v1/state")["handoff"]["forwarder"]
     assert forwarder["plumbing"].get("taken_over", 0) >= 1, forwarder
-    assert forwarder["metrics"]["packets"] > 100 and forwarder["metrics"]["drops"] == {}, forwarder
+    # The client's ACKs of 16 MiB went through u2, tunnelled (how many depends on GRO: 88 to 300 seen).
+    assert forwarder["metrics"]["packets"] > 20 and forwarder["metrics"]["drops"] == {}, forwarder
     # u1 comes back (a preempting VRRP master takes the VIP back): it takes
     # its route back from the DAM, and the connection goes on through it.
     farm.start_unit("u1")

@@ -63,6 +63,24 @@ def test_vip_on_lo_and_second_segment() -> None:
         assert unit.connect("10.77.0.100", 80) == b"vip"
 
 
+def test_ipv6_nodes_and_vip_are_usable_at_once() -> None:
+    # No duplicate address detection: the addresses work as soon as attach returns.
+    with Topology() as topo:
+        a = topo.add_node("a", "10.77.0.1", ip6="fd77::1")
+        b = topo.add_node("b", "10.77.0.2", ip6="fd77::2")
+        assert (a.ip6, a.interfaces[0].ip6) == ("fd77::1", "fd77::1")
+        assert "tentative" not in a.run(["ip", "-6", "addr", "show", "dev", "eth0"]).stdout
+        b.serve_once("fd77::2", 8080, b"hello over ipv6")
+        assert a.connect("fd77::2", 8080) == b"hello over ipv6"
+        b.add_vip("fd77::100")
+        assert "fd77::100/128" in b.run(["ip", "-6", "addr", "show", "dev", "lo"]).stdout
+        a.add_route("fd77::100/128", "fd77::2")
+        b.serve_once("fd77::100", 80, b"vip6")
+        assert a.connect("fd77::100", 80) == b"vip6"
+        with pytest.raises(ValueError, match="fd00::/8"):
+            topo.add_node("c", "10.77.0.3", ip6="2001:db8::3")
+
+
 def test_sweep_removes_dead_runs_namespaces() -> None:
     # A namespace named as if by a process that no longer exists.
     dead = subprocess.Popen(["true"])

@@ -7,7 +7,9 @@ fenced ones the kernel then drops); frames of flows in the route table get
 their Ethernet addresses rewritten -- destination the host's MAC, source the
 unit's out interface -- and leave by the host-facing interface, unchanged
 otherwise.  The host owns the VIP on ``lo`` and answers the client directly
-(direct server return), so only the client-to-host half passes here.
+(direct server return), so only the client-to-host half passes here --
+and, for path MTU discovery, the ICMP "too big" messages a router sends
+about the host's replies: their destination is the replies' source, the VIP.
 
 Both sockets use PACKET_VNET_HDR and the 10-byte ``virtio_net_hdr`` is passed
 through untouched: veth hands over partial checksums and GSO super-frames (up
@@ -40,8 +42,9 @@ from zope.interface import implementer
 
 from nlbproxy import limits
 from nlbproxy.handoff.fence import check_table_name
+from nlbproxy.handoff.neighbours import neighbour_mac
 from nlbproxy.handoff.tunnel import Encapsulator, Mapping as TunnelMapping, TunnelError, TunnelPlan
-from nlbproxy.handoff.packets import ETH_HLEN, VNET_HDR_LEN, Malformed, Parsed, parse, set_macs
+from nlbproxy.handoff.packets import ETH_HLEN, VNET_HDR_LEN, Malformed, Parsed, parse, set_macs, too_big_key
 from nlbproxy.handoff.routes import (
     Deleted, FlowKey, RouteError, RouteTable, State, TableFull, Verdict, Via, WireError, atom_key, from_atom,
     is_route_atom, to_atom,
@@ -94,9 +97,8 @@ class Forwarder:
                 # The kernel sees the frame too and drops it itself.
                 self.stats["malformed"] += 1
                 self.stats[f"malformed_{parsed.reason.replace(' ', '_')}"] += 1
-            else:
-                self.stats["passed"] += 1
-            return None
+                return None
+            return self._too_big(buf, size)
         assert isinstance(parsed, Parsed)
         view = memoryview(buf)[:size]
         verdict, route = self.table.packet(parsed.packed, view, parsed.flags)
@@ -108,6 +110,21 @@ class Forwarder:
         if route.offloaded:
             return None
         return self._rewrite(buf, size, route.via, parsed)
+
+    def _too_big(self, buf: bytearray, size: int) -> tuple[str, memoryview] | None:
+        """An ICMP "too big" about a committed flow goes to the host, whose
+        socket must lower its path MTU: without it the host resends the
+        same large segments into the narrow hop for ever (IPv6 routers
+        never fragment; IPv4 replies carry DF).  Everything else that is not
+        TCP is the unit's own traffic."""
+        packed = too_big_key(buf, VNET_HDR_LEN, size)
+        route = self.table.lookup(packed) if packed is not None else None
+        # A tunnelled route only carries TCP; a fenced one has no host socket yet.
+        if route is None or route.via.flow_id is not None or route.state not in (State.COMMITTED, State.CLOSING):
+            self.stats["passed"] += 1
+            return None
+        self.stats["too_big"] += 1
+        return self._rewrite(buf, size, route.via, None)
 
     def _rewrite(self, buf: bytearray, size: int, via: Via, parsed: Parsed | None) -> tuple[str, memoryview] | None:
         src = self.macs.get(via.ifname)
@@ -155,6 +172,7 @@ class Forwarder:
             "rx_frames": self.stats["rx_frames"],
             "passed": self.stats["passed"],
             "malformed": self.stats["malformed"],
+            "too_big": self.stats["too_big"],
             "routes": len(self.table),
             "buffered_bytes": self.table.buffered_bytes,
         }
@@ -516,22 +534,6 @@ class DecapsulatorPort(_PacketReader):
 # --- the unit side's plumbing ---------------------------------------------------------------
 
 
-def neighbour_mac(ip: str, arp_table: str = "/proc/net/arp") -> str:
-    """The MAC address the unit's kernel has resolved for IPv4 ``ip``.
-
-    The unit talks to every host's agent, so the entry is there in practice;
-    LookupError otherwise (the handoff then falls back to proxying).
-    """
-    with open(arp_table) as lines:
-        next(lines, None)
-        for line in lines:
-            fields = line.split()
-            # IP address, HW type, flags (0x2: complete), HW address, mask, device.
-            if len(fields) >= 6 and fields[0] == ip and int(fields[2], 16) & 0x2:
-                return fields[3]
-    raise LookupError(f"no neighbour entry for {ip}")
-
-
 class ForwarderPlumbing:
     """The handoff unit side's ``Plumbing`` (fence, commit, unfence, ended) on
     this forwarder: the route table, the nftables fence and, when given, the
@@ -817,21 +819,62 @@ Insn = tuple[int, int, int, int]
 
 def socket_filter(fenced: list[FlowKey], max_flows: int = MAX_FILTER_FLOWS) -> list[Insn]:
     """A classic BPF program for the AF_PACKET socket of a fast-path unit: it
-    keeps IPv4 TCP frames with FIN, SYN or RST, frames of the ``fenced`` flows
-    (client address and port), and every IPv6 TCP frame (unfiltered: those
-    flows then cost a Python wake-up each); it drops the rest.  More than
-    ``max_flows`` fenced flows: every TCP frame is kept."""
+    keeps TCP frames (IPv4 and IPv6) with FIN, SYN or RST, frames of the
+    ``fenced`` flows (client address and port) and ICMP "too big" messages
+    (the kernel's fast path forwards TCP only); it drops the rest.  More
+    than ``max_flows`` fenced flows: every TCP frame is kept.
+
+    An IPv6 flow is named by the last 32 bits of the client's address and
+    its port: a filter compares words, and one word per flow keeps every
+    jump within reach whatever the mix of families.  A frame of another
+    client that shares them costs a wake-up, nothing more (Python matches
+    whole keys).  IPv6 frames whose TCP header follows extension headers
+    are all kept: Python walks those headers.
+    """
+    everything = len(fenced) > max_flows
     v4 = [k for k in fenced if ":" not in k.client_ip]
-    everything = len(v4) > max_flows
+    v6 = [k for k in fenced if ":" in k.client_ip]
     prog: list[tuple[Any, ...]] = [
         (_BPF_LD_H_ABS, 0, 0, 12),
         (_BPF_JEQ_K, "v4", 0, 0x0800),
         (_BPF_JEQ_K, 0, "drop", 0x86DD),
         (_BPF_LD_B_ABS, 0, 0, 20),                 # IPv6 next header
-        (_BPF_JEQ_K, "accept", "drop", 6),
+        (_BPF_JEQ_K, "tcp6", 0, 6),
+        (_BPF_JEQ_K, "icmp6", 0, 58),
+        (_BPF_JEQ_K, "accept", 0, 0),              # hop-by-hop options
+        (_BPF_JEQ_K, "accept", 0, 43),             # routing
+        (_BPF_JEQ_K, "accept", "drop", 60),        # destination options
+        ("icmp6",),
+        (_BPF_LD_B_ABS, 0, 0, 14 + 40),            # ICMPv6 type
+        (_BPF_JEQ_K, "accept", "drop", 2),         # packet too big
+        ("tcp6",),
+    ]
+    if everything:
+        prog.append((_BPF_RET_K, 0, 0, _ACCEPT))
+    else:
+        prog += [
+            (_BPF_LD_B_ABS, 0, 0, 14 + 40 + 13),   # TCP flags
+            (_BPF_JSET_K, "accept", 0, 0x07),      # FIN, SYN, RST
+        ]
+        for i, key in enumerate(v6):
+            low = int.from_bytes(ipaddress.ip_address(key.client_ip).packed[12:], "big")
+            prog += [
+                (_BPF_LD_W_ABS, 0, 0, 14 + 8 + 12),  # the source address's last word
+                (_BPF_JEQ_K, 0, f"next6_{i}", low),
+                (_BPF_LD_H_ABS, 0, 0, 14 + 40),    # source port
+                (_BPF_JEQ_K, "accept", f"next6_{i}", key.client_port),
+                (f"next6_{i}",),
+            ]
+        prog.append((_BPF_RET_K, 0, 0, 0))
+    prog += [
         ("v4",),
         (_BPF_LD_B_ABS, 0, 0, 23),                 # IPv4 protocol
-        (_BPF_JEQ_K, 0, "drop", 6),
+        (_BPF_JEQ_K, "tcp4", 0, 6),
+        (_BPF_JEQ_K, 0, "drop", 1),                # ICMP
+        (_BPF_LDX_MSH, 0, 0, 14),                  # X = IP header length
+        (_BPF_LD_H_IND, 0, 0, 14),                 # ICMP type and code
+        (_BPF_JEQ_K, "accept", "drop", 0x0304),    # fragmentation needed
+        ("tcp4",),
     ]
     if everything:
         prog.append((_BPF_RET_K, 0, 0, _ACCEPT))

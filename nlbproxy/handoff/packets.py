@@ -14,6 +14,10 @@ raises on what arrived from the wire: a frame that is not TCP over IP is
 :data:`NOT_TCP` (the unit's own traffic, left to its kernel) and a frame that
 claims to be TCP over IP but is cut short or inconsistent is :class:`Malformed`
 with a reason.
+
+:func:`too_big_key` reads the one kind of non-TCP frame the forwarder cares
+about: an ICMP "fragmentation needed" or ICMPv6 "packet too big" message
+about a segment a host sent the client (see :class:`Forwarder`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 ETH_P_8021Q = 0x8100
 IPPROTO_TCP = 6
+IPPROTO_ICMP = 1
+IPPROTO_ICMPV6 = 58
+#: ICMP destination unreachable / fragmentation needed; ICMPv6 packet too big.
+ICMP_UNREACH, ICMP_FRAG_NEEDED = 3, 4
+ICMPV6_PACKET_TOO_BIG = 2
+ICMP_HLEN = 8
 
 # IPv6 extension headers skipped on the way to TCP (hop-by-hop, routing,
 # destination options); a fragment header (44) makes the packet unforwardable
@@ -127,6 +137,62 @@ def parse(frame: bytes | bytearray | memoryview, start: int = 0, end: int | None
     if offset < 20 or end - l4 < offset:
         return Malformed("tcp data offset")
     return Parsed(addresses + bytes(frame[l4:l4 + 4]), frame[l4 + 13], l3, l4, version)
+
+
+def too_big_key(frame: bytes | bytearray | memoryview, start: int = 0, end: int | None = None) -> bytes | None:
+    """The flow key of the TCP segment an ICMP "fragmentation needed" or
+    ICMPv6 "packet too big" message in ``frame[start:end]`` quotes, in the
+    client-to-VIP order of :attr:`Parsed.packed`; None for any other frame.
+
+    The quoted segment went from the VIP to the client: a host's direct
+    reply that met a narrower hop, whose router answered its source, the
+    VIP, which the network routes to the unit.  Only the quoted headers'
+    addresses and first four TCP bytes (the ports) are read; the host's
+    kernel checks the rest.
+    """
+    if end is None:
+        end = len(frame)
+    if end - start < ETH_HLEN:
+        return None
+    ethertype = _H.unpack_from(frame, start + 12)[0]
+    l3 = start + ETH_HLEN
+    if ethertype == ETH_P_8021Q:
+        if end - l3 < 4:
+            return None
+        ethertype = _H.unpack_from(frame, start + 16)[0]
+        l3 += 4
+    if ethertype == ETH_P_IP:
+        if end - l3 < 20 or frame[l3] >> 4 != 4 or frame[l3 + 9] != IPPROTO_ICMP:
+            return None
+        if _H.unpack_from(frame, l3 + 6)[0] & 0x3FFF:
+            return None  # a fragment
+        icmp = l3 + (frame[l3] & 0x0F) * 4
+        if end - icmp < ICMP_HLEN or (frame[icmp], frame[icmp + 1]) != (ICMP_UNREACH, ICMP_FRAG_NEEDED):
+            return None
+        inner = icmp + ICMP_HLEN
+        if end - inner < 20 or frame[inner] >> 4 != 4 or frame[inner + 9] != IPPROTO_TCP:
+            return None
+        tcp = inner + (frame[inner] & 0x0F) * 4
+        addresses, size = inner + 12, 4
+    elif ethertype == ETH_P_IPV6:
+        # A router's own message: no extension headers before ICMPv6.
+        if end - l3 < 40 or frame[l3] >> 4 != 6 or frame[l3 + 6] != IPPROTO_ICMPV6:
+            return None
+        icmp = l3 + 40
+        if end - icmp < ICMP_HLEN or frame[icmp] != ICMPV6_PACKET_TOO_BIG:
+            return None
+        inner = icmp + ICMP_HLEN
+        if end - inner < 40 or frame[inner] >> 4 != 6 or frame[inner + 6] != IPPROTO_TCP:
+            return None
+        tcp = inner + 40
+        addresses, size = inner + 8, 16
+    else:
+        return None
+    if end - tcp < 4:
+        return None
+    source = bytes(frame[addresses:addresses + size])
+    dest = bytes(frame[addresses + size:addresses + 2 * size])
+    return dest + source + bytes(frame[tcp + 2:tcp + 4]) + bytes(frame[tcp:tcp + 2])
 
 
 def set_macs(buf: bytearray, start: int, dst: bytes, src: bytes) -> None:

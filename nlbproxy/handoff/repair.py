@@ -23,7 +23,7 @@ import fcntl
 import socket
 import struct
 
-from nlbproxy.handoff.state import OPT_SACK, OPT_TIMESTAMPS, OPT_WSCALE, ConnState, Window
+from nlbproxy.handoff.state import OPT_SACK, OPT_TIMESTAMPS, OPT_WSCALE, ConnState, Window, wire_address
 
 __all__ = [
     "RepairError",
@@ -117,8 +117,9 @@ def _read(sock: socket.socket) -> ConnState:
     recv_seq, recv_queue = _read_queue(sock, TCP_RECV_QUEUE, inq)
     send_seq, send_queue = _read_queue(sock, TCP_SEND_QUEUE, outq)
     _set(sock, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
-    local = sock.getsockname()[:2]
-    peer = sock.getpeername()[:2]
+    # An IPv4 client of a dual-stack socket is restored into an IPv4 socket.
+    local = wire_address(sock.getsockname())
+    peer = wire_address(sock.getpeername())
     return ConnState(
         local=local, peer=peer, recv_seq=recv_seq, send_seq=send_seq, mss=mss, options=options,
         snd_wscale=snd_wscale, rcv_wscale=rcv_wscale, timestamp=timestamp, window=window,

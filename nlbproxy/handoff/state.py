@@ -57,6 +57,7 @@ __all__ = [
     "Window",
     "decode",
     "encode",
+    "wire_address",
 ]
 
 MAGIC = b"NLBH"
@@ -79,6 +80,24 @@ _PORT = struct.Struct("!H")
 _BODY = struct.Struct("!IIHBBIIIIIIIII")
 _LEN = struct.Struct("!I")
 _FAMILY = {4: 4, 6: 16}
+
+
+def wire_address(address: tuple[Any, ...]) -> tuple[str, int]:
+    """A socket address as ``(ip, port)`` the way the client's packets carry it.
+
+    A dual-stack listener (``tcp6`` on ``::``) reports its IPv4 clients with
+    IPv4-mapped IPv6 addresses (``::ffff:10.0.0.2``), yet their packets are
+    IPv4: the fence, the forwarder's route and the restored socket must
+    name the IPv4 address, or none of them matches the client's packets.
+    """
+    host, port = str(address[0]), int(address[1])
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host, port  # a scoped address (fe80::1%eth0) is left as it is
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped), port
+    return host, port
 
 
 class BlobError(ValueError):

@@ -320,6 +320,8 @@ class UnitForwarder:
                 w.add(f"nlbproxy_forwarder_{what}_total", "counter",
                       "Frames the forwarder read (rx_frames), left to the kernel (passed) or found malformed.",
                       fstats[what])
+            w.add("nlbproxy_forwarder_too_big_total", "counter",
+                  "ICMP 'too big' messages about handed-off flows sent on to their hosts.", fstats["too_big"])
         by_state = Counter(r.state.value for r in self.table.routes())
         for state in (State.FENCED, State.COMMITTED, State.CLOSING):
             w.add("nlbproxy_forwarder_routes", "gauge", "Routes in the forwarder's table, by state.",

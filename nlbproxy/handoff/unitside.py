@@ -55,7 +55,7 @@ from nlbproxy.classifier import Host
 from nlbproxy.config import parse_host_port
 from nlbproxy.handoff import repair
 from nlbproxy.handoff.channel import AgentLink, AgentUnavailable
-from nlbproxy.handoff.state import encode
+from nlbproxy.handoff.state import encode, wire_address
 from nlbproxy.handoff.tunnel import Mapping
 from nlbproxy.handoff.wire import Ended, Result
 from nlbproxy.metrics import Histogram, PrometheusWriter
@@ -348,8 +348,9 @@ class _Peeking(Protocol):
         assert self.sock is not None and self.unit.plumbing is not None
         if self.transport.disconnected:
             return
-        local, peer = self.sock.getsockname(), self.sock.getpeername()
-        flow = Flow((peer[0], peer[1]), (local[0], local[1]))
+        # As the packets carry them: an IPv4 client of a dual-stack listener
+        # is fenced and routed by its IPv4 address, not the mapped one.
+        flow = Flow(wire_address(self.sock.getpeername()), wire_address(self.sock.getsockname()))
         try:
             tunnel = self.unit.plumbing.fence(flow, host)
         except Exception as exc:
