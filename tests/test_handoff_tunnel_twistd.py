@@ -1,10 +1,17 @@
 """A tunnelled handoff with a real ``twistd nlbproxy`` unit and ``twistd nlbagent``
-agent, the host on another segment behind a router.  Needs root.
+agent, the host on another segment behind a router, over IPv4 and over IPv6.
+Needs root.
 
     client 10.0.0.5 --+                    VIP 10.0.0.100 on the units' and the host's lo
     u1     10.0.0.2 --+-- lan              the client routes the VIP via u1 (then u2, then u1)
     u2     10.0.0.4 --+
     router 10.0.0.1 --+   10.1.0.1 -- back -- host 10.1.0.3 (nginx behind its agent)
+
+In the IPv6 farm every node also has the address of :data:`IPV6` (the last
+group as the IPv4 address's last byte; lan fd4e:4c42::/64, back
+fd4e:4c44::/64), and everything the handoff touches speaks IPv6: the VIP
+fd4e:4c42::100, the DAM, health and handoff channels, the tunnel (its
+networks, sources and gateway) and the client.
 
 The units' ``tunnel_networks`` holds the back segment: u1 hands the client's
 connection to the host's agent with the flow's mapping, and its forwarder
@@ -23,18 +30,18 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.handoff_farm import NGINX, Held, Output, env
+from nlbproxy.config import format_host_port
+from tests.handoff_farm import NGINX, Held, Output, cidr, env, listen, server_endpoint, url
 from tests.handoff_util import pattern
 from tests.netns import Node, Topology, require_netns, require_tools, wait_for
 
 MiB = 1024 * 1024
-VIP = "10.0.0.100"
-UNITS = {"u1": "10.0.0.2", "u2": "10.0.0.4"}
 DAM_PORT = 9800
 SECRET = b"tunnelled handoff secret\n"
 HANDOFF_PORT = 9904
@@ -42,25 +49,55 @@ HEALTH_PORT = 9903
 DOWNLOAD = 16 * MiB
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The addresses the farm's traffic uses, all of one family: ``lan`` by
+    node name (the router's leg there included), ``back`` the host's segment
+    (a CIDR), ``router_back`` and ``host`` the addresses on it."""
+
+    vip: str
+    lan: dict[str, str]
+    back: str
+    router_back: str
+    host: str
+
+    @property
+    def v6(self) -> bool:
+        return ":" in self.vip
+
+
+IPV4 = Plan("10.0.0.100", {"client": "10.0.0.5", "u1": "10.0.0.2", "u2": "10.0.0.4", "router": "10.0.0.1"},
+            "10.1.0.0/24", "10.1.0.1", "10.1.0.3")
+IPV6 = Plan("fd4e:4c42::100",
+            {"client": "fd4e:4c42::5", "u1": "fd4e:4c42::2", "u2": "fd4e:4c42::4", "router": "fd4e:4c42::1"},
+            "fd4e:4c44::/64", "fd4e:4c44::1", "fd4e:4c44::3")
+UNITS = ("u1", "u2")
+
+
 class TunnelFarm:
-    def __init__(self, topo: Topology, tmp: Path) -> None:
+    def __init__(self, topo: Topology, tmp: Path, plan: Plan) -> None:
         self.tmp = tmp
+        self.plan = p = plan
         (tmp / "secret.key").write_bytes(SECRET)
         topo.add_segment("back")
-        self.client = topo.add_node("client", "10.0.0.5")
-        self.units = {name: topo.add_node(name, ip) for name, ip in UNITS.items()}
-        self.router = topo.add_node("router", "10.0.0.1")
-        topo.attach(self.router, "back", "10.1.0.1")
-        self.host = topo.add_node("host", "10.1.0.3", segment="back")
-        self.router.sysctl("net.ipv4.ip_forward", 1)
+
+        def ip6(address: str) -> str | None:
+            return address if p.v6 else None
+
+        self.client = topo.add_node("client", IPV4.lan["client"], ip6=ip6(p.lan["client"]))
+        self.units = {name: topo.add_node(name, IPV4.lan[name], ip6=ip6(p.lan[name])) for name in UNITS}
+        self.router = topo.add_node("router", IPV4.lan["router"], ip6=ip6(p.lan["router"]))
+        topo.attach(self.router, "back", IPV4.router_back, ip6=ip6(p.router_back))
+        self.host = topo.add_node("host", IPV4.host, segment="back", ip6=ip6(p.host))
+        self.router.sysctl("net.ipv6.conf.all.forwarding" if p.v6 else "net.ipv4.ip_forward", 1)
         self.router.relax_rp_filter()
         for unit in self.units.values():
-            unit.run(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
+            unit.run(["ip", "addr", "add", cidr(p.vip), "dev", "lo"])
             unit.relax_rp_filter()
-            unit.add_route("10.1.0.0/24", self.router.ip)
-        self.client.add_route(f"{VIP}/32", UNITS["u1"])
-        self.host.add_vip(VIP)
-        self.host.add_route("default", "10.1.0.1")
+            unit.add_route(p.back, p.lan["router"])
+        self.client.add_route(cidr(p.vip), p.lan["u1"])
+        self.host.add_vip(p.vip)
+        self.host.run(["ip", "-6" if p.v6 else "-4", "route", "replace", "default", "via", p.router_back])
         self.out: dict[str, Output] = {}
         self.admin: dict[str, str] = {}
         self._nginx()
@@ -82,7 +119,7 @@ class TunnelFarm:
         (directory / "www" / "big").write_bytes(pattern(DOWNLOAD, seed=5))
         (directory / "www" / "hello").write_bytes(b"hello from h1\n")
         conf = directory / "nginx.conf"
-        conf.write_text(NGINX.format(dir=directory, ip=self.host.ip))
+        conf.write_text(NGINX.format(dir=directory, ip=listen(self.plan.host)))
         self.host.popen(["nginx", "-e", str(directory / "error.log"), "-c", str(conf)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.host.python("import socket,time\nend=time.monotonic()+20\nwhile True:\n"
@@ -91,13 +128,14 @@ class TunnelFarm:
                          "        assert time.monotonic()<end\n        time.sleep(0.02)\n", timeout=30)
 
     def _agent(self) -> None:
-        units = ", ".join(f'"{ip}:{HEALTH_PORT}"' for ip in UNITS.values())
+        p = self.plan
+        units = ", ".join(f'"{format_host_port(p.lan[name], HEALTH_PORT)}"' for name in UNITS)
         config = self.tmp / "agent.toml"
         config.write_text(
             f'[agent]\nname = "h1"\nunits = [{units}]\napi = "tcp:0:interface=127.0.0.1"\n'
-            f'secret_file = "{self.tmp / "secret.key"}"\nhandoff = "tcp:{HANDOFF_PORT}:interface={self.host.ip}"\n'
+            f'secret_file = "{self.tmp / "secret.key"}"\nhandoff = {server_endpoint(HANDOFF_PORT, p.host)}\n'
             f'tunnel_interface = "{self.host.ifname}"\n\n'
-            f'[[app]]\nname = "h1"\nendpoint = "{self.host.ip}:8080"\ndeliver = "bridge"\n'
+            f'[[app]]\nname = "h1"\nendpoint = "{format_host_port(p.host, 8080)}"\ndeliver = "bridge"\n'
             f'bridge_to = "127.0.0.1:8082"\nproxy_protocol = true\n'
         )
         out = self.start("agent", self.host, ["twistd", "-n", "--pidfile=", "nlbagent", "--config", str(config)])
@@ -106,18 +144,19 @@ class TunnelFarm:
         self.admin["agent"] = out.wait_for(r"api on (http://\S+)").group(1).rstrip("/")
 
     def start_unit(self, name: str) -> None:
-        ip = UNITS[name]
-        peers = ", ".join(f'"{other}:{DAM_PORT}"' for n, other in UNITS.items() if n != name)
+        p = self.plan
+        ip = p.lan[name]
+        peers = ", ".join(f'"{format_host_port(p.lan[other], DAM_PORT)}"' for other in UNITS if other != name)
         config = self.tmp / f"{name}.toml"
         config.write_text(
             f'[unit]\nname = "{name}"\nadmin = "tcp:0:interface=127.0.0.1"\n'
-            f'secret_file = "{self.tmp / "secret.key"}"\nhealth = "{ip}:{HEALTH_PORT}"\n'
-            f'dam = "tcp:{DAM_PORT}:interface={ip}"\npeers = [{peers}]\n'
+            f'secret_file = "{self.tmp / "secret.key"}"\nhealth = "{format_host_port(ip, HEALTH_PORT)}"\n'
+            f'dam = {server_endpoint(DAM_PORT, ip)}\npeers = [{peers}]\n'
             f'handoff_port = {HANDOFF_PORT}\nforwarder_in = "eth0"\n'
-            f'tunnel_networks = ["10.1.0.0/24"]\ntunnel_source = "{ip}"\n'
-            f'tunnel_gateway = "{self.router.ip}"\n\n'
-            f'[[listener]]\nname = "vip"\nendpoint = "tcp:80:interface={VIP}"\npool = "h1"\nhandoff = true\n\n'
-            f'[pool.h1]\nhosts = ["{self.host.ip}:8080"]\n'
+            f'tunnel_networks = ["{p.back}"]\ntunnel_source = "{ip}"\n'
+            f'tunnel_gateway = "{p.lan["router"]}"\n\n'
+            f'[[listener]]\nname = "vip"\nendpoint = {server_endpoint(80, p.vip)}\npool = "h1"\nhandoff = true\n\n'
+            f'[pool.h1]\nhosts = ["{format_host_port(p.host, 8080)}"]\n'
         )
         out = self.start(name, self.units[name],
                          ["twistd", "-n", "--pidfile=", "nlbproxy", "--config", str(config)])
@@ -128,17 +167,18 @@ class TunnelFarm:
         return json.loads(node.run(["curl", "-sS", "--fail", "--max-time", "10", self.admin[name] + path]).stdout)
 
 
-@pytest.fixture(scope="module")
-def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TunnelFarm]:
+@pytest.fixture(scope="module", params=["ipv4", "ipv6"])
+def farm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TunnelFarm]:
     require_netns()
     require_tools("nginx", "nft", "curl")
+    plan = IPV6 if request.param == "ipv6" else IPV4
     with Topology() as topo:
-        yield TunnelFarm(topo, tmp_path_factory.mktemp("tunnel-handoff"))
+        yield TunnelFarm(topo, tmp_path_factory.mktemp(f"tunnel-handoff-{request.param}"), plan)
 
 
 def test_curl_download_through_a_tunnelled_handoff(farm: TunnelFarm) -> None:
     expected = hashlib.sha256(pattern(DOWNLOAD, seed=5)).hexdigest()
-    piped = farm.client.run(["sh", "-c", f"curl -sS --fail --max-time 120 http://{VIP}/big | sha256sum"],
+    piped = farm.client.run(["sh", "-c", f"curl -sS --fail --max-time 120 '{url(farm.plan.vip, 80, '/big')}' | sha256sum"],
                             timeout=150)
     assert piped.stdout.split()[0] == expected
     handoff = farm.get("u1", "/api/v1/state")["handoff"]
@@ -163,7 +203,7 @@ def live(farm: TunnelFarm, unit: str) -> int:
 
 def test_zz_tunnelled_connection_survives_its_unit_and_goes_back(farm: TunnelFarm) -> None:
     # Last: it kills u1 (and starts it again).
-    held = Held(farm.client, VIP, "/hello", "/big", "/hello")
+    held = Held(farm.client, farm.plan.vip, "/hello", "/big", "/hello")
     assert held.answer()[:2] == ["got", str(len(b"hello from h1\n"))]
     wait_for(lambda: live(farm, "u1") == 1, what="u1 routing the tunnelled connection")
     assert live(farm, "u2") == 0
@@ -172,7 +212,7 @@ def test_zz_tunnelled_connection_survives_its_unit_and_goes_back(farm: TunnelFar
     os.killpg(farm.out["u1"].proc.pid, signal.SIGKILL)
     farm.out["u1"].proc.wait(10)
     wait_for(lambda: live(farm, "u2") == 1, timeout=15, what="u2 taking the route over")
-    farm.client.add_route(f"{VIP}/32", UNITS["u2"])  # as a VRRP failover moves the VIP
+    farm.client.add_route(cidr(farm.plan.vip), farm.plan.lan["u2"])  # as a VRRP failover moves the VIP
     held.ask_next()
     line = held.answer(timeout=120)
     assert line[:3] == ["got", str(DOWNLOAD), hashlib.sha256(pattern(DOWNLOAD, seed=5)).hexdigest()], line
@@ -185,7 +225,7 @@ def test_zz_tunnelled_connection_survives_its_unit_and_goes_back(farm: TunnelFar
     farm.start_unit("u1")
     farm.out["u1"].wait_for("farm known", timeout=30)
     wait_for(lambda: live(farm, "u1") == 1, timeout=15, what="u1 taking its route back")
-    farm.client.add_route(f"{VIP}/32", UNITS["u1"])
+    farm.client.add_route(cidr(farm.plan.vip), farm.plan.lan["u1"])
     held.ask_next()
     assert held.answer()[:2] == ["got", str(len(b"hello from h1\n"))]
     forwarder = farm.get("u1", "/api/v1/state")["handoff"]["forwarder"]
