@@ -568,6 +568,41 @@ def _ip(value: object) -> str:
         raise ValueError(f"expected an IP address such as '10.0.0.2', got {text!r}") from None
 
 
+def _not_unicast(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why ``address`` cannot be a unicast peer's address, or None."""
+    if address.is_unspecified:
+        return "is unspecified"
+    if address.is_multicast:
+        return "is a multicast address"
+    if address.is_loopback:
+        return "is a loopback address"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return "is IPv4-mapped: write the IPv4 address"
+    return None
+
+
+def _client_families(endpoint: str) -> frozenset[int]:
+    """The IP versions of the clients a TCP server endpoint accepts.
+
+    Twisted listens on IPv6 when the interface is an IPv6 address, whatever
+    the kind (``tcp`` or ``tcp6``), and a socket on ``::`` takes IPv4 clients
+    too (as IPv4-mapped addresses).  Other kinds: none known.
+    """
+    kind, params = _endpoint_params(endpoint)
+    if kind not in ("tcp", "tcp6"):
+        return frozenset()
+    interface = params.get("interface") or ("::" if kind == "tcp6" else "0.0.0.0")
+    try:
+        address = ipaddress.ip_address(interface)
+    except ValueError:
+        return frozenset()
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return frozenset({4})
+        return frozenset({4, 6}) if address.is_unspecified else frozenset({6})
+    return frozenset({4})
+
+
 def _address(value: object) -> tuple[str, int]:
     host, port = parse_host_port(_string(value))
     if port == 0:
@@ -896,7 +931,7 @@ class _Parser:
         for i, config in enumerate(listeners.values()):
             if config.handoff and "secret" not in unit:
                 raise self.error(f"listener[{i}].handoff", "handoffs go to authenticated agents: set unit.secret_file")
-        self.check_tunnel(unit)
+        self.check_tunnel(unit, listeners)
         for key in ("forwarder_in", "forwarder_out", "forwarder_fast_path", "fence_table", "tunnel_networks"):
             if key in unit and not any(config.handoff for config in listeners.values()):
                 raise self.error(f"unit.{key}", "the forwarder serves handoff listeners: no listener has handoff = true")
@@ -912,8 +947,12 @@ class _Parser:
             path=self.path,
         )
 
-    def check_tunnel(self, unit: dict[str, Any]) -> None:
-        """tunnel_networks, tunnel_source and tunnel_gateway go together, of one family."""
+    def check_tunnel(self, unit: dict[str, Any], listeners: dict[str, ListenerConfig]) -> None:
+        """tunnel_networks, tunnel_source and tunnel_gateway go together, of one
+        family, and only handoff listeners of that family send to hosts in
+        tunnel_networks: the tunnel rewrites a packet's addresses to the
+        source's and the host's, which an IPv4 packet cannot carry when they
+        are IPv6 (or the other way round)."""
         keys = ("tunnel_networks", "tunnel_source", "tunnel_gateway")
         given = [key for key in keys if key in unit]
         if not given:
@@ -921,13 +960,55 @@ class _Parser:
         for key in keys:
             if key not in unit:
                 raise self.error(f"unit.{key}", f"the flow-id tunnel needs it with unit.{given[0]}")
-        version = ipaddress.ip_address(unit["tunnel_source"]).version
-        if ipaddress.ip_address(unit["tunnel_gateway"]).version != version:
+        source = ipaddress.ip_address(unit["tunnel_source"])
+        version = source.version
+        # The source is where hosts' agents know a flow from, and it crosses a
+        # router: it must be a routable unicast address of one family.
+        reason = _not_unicast(source) or ("is link-local: it does not cross the router to the hosts"
+                                          if source.is_link_local else None)
+        if reason:
+            raise self.error("unit.tunnel_source", f"{source} {reason}")
+        gateway = ipaddress.ip_address(unit["tunnel_gateway"])
+        if gateway.version != version:
             raise self.error("unit.tunnel_gateway", f"must be an IPv{version} address like unit.tunnel_source")
-        for network in unit["tunnel_networks"]:
-            if ipaddress.ip_network(network).version != version:
+        reason = _not_unicast(gateway)
+        if reason:
+            raise self.error("unit.tunnel_gateway", f"{gateway} {reason}")
+        if isinstance(gateway, ipaddress.IPv6Address) and gateway.is_link_local:
+            # A router is often known by its link-local address only (a route
+            # learnt from its advertisements), and that address names a
+            # neighbour on one link: the one the tunnelled frames leave by.
+            out = unit.get("forwarder_out") or unit.get("forwarder_in")
+            if gateway.scope_id is None and out is not None:
+                unit["tunnel_gateway"] = f"{gateway}%{out}"
+            elif gateway.scope_id is not None and gateway.scope_id != out:
+                raise self.error("unit.tunnel_gateway", f"a link-local gateway is on the forwarder's way out, {out}, "
+                                 f"not {gateway.scope_id}")
+        elif isinstance(gateway, ipaddress.IPv6Address) and gateway.scope_id is not None:
+            raise self.error("unit.tunnel_gateway", f"{gateway}: only a link-local address has a zone")
+        networks = [ipaddress.ip_network(n) for n in unit["tunnel_networks"]]
+        for network in networks:
+            if network.version != version:
                 raise self.error("unit.tunnel_networks",
                                  f"{network} is not IPv{version}, the family of unit.tunnel_source")
+        for i, listener in enumerate(listeners.values()):
+            if not listener.handoff:
+                continue
+            other = _client_families(listener.endpoint) - {version}
+            if not other:
+                continue
+            for name in dict.fromkeys([listener.pool, *(r.pool for r in listener.routes if r.pool)]):
+                for host in self.pools[name].hosts if name in self.pools else ():
+                    try:
+                        address = ipaddress.ip_address(host.host)
+                    except ValueError:
+                        continue  # a name: the unit resolves it, and its family is known then only
+                    if any(address in n for n in networks if n.version == address.version):
+                        raise self.error(f"listener[{i}].endpoint",
+                                         f"takes IPv{min(other)} clients, and pool {name}'s host {host.key} is reached "
+                                         f"through the IPv{version} flow-id tunnel (unit.tunnel_networks), which "
+                                         f"carries IPv{version} connections only: give the listener an "
+                                         f"IPv{version} address of its own")
 
     def check_workers(self, unit: dict[str, Any], listeners: dict[str, ListenerConfig]) -> None:
         """What a unit of several worker processes cannot do (nlbproxy.workers)."""

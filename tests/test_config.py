@@ -867,6 +867,68 @@ class FileTests(ConfigTestCase):
         self.assertConfigError(self.assertRaises(ConfigError, load_config, path), path, "unit.tunnel_networks",
                                "set unit.forwarder_in, the client-facing interface, too")
 
+    def test_ipv6_tunnel(self) -> None:
+        """An IPv6 tunnel: its source and gateway checked, a link-local gateway
+        on the forwarder's way out, and only IPv6 clients handed to its hosts."""
+        self.write("secret", b"key\n")
+        head = '[unit]\nsecret_file = "secret"\nforwarder_in = "eth0"\n'
+        tunnel = ('tunnel_networks = ["fd4e:4c44::/64"]\ntunnel_source = "fd4e:4c42::2"\n'
+                  'tunnel_gateway = "fd4e:4c42::1"\n')
+        listener = ("\n[[listener]]\nname = \"vip\"\nendpoint = 'tcp6:80:interface=fd4e\\:4c42\\:\\:100'\n"
+                    'pool = "h1"\nhandoff = true\n\n[pool.h1]\nhosts = ["[fd4e:4c44::3]:8080", "10.1.0.3:8080"]\n')
+        config = load_config(self.write("unit.toml", head + tunnel + listener))
+        self.assertEqual((config.tunnel_networks, config.tunnel_source, config.tunnel_gateway),
+                         (("fd4e:4c44::/64",), "fd4e:4c42::2", "fd4e:4c42::1"))
+        # The router known by its link-local address: the neighbour on the forwarder's way out.
+        linklocal = tunnel.replace('"fd4e:4c42::1"', '"fe80::1"')
+        config = load_config(self.write("unit.toml", head + linklocal + listener))
+        self.assertEqual(config.tunnel_gateway, "fe80::1%eth0")
+        config = load_config(self.write("unit.toml", head + 'forwarder_out = "eth1"\n' + linklocal + listener))
+        self.assertEqual(config.tunnel_gateway, "fe80::1%eth1")
+        config = load_config(self.write("unit.toml", head + linklocal.replace("fe80::1", "fe80::1%eth0") + listener))
+        self.assertEqual(config.tunnel_gateway, "fe80::1%eth0")
+        # An IPv4 host in the pool is not in the IPv6 tunnel's networks: an IPv4 listener may send to it.
+        v4 = listener.replace("'tcp6:80:interface=fd4e\\:4c42\\:\\:100'", '"tcp:80:interface=10.0.0.100"')
+        load_config(self.write("unit.toml", head + tunnel + v4.replace('"[fd4e:4c44::3]:8080", ', "")))
+        refused = "carries IPv6 connections only: give the listener an IPv6 address of its own"
+        cases = [
+            (tunnel.replace('"fd4e:4c42::2"', '"fe80::2"') + listener, "unit.tunnel_source",
+             "fe80::2 is link-local: it does not cross the router to the hosts"),
+            (tunnel.replace('"fd4e:4c42::2"', '"::"') + listener, "unit.tunnel_source", ":: is unspecified"),
+            (tunnel.replace('"fd4e:4c42::2"', '"::ffff:10.0.0.2"') + listener, "unit.tunnel_source",
+             "::ffff:a00:2 is IPv4-mapped: write the IPv4 address"),
+            (tunnel.replace('"fd4e:4c42::1"', '"ff02::2"') + listener, "unit.tunnel_gateway",
+             "ff02::2 is a multicast address"),
+            (tunnel.replace('"fd4e:4c42::1"', '"fd4e:4c42::1%eth0"') + listener, "unit.tunnel_gateway",
+             "fd4e:4c42::1%eth0: only a link-local address has a zone"),
+            (tunnel.replace('"fd4e:4c42::1"', '"fe80::1%eth1"') + listener, "unit.tunnel_gateway",
+             "a link-local gateway is on the forwarder's way out, eth0, not eth1"),
+            (tunnel.replace('"fd4e:4c42::1"', '"10.0.0.1"') + listener, "unit.tunnel_gateway",
+             "must be an IPv6 address like unit.tunnel_source"),
+            # Mixed families: an IPv4 VIP, or a dual-stack one, cannot use an IPv6 tunnel.
+            (tunnel + v4, "listener[0].endpoint",
+             "takes IPv4 clients, and pool h1's host [fd4e:4c44::3]:8080 is reached through the IPv6 flow-id "
+             "tunnel (unit.tunnel_networks), which " + refused),
+            (tunnel + listener.replace("fd4e\\:4c42\\:\\:100", "\\:\\:"), "listener[0].endpoint",
+             "takes IPv4 clients, and pool h1's host [fd4e:4c44::3]:8080 is reached through the IPv6 flow-id "
+             "tunnel (unit.tunnel_networks), which " + refused),
+            (tunnel + v4.replace('"tcp:80:interface=10.0.0.100"', '"tcp:80"'), "listener[0].endpoint",
+             "takes IPv4 clients, and pool h1's host [fd4e:4c44::3]:8080 is reached through the IPv6 flow-id "
+             "tunnel (unit.tunnel_networks), which " + refused),
+        ]
+        for text, key, reason in cases:
+            with self.subTest(key=key, reason=reason):
+                path = self.write("unit.toml", head + text)
+                error = self.assertRaises(ConfigError, load_config, path)
+                self.assertConfigError(error, path, key, reason)
+        # And the other way round: an IPv6 VIP cannot use an IPv4 tunnel.
+        v4tunnel = 'tunnel_networks = ["10.1.0.0/24"]\ntunnel_source = "10.0.0.2"\ntunnel_gateway = "10.0.0.1"\n'
+        path = self.write("unit.toml", head + v4tunnel + listener)
+        self.assertConfigError(self.assertRaises(ConfigError, load_config, path), path, "listener[0].endpoint",
+                               "takes IPv6 clients, and pool h1's host 10.1.0.3:8080 is reached through the IPv4 "
+                               "flow-id tunnel (unit.tunnel_networks), which carries IPv4 connections only: give "
+                               "the listener an IPv4 address of its own")
+
     def test_syntax_error(self) -> None:
         path = self.write("unit.toml", "[unit]\nname = \n")
         error = self.assertRaises(ConfigError, load_config, path)
