@@ -171,3 +171,25 @@ class LookupTests(SynchronousTestCase):
             fake = FakeNetlink([data])
             self.assertRaises(LookupError, neighbour_mac, ip, lambda fake=fake: fake)
             self.assertTrue(fake.closed)
+
+    def test_a_zone_names_the_interface(self) -> None:
+        # A router's link-local address is the same on each of its links: a
+        # zoned address (the config scopes a link-local tunnel_gateway to the
+        # forwarder's way out) finds the neighbour on that interface only.
+        data = renumber(DUMP6)
+        found, _ = parse_dump(DUMP6, SEQ)
+        self.assertEqual(find_mac(found, "fd4e:4c42::11", ifindex=3), "02:00:00:00:00:11")
+        self.assertIsNone(find_mac(found, "fd4e:4c42::11", ifindex=4))
+        names = {"eth0": 3, "eth1": 4}
+
+        def index_of(name: str) -> int:
+            if name not in names:
+                raise OSError(19, "No such device")
+            return names[name]
+
+        fake = FakeNetlink([data])
+        self.assertEqual(neighbour_mac("fd4e:4c42::11%eth0", lambda: fake, index_of),  # type: ignore[arg-type,return-value]
+                         "02:00:00:00:00:11")
+        for ip in ("fd4e:4c42::11%eth1", "fd4e:4c42::11%eth9"):
+            fake = FakeNetlink([data])
+            self.assertRaises(LookupError, neighbour_mac, ip, lambda fake=fake: fake, index_of)

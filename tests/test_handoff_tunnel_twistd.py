@@ -11,7 +11,8 @@ In the IPv6 farm every node also has the address of :data:`IPV6` (the last
 group as the IPv4 address's last byte; lan fd4e:4c42::/64, back
 fd4e:4c44::/64), and everything the handoff touches speaks IPv6: the VIP
 fd4e:4c42::100, the DAM, health and handoff channels, the tunnel (its
-networks, sources and gateway) and the client.
+networks, sources and gateway: the router's link-local address, as a
+router known from its advertisements is) and the client.
 
 The units' ``tunnel_networks`` holds the back segment: u1 hands the client's
 connection to the host's agent with the flow's mapping, and its forwarder
@@ -91,10 +92,17 @@ class TunnelFarm:
         self.host = topo.add_node("host", IPV4.host, segment="back", ip6=ip6(p.host))
         self.router.sysctl("net.ipv6.conf.all.forwarding" if p.v6 else "net.ipv4.ip_forward", 1)
         self.router.relax_rp_filter()
+        #: The units' tunnel_gateway.  An IPv6 router is often known by its
+        #: link-local address only (routes learnt from its advertisements):
+        #: the IPv6 units route the back segment, and tunnel, through that one.
+        self.gateway = p.lan["router"]
+        if p.v6:
+            out = self.router.run(["ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"]).stdout
+            self.gateway = out.split()[3].split("/")[0]
         for unit in self.units.values():
             unit.run(["ip", "addr", "add", cidr(p.vip), "dev", "lo"])
             unit.relax_rp_filter()
-            unit.add_route(p.back, p.lan["router"])
+            unit.run(["ip", "route", "replace", p.back, "via", self.gateway, "dev", unit.ifname])
         self.client.add_route(cidr(p.vip), p.lan["u1"])
         self.host.add_vip(p.vip)
         self.host.run(["ip", "-6" if p.v6 else "-4", "route", "replace", "default", "via", p.router_back])
@@ -154,7 +162,7 @@ class TunnelFarm:
             f'dam = {server_endpoint(DAM_PORT, ip)}\npeers = [{peers}]\n'
             f'handoff_port = {HANDOFF_PORT}\nforwarder_in = "eth0"\n'
             f'tunnel_networks = ["{p.back}"]\ntunnel_source = "{ip}"\n'
-            f'tunnel_gateway = "{p.lan["router"]}"\n\n'
+            f'tunnel_gateway = "{self.gateway}"\n\n'
             f'[[listener]]\nname = "vip"\nendpoint = {server_endpoint(80, p.vip)}\npool = "h1"\nhandoff = true\n\n'
             f'[pool.h1]\nhosts = ["{format_host_port(p.host, 8080)}"]\n'
         )

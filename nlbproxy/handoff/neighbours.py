@@ -136,11 +136,13 @@ def _neighbour(data: bytes, start: int, end: int) -> Neighbour | None:
     return Neighbour(str(ipaddress.ip_address(dst)), mac, state, ifindex)
 
 
-def find_mac(neighbours: Iterable[Neighbour], ip: str) -> str | None:
-    """The MAC address of ``ip`` among ``neighbours`` (usable entries only)."""
-    wanted = str(ipaddress.ip_address(ip))
+def find_mac(neighbours: Iterable[Neighbour], ip: str, ifindex: int | None = None) -> str | None:
+    """The MAC address of ``ip`` among ``neighbours`` (usable entries only),
+    on interface ``ifindex`` when given: a link-local address (a router's
+    ``fe80::1``) names one neighbour per link."""
+    wanted = str(ipaddress.ip_address(ip.partition("%")[0]))
     for entry in neighbours:
-        if entry.ip == wanted and entry.usable:
+        if entry.ip == wanted and entry.usable and ifindex in (None, entry.ifindex):
             assert entry.mac is not None
             return entry.mac
     return None
@@ -152,14 +154,21 @@ def _open_netlink() -> socket.socket:
     return sock
 
 
-def neighbour_mac(ip: str, opener: Callable[[], socket.socket] = _open_netlink) -> str:
+def neighbour_mac(ip: str, opener: Callable[[], socket.socket] = _open_netlink,
+                  index_of: Callable[[str], int] = socket.if_nametoindex) -> str:
     """The MAC address the kernel of the caller's network namespace has
-    resolved for ``ip`` (IPv4 or IPv6).
+    resolved for ``ip`` (IPv4 or IPv6; with a zone, ``fe80::1%eth1``, the
+    neighbour on that interface).
 
     LookupError when there is no usable entry (the handoff then falls back to
     proxying); NetlinkError (an OSError) when the table cannot be read.
     """
     family = _FAMILIES[ipaddress.ip_address(ip).version]
+    zone = ip.partition("%")[2]
+    try:
+        ifindex = index_of(zone) if zone else None
+    except OSError:
+        raise LookupError(f"no interface {zone} for neighbour {ip}") from None
     with opener() as sock:
         # One dump per socket: the sequence number only tells our answer
         # from a stray one.
@@ -172,7 +181,7 @@ def neighbour_mac(ip: str, opener: Callable[[], socket.socket] = _open_netlink) 
                 break
             read += len(data)
             neighbours, done = parse_dump(data, seq)
-            mac = find_mac(neighbours, ip)
+            mac = find_mac(neighbours, ip, ifindex)
             if mac is not None:
                 # Closing the socket mid-dump is fine: the kernel drops the rest.
                 return mac
