@@ -5,7 +5,10 @@ The packet path itself runs for real in tests/test_handoff_forwarder_netns.py.""
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
@@ -13,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nlbproxy.agent.config import parse_agent_config
 from nlbproxy.agent.handoff import HandoffReceiver
-from nlbproxy.agent.tunnel import HostTunnel, TunnelStartError
+from nlbproxy.agent.tunnel import HostTunnel, TunnelStartError, accept_restored
 from nlbproxy.handoff import repair
 from nlbproxy.handoff.routes import FlowKey
 from nlbproxy.handoff.state import encode
@@ -56,8 +59,12 @@ def started_tunnel(test: SynchronousTestCase, backend: RecordingBackend) -> tupl
         ports.append(FakePort(*args))
         return ports[-1]
 
+    def relax(name: str) -> list[str]:
+        relaxed.append(name)
+        return []
+
     tunnel = HostTunnel(MemoryReactorClock(), "eth0", backend_factory=lambda: backend, port_factory=port_factory,
-                        relax=relaxed.append)
+                        relax=relax)
     tunnel.start()
     test.addCleanup(tunnel.stop)
     test.assertEqual(relaxed, ["nlbtun0"])
@@ -95,11 +102,53 @@ class HostTunnelTests(SynchronousTestCase):
             raise OSError(19, "No such device")
 
         tunnel = HostTunnel(MemoryReactorClock(), "nosuch0", backend_factory=lambda: backend, port_factory=no_device,
-                            relax=lambda name: None)
+                            relax=lambda name: [])
         error = self.assertRaises(TunnelStartError, tunnel.start)
         self.assertIn("nosuch0", str(error))
         self.assertIn("delete table inet nlbagent_tunnel", backend.commands[-1])
         self.assertRaises(RuntimeError, tunnel.add, MAPPING)
+
+
+class AcceptRestoredTests(SynchronousTestCase):
+    """The TUN device's sysctls, in a copy of /proc/sys/net's layout."""
+
+    def sysctls(self, all_rp_filter: str = "0", ipv6: bool = True) -> Path:
+        root = Path(tempfile.mkdtemp(prefix="nlb-sysctl-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        for scope, value in (("all", all_rp_filter), ("nlbtun0", "1")):
+            (root / "ipv4" / "conf" / scope).mkdir(parents=True)
+            (root / "ipv4" / "conf" / scope / "rp_filter").write_text(value + "\n")
+        if ipv6:
+            (root / "ipv6" / "conf" / "nlbtun0").mkdir(parents=True)
+            # A device born while default.disable_ipv6 is set drops every IPv6 packet.
+            (root / "ipv6" / "conf" / "nlbtun0" / "disable_ipv6").write_text("1\n")
+        return root
+
+    def test_rp_filter_off_and_ipv6_on(self) -> None:
+        root = self.sysctls()
+        self.assertEqual(accept_restored("nlbtun0", str(root)), [])
+        self.assertEqual((root / "ipv4/conf/nlbtun0/rp_filter").read_text(), "0\n")
+        self.assertEqual((root / "ipv6/conf/nlbtun0/disable_ipv6").read_text(), "0\n")
+
+    def test_a_kernel_without_ipv6(self) -> None:
+        root = self.sysctls(ipv6=False)
+        self.assertEqual(accept_restored("nlbtun0", str(root)), [])
+        self.assertFalse((root / "ipv6").exists())
+
+    def test_strict_mode_for_all_devices_is_reported(self) -> None:
+        # The kernel applies the larger of all's and the device's value.
+        [warning] = accept_restored("nlbtun0", str(self.sysctls(all_rp_filter="1")))
+        self.assertIn("net.ipv4.conf.all.rp_filter is 1 (strict)", warning)
+        self.assertEqual(accept_restored("nlbtun0", str(self.sysctls(all_rp_filter="2"))), [])
+
+    def test_warnings_do_not_stop_the_tunnel(self) -> None:
+        backend = RecordingBackend()
+        tunnel = HostTunnel(MemoryReactorClock(), "eth0", backend_factory=lambda: backend, port_factory=FakePort,
+                            relax=lambda name: ["strict"])
+        tunnel.start()
+        self.addCleanup(tunnel.stop)
+        tunnel.add(MAPPING)
+        self.assertEqual(len(tunnel), 1)
 
 
 class ReceiverTests(SynchronousTestCase):

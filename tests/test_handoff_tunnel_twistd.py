@@ -106,6 +106,10 @@ class TunnelFarm:
         self.client.add_route(cidr(p.vip), p.lan["u1"])
         self.host.add_vip(p.vip)
         self.host.run(["ip", "-6" if p.v6 else "-4", "route", "replace", "default", "via", p.router_back])
+        if p.v6:
+            # As on hosts that enable IPv6 on chosen interfaces only: the
+            # agent's TUN device is born with IPv6 off, and the agent turns it on.
+            self.host.sysctl("net.ipv6.conf.default.disable_ipv6", 1)
         self.out: dict[str, Output] = {}
         self.admin: dict[str, str] = {}
         self._nginx()

@@ -19,6 +19,7 @@ The mapping goes when the connection ends (or its handoff fails).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -42,11 +43,32 @@ class TunnelStartError(Exception):
     """The tunnel's end could not be set up (no such interface, no nftables, not root)."""
 
 
-def relax_rp_filter(ifname: str) -> None:
-    """The client's address is not routed through the TUN device, so reverse
-    path filtering would drop every restored packet there."""
-    with open(f"/proc/sys/net/ipv4/conf/{ifname}/rp_filter", "w") as f:
+def accept_restored(ifname: str, sysctls: str = "/proc/sys/net") -> list[str]:
+    """Lets the restored packets in by TUN device ``ifname``; returns warnings.
+
+    The client's address is not routed through the device, so IPv4 reverse
+    path filtering would drop every restored packet there: it goes off on the
+    device, and the kernel's strict mode for all devices (it applies the larger
+    of the two) is reported.  IPv6 has no such filter, but a device born while
+    ``default.disable_ipv6`` is set drops every IPv6 packet: IPv6 is enabled
+    on it (when the kernel has IPv6 at all).
+    """
+    warnings = []
+    with open(f"{sysctls}/ipv4/conf/{ifname}/rp_filter", "w") as f:
         f.write("0\n")
+    try:
+        with open(f"{sysctls}/ipv4/conf/all/rp_filter") as f:
+            strict = f.read().strip() == "1"
+    except OSError:
+        strict = False
+    if strict:
+        warnings.append(f"net.ipv4.conf.all.rp_filter is 1 (strict): the kernel drops restored IPv4 packets on "
+                        f"{ifname}; set it to 0 or 2")
+    ipv6 = f"{sysctls}/ipv6/conf/{ifname}/disable_ipv6"
+    if os.path.exists(ipv6):
+        with open(ipv6, "w") as f:
+            f.write("0\n")
+    return warnings
 
 
 class HostTunnel:
@@ -58,7 +80,7 @@ class HostTunnel:
     def __init__(self, reactor: Any, ifname: str, *, table: str = TUNNEL_TABLE, tun_name: str = TUN_NAME,
                  backend_factory: Callable[[], Any] = open_backend,
                  port_factory: Callable[..., Any] = DecapsulatorPort,
-                 relax: Callable[[str], None] = relax_rp_filter) -> None:
+                 relax: Callable[[str], list[str]] = accept_restored) -> None:
         self.reactor = reactor
         self.ifname = ifname
         self.table = table
@@ -77,10 +99,12 @@ class HostTunnel:
             self.fence.setup()
             self.port = self._port_factory(self.reactor, self.decapsulator, self.ifname, self.tun_name)
             self.port.start()
-            self._relax(self.tun_name)
+            warnings = self._relax(self.tun_name)
         except Exception as e:
             self.stop()
             raise TunnelStartError(f"tunnel on {self.ifname}: {e}") from e
+        for warning in warnings:
+            log.warn("tunnel end: {warning}", warning=warning)
         log.info("tunnel end on {ifname} (TUN {tun}, table {table})", ifname=self.ifname, tun=self.tun_name,
                  table=self.table)
 
