@@ -756,6 +756,19 @@ class TunnelPlumbingTests(SynchronousTestCase):
         self.assertRaises(KeyError, self.plumbing.fence, self.flow, "10.2.0.7")
         self.assertEqual((len(self.plan.flow_ids), len(self.table)), (0, 0))
 
+    def test_flow_of_another_family_is_refused_and_keeps_no_flow_id(self) -> None:
+        # An IPv4 client's flow to a host behind an IPv6 tunnel (a pool host
+        # named, and resolved to an IPv6 address): refused, the id given back.
+        plan = TunnelPlan(["fd4e:4c44::/64"], {6: "fd4e:4c42::2"}, {6: "fd4e:4c42::1"})
+        self.macs["fd4e:4c42::1"] = self.ROUTER_MAC
+        plumbing = ForwarderPlumbing(self.port, self.fence, "eth1", resolve_mac=self.macs.__getitem__, tunnel=plan)
+        self.assertRaises(TunnelError, plumbing.fence, self.flow, "fd4e:4c44::3")
+        self.assertEqual((len(plan.flow_ids), len(self.table), len(self.fence.keys)), (0, 0, 0))
+        flow6 = Flow(("fd4e:4c42::5", 40000), ("fd4e:4c42::100", 80))
+        mapping = plumbing.fence(flow6, "fd4e:4c44::3")
+        assert mapping is not None
+        self.assertEqual((mapping.forwarder_ip, len(plan.flow_ids)), ("fd4e:4c42::2", 1))
+
     def test_own_flow_taken_back_is_not_handed_out_again(self) -> None:
         # A flow this unit tunnelled in an earlier run (its source is ours),
         # carried by a peer since: its flow id stays in use until it ends.

@@ -576,7 +576,15 @@ class ForwarderPlumbing:
         host_ip = str(getattr(host, "host", host))
         mapping = None
         if self.tunnel is not None and self.tunnel.reaches(host_ip):
-            mapping = TunnelMapping(self.tunnel.flow_ids.allocate(), self.tunnel.source(host_ip), key)
+            source = self.tunnel.source(host_ip)
+            flow_id = self.tunnel.flow_ids.allocate()
+            try:
+                # A flow of the other family than the host's cannot be
+                # tunnelled (the addresses are rewritten within a family).
+                mapping = TunnelMapping(flow_id, source, key)
+            except TunnelError:
+                self.tunnel.flow_ids.release(flow_id)
+                raise
         try:
             if mapping is None:
                 via = Via(host_ip, self.host_mac(host_ip), self.ifname)
