@@ -152,6 +152,21 @@ class TunnelTests(SynchronousTestCase):
         self.assertEqual(dec.decode(buf, len(buf), vnet=with_vnet), key)
         self.assertEqual(finish(buf) if with_vnet else bytes(buf), original)
 
+    @given(st.ip_addresses(v=6), st.integers(1, 65535), st.integers(1, 65535), st.integers(0x10001, 0xFFFFFFFF),
+           st.binary(max_size=300), st.booleans())
+    def test_ipv6_round_trip_property(self, client: object, cport: int, vport: int, flow_id: int, payload: bytes,
+                                      with_vnet: bool) -> None:
+        key = FlowKey(str(client), cport, "fd4e:4c42::100", vport)
+        dec = Decapsulator()
+        dec.add(Mapping(flow_id, "2001:db8:1::2", key))
+        original = frame(key, payload)
+        buf = partial(original) if with_vnet else bytearray(original)
+        self.encode(buf, with_vnet, host="fd4e:4c44::3", flow_id=flow_id)
+        self.assertEqual(len(buf), len(original) + (VNET_HDR_LEN if with_vnet else 0))
+        self.assertTrue(valid(finish(buf) if with_vnet else buf))
+        self.assertEqual(dec.decode(buf, len(buf), vnet=with_vnet), key)
+        self.assertEqual(finish(buf) if with_vnet else bytes(buf), original)
+
     def test_through_the_forwarder(self) -> None:
         table = RouteTable(Clock())
         fwd = Forwarder(table, {"eth1": MAC_B})
