@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -202,6 +203,12 @@ def test_curl_download_through_a_tunnelled_handoff(farm: TunnelFarm) -> None:
     agent = farm.get("agent", "/v1/handoff")
     assert agent["stats"]["restored"] >= 1 and agent["stats"]["bridged"] >= 1, agent
     assert agent["tunnel"]["port"]["injected"] > 100, agent
+    # The host's kernel dropped the tunnelled originals (the family's rule of
+    # the agent's table counted them) instead of answering them.
+    rules = farm.host.run(["nft", "list", "chain", "inet", "nlbagent_tunnel", "prerouting"]).stdout
+    family = 6 if farm.plan.v6 else 4
+    dropped = re.search(rf"@tunnel{family} counter packets (\d+)", rules)
+    assert dropped is not None and int(dropped.group(1)) > 100, rules
     # curl closed: the agent reported the end, the unit deleted the route and
     # released the flow id, and the agent removed the mapping.
     wait_for(lambda: farm.get("u1", "/api/v1/state")["handoff"]["live"] == 0, what="the route deleted")
