@@ -981,7 +981,7 @@ class _Parser:
             out = unit.get("forwarder_out") or unit.get("forwarder_in")
             if gateway.scope_id is None and out is not None:
                 unit["tunnel_gateway"] = f"{gateway}%{out}"
-            elif gateway.scope_id is not None and gateway.scope_id != out:
+            elif gateway.scope_id is not None and out is not None and gateway.scope_id != out:
                 raise self.error("unit.tunnel_gateway", f"a link-local gateway is on the forwarder's way out, {out}, "
                                  f"not {gateway.scope_id}")
         elif isinstance(gateway, ipaddress.IPv6Address) and gateway.scope_id is not None:

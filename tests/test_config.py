@@ -921,6 +921,11 @@ class FileTests(ConfigTestCase):
                 path = self.write("unit.toml", head + text)
                 error = self.assertRaises(ConfigError, load_config, path)
                 self.assertConfigError(error, path, key, reason)
+        # Without forwarder_in, that is what the error names.
+        path = self.write("unit.toml", '[unit]\nsecret_file = "secret"\n' + linklocal.replace("fe80::1", "fe80::1%eth1")
+                          + listener)
+        self.assertConfigError(self.assertRaises(ConfigError, load_config, path), path, "unit.tunnel_networks",
+                               "set unit.forwarder_in, the client-facing interface, too")
         # And the other way round: an IPv6 VIP cannot use an IPv4 tunnel.
         v4tunnel = 'tunnel_networks = ["10.1.0.0/24"]\ntunnel_source = "10.0.0.2"\ntunnel_gateway = "10.0.0.1"\n'
         path = self.write("unit.toml", head + v4tunnel + listener)
