@@ -104,7 +104,7 @@ class HostTunnel:
             self.stop()
             raise TunnelStartError(f"tunnel on {self.ifname}: {e}") from e
         for warning in warnings:
-            log.warn("tunnel end: {warning}", warning=warning)
+            log.warn("tunnel end: {problem}", problem=warning)
         log.info("tunnel end on {ifname} (TUN {tun}, table {table})", ifname=self.ifname, tun=self.tun_name,
                  table=self.table)
 
