@@ -49,6 +49,8 @@ SECRET = b"tunnelled handoff secret\n"
 HANDOFF_PORT = 9904
 HEALTH_PORT = 9903
 DOWNLOAD = 16 * MiB
+#: Fewer client packets than the download surely takes through the forwarder.
+ACKS = 20
 
 
 @dataclass(frozen=True)
@@ -197,18 +199,19 @@ def test_curl_download_through_a_tunnelled_handoff(farm: TunnelFarm) -> None:
     handoff = farm.get("u1", "/api/v1/state")["handoff"]
     assert handoff["handed_off"] >= 1 and handoff["failed"] == {} and handoff["fell_back"] == {}, handoff
     forwarder = handoff["forwarder"]
-    # The client's ACKs went through the forwarder, tunnelled.
-    assert forwarder["metrics"]["packets"] > 100, forwarder
+    # The client's ACKs went through the forwarder, tunnelled (how many
+    # depends on GRO and the machine's load: 88 to 300 seen for 16 MiB).
+    assert forwarder["metrics"]["packets"] > ACKS, forwarder
     assert forwarder["metrics"]["drops"] == {}, forwarder
     agent = farm.get("agent", "/v1/handoff")
     assert agent["stats"]["restored"] >= 1 and agent["stats"]["bridged"] >= 1, agent
-    assert agent["tunnel"]["port"]["injected"] > 100, agent
+    assert agent["tunnel"]["port"]["injected"] > ACKS, agent
     # The host's kernel dropped the tunnelled originals (the family's rule of
     # the agent's table counted them) instead of answering them.
     rules = farm.host.run(["nft", "list", "chain", "inet", "nlbagent_tunnel", "prerouting"]).stdout
     family = 6 if farm.plan.v6 else 4
     dropped = re.search(rf"@tunnel{family} counter packets (\d+)", rules)
-    assert dropped is not None and int(dropped.group(1)) > 100, rules
+    assert dropped is not None and int(dropped.group(1)) > ACKS, rules
     # curl closed: the agent reported the end, the unit deleted the route and
     # released the flow id, and the agent removed the mapping.
     wait_for(lambda: farm.get("u1", "/api/v1/state")["handoff"]["live"] == 0, what="the route deleted")
@@ -237,8 +240,8 @@ def test_zz_tunnelled_connection_survives_its_unit_and_goes_back(farm: TunnelFar
     assert line[:3] == ["got", str(DOWNLOAD), hashlib.sha256(pattern(DOWNLOAD, seed=5)).hexdigest()], line
     forwarder = farm.get("u2", "/api/v1/state")["handoff"]["forwarder"]
     assert forwarder["plumbing"].get("taken_over", 0) >= 1, forwarder
-    # The client's ACKs of 16 MiB went through u2, tunnelled (how many depends on GRO: 88 to 300 seen).
-    assert forwarder["metrics"]["packets"] > 20 and forwarder["metrics"]["drops"] == {}, forwarder
+    # The client's ACKs of 16 MiB went through u2, tunnelled.
+    assert forwarder["metrics"]["packets"] > ACKS and forwarder["metrics"]["drops"] == {}, forwarder
     # u1 comes back (a preempting VRRP master takes the VIP back): it takes
     # its route back from the DAM, and the connection goes on through it.
     farm.start_unit("u1")
