@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.handoff_farm import cidr
 from tests.netns import Node, Topology, Worker, require_netns, require_tools, wait_for
 
 VIP = "10.0.0.100"
@@ -220,39 +221,64 @@ def expect(flow_id, client_port):
 """
 
 
-def test_tunnel_to_a_host_on_another_segment() -> None:
+#: The tunnel test's addresses by family: (lan: client, unit, router), back: (router, host), VIP.
+TUNNEL_PLANS = {
+    "ipv4": {"client": "10.0.0.5", "unit": "10.0.0.2", "router": "10.0.0.1", "router_back": "10.1.0.1",
+             "host": "10.1.0.3", "back": "10.1.0.0/24", "vip": VIP},
+    "ipv6": {"client": "fd4e:4c42::5", "unit": "fd4e:4c42::2", "router": "fd4e:4c42::1",
+             "router_back": "fd4e:4c44::1", "host": "fd4e:4c44::3", "back": "fd4e:4c44::/64",
+             "vip": "fd4e:4c42::100"},
+}
+
+
+def in_family(code: str, plan: dict[str, str]) -> str:
+    """A snippet written for IPv4 with the plan's addresses (and sockets of its family)."""
+    names = {"10.0.0.5": plan["client"], "10.0.0.2": plan["unit"], "10.0.0.100": plan["vip"]}
+    code = re.sub(r"10\.0\.0\.(?:5|2|100)\b", lambda m: names[m.group(0)], code)
+    if ":" in plan["vip"]:
+        code = code.replace("socket.socket()", "socket.socket(socket.AF_INET6)")
+    return code
+
+
+@pytest.mark.parametrize("family", list(TUNNEL_PLANS))
+def test_tunnel_to_a_host_on_another_segment(family: str) -> None:
     """client and unit on one segment, the host behind a router: the forwarder
-    tunnels (flow id in the ports), the host decapsulates, replies are routed direct."""
+    tunnels (flow id in the ports), the host decapsulates, replies are routed
+    direct; a 24 MiB upload (large, partially checksummed frames through the
+    tunnel) and a 24 MiB download, over IPv4 and over IPv6."""
     require_netns()
     require_tools("nft")
+    plan = TUNNEL_PLANS[family]
+    v6 = family == "ipv6"
+    ip6 = {name: (plan[name] if v6 else None) for name in ("client", "unit", "router", "router_back", "host")}
     with Topology() as topo:
         topo.add_segment("back")
-        client = topo.add_node("client", "10.0.0.5")
-        unit = topo.add_node("unit", "10.0.0.2")
-        router = topo.add_node("router", "10.0.0.1")
-        topo.attach(router, "back", "10.1.0.1")
-        host = topo.add_node("host", "10.1.0.3", segment="back")
-        router.sysctl("net.ipv4.ip_forward", 1)
+        client = topo.add_node("client", "10.0.0.5", ip6=ip6["client"])
+        unit = topo.add_node("unit", "10.0.0.2", ip6=ip6["unit"])
+        router = topo.add_node("router", "10.0.0.1", ip6=ip6["router"])
+        topo.attach(router, "back", "10.1.0.1", ip6=ip6["router_back"])
+        host = topo.add_node("host", "10.1.0.3", segment="back", ip6=ip6["host"])
+        router.sysctl("net.ipv6.conf.all.forwarding" if v6 else "net.ipv4.ip_forward", 1)
         router.relax_rp_filter()
-        unit.run(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
-        unit.add_route("10.1.0.0/24", router.ip)
-        client.add_route(f"{VIP}/32", unit.ip)
-        host.add_vip(VIP)
-        host.add_route("default", "10.1.0.1")
+        unit.run(["ip", "addr", "add", cidr(plan["vip"]), "dev", "lo"])
+        unit.add_route(plan["back"], plan["router"])
+        client.add_route(cidr(plan["vip"]), plan["unit"])
+        host.add_vip(plan["vip"])
+        host.run(["ip", "-6" if v6 else "-4", "route", "replace", "default", "via", plan["router_back"]])
 
         d = host.worker()
-        d.exec(DECAP)
+        d.exec(in_family(DECAP, plan))
         h = host.worker()
-        h.exec(f"SIZE = {SIZE}\n" + HOST)
+        h.exec(f"SIZE = {SIZE}\n" + in_family(HOST, plan))
         u = unit.worker()
-        u.exec(TUNNEL_UNIT)
+        u.exec(in_family(TUNNEL_UNIT, plan))
         c = client.worker()
-        c.exec(f"SIZE = {SIZE}\n" + CLIENT)
+        c.exec(f"SIZE = {SIZE}\n" + in_family(CLIENT, plan))
         port = c.eval("client_port")
         flow_id = 0x00020003
         d.exec(f"expect({flow_id}, {port})")
         # The frames go to the router's MAC; the IP header takes them to the host.
-        u.exec(f"key = plumb({port}, {host.ip!r}, {router.mac!r}, {flow_id})")
+        u.exec(f"key = plumb({port}, {plan['host']!r}, {router.mac!r}, {flow_id})")
         u.exec("call(reactor, port.commit, key)")
 
         assert c.eval("start()") == 115
@@ -260,7 +286,7 @@ def test_tunnel_to_a_host_on_another_segment() -> None:
         ok_upload, ok_download, _ = c.eval("exchange()")
         assert ok_upload and ok_download
         wait_for(lambda: h.eval("result.get('received')"), what="the host's reading")
-        assert h.eval("result")["peer"] == ["10.0.0.5", port]
+        assert h.eval("result")["peer"][:2] == [plan["client"], port]
         assert u.eval("fwd.metrics()")["drops"] == {}
         assert u.eval("fwd.tunnel.stats['encoded']") > 0
         assert d.eval("dict(port.stats)").get("drop_inject_error", 0) == 0
