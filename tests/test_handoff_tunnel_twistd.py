@@ -11,8 +11,11 @@ In the IPv6 farm every node also has the address of :data:`IPV6` (the last
 group as the IPv4 address's last byte; lan fd4e:4c42::/64, back
 fd4e:4c44::/64), and everything the handoff touches speaks IPv6: the VIP
 fd4e:4c42::100, the DAM, health and handoff channels, the tunnel (its
-networks, sources and gateway: the router's link-local address, as a
-router known from its advertisements is) and the client.
+networks and sources) and the client.  Two things real IPv6 networks do are
+there too: the units reach the router by its link-local address (as routes
+learnt from router advertisements do), which is their ``tunnel_gateway``;
+and the host creates devices with IPv6 off (``default.disable_ipv6``), so
+the agent must turn it on for its TUN device.
 
 The units' ``tunnel_networks`` holds the back segment: u1 hands the client's
 connection to the host's agent with the flow's mapping, and its forwarder
