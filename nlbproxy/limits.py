@@ -164,6 +164,11 @@ FENCE_TIMEOUT = 5.0
 CLOSING_TIMEOUT = 60.0
 #: After the client's RST, the route lives this long.
 RESET_TIMEOUT = 5.0
+#: After the host's agent reports a handed-off connection's end, its route
+#: (at the unit) and its tunnel mapping (at the host) stay this long: the host
+#: may still be waiting for the client's last ACK of its FIN (LAST_ACK), and
+#: without them that ACK would reach the unit's kernel, which resets the client.
+END_LINGER = 2.0
 #: A committed route without a client packet for this long is deleted.
 ROUTE_IDLE_TIMEOUT = 3600.0
 #: The forwarder's AF_PACKET receive buffer: bursts beyond it are dropped by

@@ -208,6 +208,13 @@ _HOLD = (
 )
 
 
+def closed_cleanly(node: Node) -> bool:
+    """No TCP socket of ``node`` waits in LAST_ACK: the clients' ACKs of the
+    host's FINs reached it (a handed-off connection whose route went before
+    that ACK would sit there, resending its FIN to a client its unit resets)."""
+    return not node.run(["ss", "-Htan", "state", "last-ack"]).stdout.strip()
+
+
 class Held:
     """One keep-alive connection from ``node`` to ``vip``:80 asking for
     ``paths`` in turn, each after the previous (see ``_HOLD``); the process

@@ -22,6 +22,7 @@ from nlbproxy.handoff.routes import FlowKey
 from nlbproxy.handoff.state import encode
 from nlbproxy.handoff.tunnel import Mapping
 from nlbproxy.handoff.wire import Handoff, Result
+from nlbproxy.limits import END_LINGER
 from tests.test_handoff_state import state
 from tests.test_handoff_unitforwarder import RecordingBackend
 
@@ -195,8 +196,26 @@ class ReceiverTests(SynchronousTestCase):
     def test_removed_when_the_bridge_ends(self) -> None:
         self.hand_off()
         self.receiver._bridge_ended(self.channel, STATE, object())  # type: ignore[arg-type]
-        self.assertEqual(len(self.tunnel), 0)
         self.assertEqual(self.channel.sent[-1].client, "10.0.0.5:40000")
+        # The mapping lingers for the client's last ACK of the host's FIN.
+        self.assertEqual(len(self.tunnel), 1)
+        self.reactor.advance(END_LINGER)
+        self.assertEqual(len(self.tunnel), 0)
+
+    def test_a_lingering_mapping_leaves_a_newer_one_of_the_same_flow(self) -> None:
+        self.hand_off()
+        self.receiver._bridge_ended(self.channel, STATE, object())  # type: ignore[arg-type]
+        self.reactor.advance(END_LINGER / 2)
+        # The client reuses its port at once, and the same unit hands it off again (a new message).
+        self.hand_off(Mapping.decode(MAPPING.encode()))
+        self.reactor.advance(END_LINGER / 2)
+        self.assertEqual((len(self.receiver._mappings), len(self.tunnel)), (1, 1))
+
+    def test_stop_cancels_the_lingering(self) -> None:
+        self.hand_off()
+        self.receiver._bridge_ended(self.channel, STATE, object())  # type: ignore[arg-type]
+        self.receiver.stop()
+        self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.func == self.receiver._expire], [])
 
     def test_removed_when_the_restore_fails(self) -> None:
         def refuse(s: Any) -> socket.socket:

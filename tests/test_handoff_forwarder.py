@@ -22,6 +22,7 @@ from nlbproxy.handoff.packets import (
 )
 from nlbproxy.handoff.routes import ACK, FIN, RST, SYN, FlowKey, RouteTable, State, Via, atom_key, from_atom, to_atom
 from nlbproxy.handoff.tunnel import Decapsulator, FlowIds, TunnelError, TunnelPlan
+from nlbproxy.limits import END_LINGER
 from nlbproxy.session.dam import DAM
 
 CLIENT_MAC = mac_bytes("02:00:00:00:00:05")
@@ -413,8 +414,20 @@ class PlumbingTests(SynchronousTestCase):
         self.assertEqual(len(self.sockets["tx:eth1"].sent), 1)
         self.assertEqual(from_atom(atom_key(KEY), self.dam.get(atom_key(KEY)).data)[2], State.COMMITTED)  # type: ignore[union-attr]
         self.plumbing.ended(self.flow)
+        # The route lingers: the client's last ACK of the host's FIN still goes to the host.
+        self.assertEqual((self.fence.keys, self.table.get(KEY).state), ({KEY}, State.CLOSING))  # type: ignore[union-attr]
+        self.sockets["rx:eth0"].inbox = [(VNET + frame(), PACKET_HOST)]
+        self.port.doRead()
+        self.assertEqual(len(self.sockets["tx:eth1"].sent), 2)
+        self.assertIsNone(self.dam.get(atom_key(KEY)))  # no other unit is to take it over
+        self.reactor.advance(END_LINGER + 1)
+        self.assertEqual((self.fence.keys, len(self.table), self.table.stats["deleted_ended"]), (set(), 0, 1))
+        self.assertEqual(self.dam.stats["deleted"], 1)
+
+    def test_end_of_a_route_never_committed_deletes_it_at_once(self) -> None:
+        self.plumbing.fence(self.flow, Host())
+        self.plumbing.ended(self.flow)
         self.assertEqual((self.fence.keys, len(self.table)), (set(), 0))
-        self.assertIsNone(self.dam.get(atom_key(KEY)))
 
     def test_unfence_after_failed_handoff(self) -> None:
         self.plumbing.fence(self.flow, "10.0.1.3")
@@ -654,6 +667,8 @@ class KernelPathTests(SynchronousTestCase):
         self.assertEqual(len(sockets["tx:eth1"].sent), 1)
         self.assertEqual(table.get(KEY).state, State.CLOSING)  # type: ignore[union-attr]
         plumbing.ended(flow)
+        self.assertEqual(len(kernel), 1)  # lingering
+        reactor.advance(END_LINGER + 1)
         self.assertTrue(commands[-1].startswith("delete element netdev nlbproxy_fast routes4"))
         self.assertEqual(len(kernel), 0)
 
@@ -778,6 +793,8 @@ class TunnelPlumbingTests(SynchronousTestCase):
         self.assertEqual(len(self.plan.flow_ids), 1)
         self.assertEqual(self.plan.flow_ids.allocate(), 0x00020004)
         self.plumbing.ended(self.flow)
+        self.assertEqual(len(self.plan.flow_ids), 2)  # until the route has lingered
+        self.reactor.advance(END_LINGER + 1)
         self.assertEqual(len(self.plan.flow_ids), 1)  # the one just allocated
         # A peer's flow (another source) reserves nothing here.
         other = ("route 10.0.0.5:40000 10.0.0.100:80", "2 c 10.2.0.7 02:00:00:00:00:01 131077 10.0.0.9")

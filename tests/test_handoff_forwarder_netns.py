@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from nlbproxy.limits import END_LINGER
 from tests.handoff_farm import cidr
 from tests.netns import Node, Topology, Worker, require_netns, require_tools, wait_for
 
@@ -344,7 +345,8 @@ def test_plumbing_resolves_the_host_and_lifts_the_fence(farm: tuple[Topology, No
     assert c.eval("established()") == 0
     assert c.eval("exchange()")[:2] == [True, True]
     u.exec(f"call(reactor, plumbing.ended, flow({port}))")
-    assert u.eval("[len(fence), len(table)]") == [0, 0]
+    # The route lingers END_LINGER for the client's last ACK, then goes with its fence.
+    wait_for(lambda: u.eval("[len(fence), len(table)]") == [0, 0], timeout=END_LINGER + 5, what="the route's end")
 
 
 FAST_UNIT = PLUMBED_UNIT.replace(
@@ -381,7 +383,8 @@ def test_kernel_fast_path(farm: tuple[Topology, Node, Node, Node]) -> None:
     assert seen < 20, seen
     wait_for(lambda: u.eval("table.routes()[0].state.value") == "closing", what="the FIN seen")
     u.exec(f"call(reactor, plumbing.ended, flow({port}))")
-    assert u.eval("[len(kernel), len(fence), len(table)]") == [0, 0, 0]
+    wait_for(lambda: u.eval("[len(kernel), len(fence), len(table)]") == [0, 0, 0], timeout=END_LINGER + 5,
+             what="the route's end")
 
 
 ECHO = """

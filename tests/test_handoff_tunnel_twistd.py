@@ -42,7 +42,7 @@ from typing import Any
 import pytest
 
 from nlbproxy.config import format_host_port
-from tests.handoff_farm import NGINX, Held, Output, cidr, env, listen, server_endpoint, url
+from tests.handoff_farm import NGINX, Held, Output, cidr, closed_cleanly, env, listen, server_endpoint, url
 from tests.handoff_util import pattern
 from tests.netns import Node, Topology, require_netns, require_tools, wait_for
 
@@ -220,6 +220,8 @@ def test_curl_download_through_a_tunnelled_handoff(farm: TunnelFarm) -> None:
     wait_for(lambda: farm.get("u1", "/api/v1/state")["handoff"]["live"] == 0, what="the route deleted")
     wait_for(lambda: farm.get("agent", "/v1/handoff")["tunnel"]["mappings"] == 0,
              what="the mapping removed")
+    # The client's last ACK came through the lingering route and mapping.
+    assert closed_cleanly(farm.host)
 
 
 def live(farm: TunnelFarm, unit: str) -> int:

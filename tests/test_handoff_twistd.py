@@ -35,7 +35,8 @@ from typing import Any
 import pytest
 
 from nlbproxy.config import format_host_port
-from tests.handoff_farm import NGINX, Held, Output, cidr, env, listen, server_endpoint, url
+from nlbproxy.limits import END_LINGER
+from tests.handoff_farm import NGINX, Held, Output, cidr, closed_cleanly, env, listen, server_endpoint, url
 from tests.handoff_util import pattern
 from tests.netns import Node, Topology, require_netns, require_tools, wait_for
 
@@ -203,6 +204,7 @@ def test_curl_download_through_a_handed_off_connection(farm: Farm) -> None:
     assert agent["stats"]["restored"] >= 1 and agent["stats"]["bridged"] >= 1, agent
     # curl closed; the agent reported the end and the unit deleted the route.
     wait_for(lambda: farm.state("u1")["handoff"]["live"] == 0, what="the route deleted after the end")
+    wait_for(lambda: closed_cleanly(farm.hosts["h1"]), timeout=END_LINGER + 5, what="h1's socket closed")
 
 
 def test_a_dead_host_resets_its_handed_off_connections(farm: Farm) -> None:

@@ -23,6 +23,7 @@ from nlbproxy.handoff.unitforwarder import (
     ForwarderStartError, HandoffReport, UnitForwarder, build_forwarder, dead_hosts, hosts_by_address,
 )
 from nlbproxy.handoff.unitside import Flow, HandoffStats
+from nlbproxy.limits import END_LINGER
 from nlbproxy.session.dam import DAM
 from tests.test_admin import FakeUpstreams
 from tests.test_handoff_forwarder import HOST_MAC, KEY, OUT_MAC, VNET, FakeSocket, frame
@@ -149,8 +150,11 @@ class UnitForwarderTests(SynchronousTestCase):
         self.assertIsNotNone(self.net.dams["u2"].get(atom_key(KEY)))  # replicated to the peer
         self.assertEqual(self.fwd.handed_off(), {HOST_IP: 1})
         self.fwd.ended(FLOW)
-        self.assertEqual(self.fwd.handed_off(), {})
+        # No longer live, and no other unit is to take it over; the route only lingers.
+        self.assertEqual((self.fwd.handed_off(), len(self.fwd.table)), ({}, 1))
         self.assertIsNone(self.net.dams["u2"].get(atom_key(KEY)))
+        self.reactor.advance(END_LINGER + 1)
+        self.assertEqual(len(self.fwd.table), 0)
 
     def test_dead_host_loses_its_routes(self) -> None:
         self.fwd.start()
@@ -193,6 +197,7 @@ class UnitForwarderTests(SynchronousTestCase):
         # u1 was only cut off: its host's agent reported the end to it, and
         # the atom's deletion reaches u2 when they reconnect.
         self.forwarders["u1"].ended(FLOW)
+        self.reactor.advance(END_LINGER + 1)
         self.net.dams["u2"].set_peers({"u1"})
         self.net.dams["u1"].set_peers(())
         self.net.dams["u1"].set_peers({"u2"})
@@ -292,6 +297,7 @@ class TunnelledUnitForwarderTests(SynchronousTestCase):
         self.assertEqual(sent[VNET_HDR_LEN + 26:VNET_HDR_LEN + 34],
                          ipaddress.ip_address("10.0.0.2").packed + ipaddress.ip_address(HOST_IP).packed)
         fwd.ended(FLOW)
+        reactor.advance(END_LINGER + 1)
         self.assertEqual(len(fwd.tunnel.flow_ids), 0)
         plain = SimpleNamespace(**{**vars(config), "tunnel_networks": (), "tunnel_source": None,
                                    "tunnel_gateway": None})

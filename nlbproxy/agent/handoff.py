@@ -27,7 +27,8 @@ the connection already lives here and nothing else would ever answer it.
 A HANDOFF from a unit on another segment carries the flow-id tunnel's
 mapping (``[agent] tunnel_interface``): it is installed in the tunnel's end
 (:class:`~nlbproxy.agent.tunnel.HostTunnel`) before the restore, and removed
-when the bridge ends or the handoff fails.  (An adopted connection's end is
+when the handoff fails, or ``END_LINGER`` seconds after the bridge ends (the
+client's last ACK of our FIN still comes through it).  (An adopted connection's end is
 not seen here, so its mapping stays until the agent stops.)  An agent
 without a tunnel refuses such a handoff.
 
@@ -61,6 +62,7 @@ from nlbproxy.handoff.state import BlobError, ConnState, decode
 from nlbproxy.handoff.tunnel import Mapping
 from nlbproxy.handoff.wire import Commit, Ended, Handoff, Message, Result
 from nlbproxy.health.messages import RowKey
+from nlbproxy.limits import END_LINGER
 
 __all__ = ["COMMIT_TIMEOUT", "MAX_BRIDGES", "HandoffReceiver", "reset"]
 
@@ -100,6 +102,8 @@ class HandoffReceiver:
         self._held: dict[tuple[ChannelProtocol, int], tuple[socket.socket, ConnState, AppConfig, Any]] = {}
         # The tunnel mappings of live connections, by (client, VIP) address.
         self._mappings: dict[tuple[Any, Any], Mapping] = {}
+        # Timers of ended connections' mappings (END_LINGER).
+        self._lingering: set[Any] = set()
 
     @property
     def held(self) -> int:
@@ -170,8 +174,34 @@ class HandoffReceiver:
             self.tunnel.remove(mapping)
 
     def _gone(self, state: ConnState) -> None:
-        """The connection ``state`` ended here: its tunnel mapping goes."""
+        """The connection ``state`` failed here: its tunnel mapping goes."""
         self._untunnel(self._mappings.pop((state.peer, state.local), None))
+
+    def _ended(self, state: ConnState) -> None:
+        """The connection ``state`` ended: its tunnel mapping stays
+        ``END_LINGER`` seconds more, for the client's last ACK of our FIN."""
+        key = (state.peer, state.local)
+        mapping = self._mappings.get(key)
+        if mapping is None:
+            return
+        call = self.reactor.callLater(END_LINGER, self._expire, key, mapping)
+        self._lingering.add(call)
+
+    def _expire(self, key: tuple[Any, Any], mapping: Mapping) -> None:
+        self._lingering = {c for c in self._lingering if c.active()}
+        current = self._mappings.get(key)
+        if current is mapping:
+            del self._mappings[key]
+        elif current is not None and (current.forwarder_ip, current.flow_id) == (mapping.forwarder_ip, mapping.flow_id):
+            return  # a newer handoff of the same 4-tuple uses this tunnel flow now
+        self._untunnel(mapping)
+
+    def stop(self) -> None:
+        """Drops the lingering mappings' timers (the tunnel's end goes with the agent)."""
+        for call in self._lingering:
+            if call.active():
+                call.cancel()
+        self._lingering.clear()
 
     def _commit_timed_out(self, channel: ChannelProtocol, id_: int) -> None:
         held = self._held.pop((channel, id_), None)
@@ -245,6 +275,6 @@ class HandoffReceiver:
     def _bridge_ended(self, channel: ChannelProtocol, state: ConnState, bridge: Bridge) -> None:
         self.bridges.discard(bridge)
         self.stats["bridge_ended"] += 1
-        self._gone(state)
+        self._ended(state)
         if channel.connected_:
             channel.send(Ended(format_host_port(*state.peer), format_host_port(*state.local)))

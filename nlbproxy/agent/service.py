@@ -180,5 +180,7 @@ class AgentService(service.Service):
             check.stop()
         ports = [p for p in (self.api_port, self.udp_port, self.handoff_port) if p is not None]
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        if self.handoff is not None:
+            self.handoff.stop()
         if self.tunnel is not None:
             self.tunnel.stop()

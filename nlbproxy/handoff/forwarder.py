@@ -397,6 +397,13 @@ class PacketPort(_PacketReader):
         if gone is not None:
             self._deleted([gone])
 
+    def end(self, key: FlowKey) -> None:
+        """The host's agent reported ``key``'s end: its route lingers (see
+        :meth:`RouteTable.end`), or goes now if it was never committed."""
+        gone = self.forwarder.table.end(key)
+        if gone is not None:
+            self._deleted([gone])
+
     def delete_host(self, host: str, reason: str = "host_gone") -> int:
         """Deletes every route to ``host`` (health says it is down); returns
         how many.  The fence goes with them, so the client's next packets
@@ -635,7 +642,13 @@ class ForwarderPlumbing:
         self.port.delete(self.key(flow), "aborted")
 
     def ended(self, flow: Any) -> None:
-        self.port.delete(self.key(flow), "ended")
+        key = self.key(flow)
+        route = self.table.get(key)
+        self.port.end(key)
+        if route is not None and route.ended:
+            # The connection is over: no other unit is to take it over.  The
+            # route itself lingers here for the client's last ACK.
+            self._forget(key)
 
     def replumb(self, atoms: Iterable[tuple[str, str]]) -> tuple[int, int]:
         """Takes over the routes of ``(key, data)`` DAM atoms (another unit
@@ -702,12 +715,17 @@ class ForwarderPlumbing:
         except Exception as e:
             self.stats["unfence_failed"] += 1
             log.msg(f"fence not lifted for {len(keys)} flows: {e}")
+        for deleted in gone:
+            if not deleted.route.ended:  # an ended route's atom went at its end
+                self._forget(deleted.route.key)
+
+    def _forget(self, key: FlowKey) -> None:
+        """Deletes ``key``'s route atom."""
         if self.dam is not None:
-            for key in keys:
-                try:
-                    self.dam.delete(atom_key(key))
-                except Exception:
-                    self.stats["dam_delete_failed"] += 1
+            try:
+                self.dam.delete(atom_key(key))
+            except Exception:
+                self.stats["dam_delete_failed"] += 1
 
 
 # --- the kernel fast path --------------------------------------------------------------------

@@ -204,7 +204,7 @@ ACK = 0x10
 class Route:
     """One flow's entry.  Mutable, owned by its table; read it, do not change it."""
 
-    __slots__ = ("buffer", "buffered_bytes", "bytes", "deadline", "key", "offloaded", "packed",
+    __slots__ = ("buffer", "buffered_bytes", "bytes", "deadline", "ended", "key", "offloaded", "packed",
                  "packets", "pending_close", "since", "state", "via")
 
     def __init__(self, key: FlowKey, via: Via, now: float) -> None:
@@ -224,6 +224,8 @@ class Route:
         #: The unit's kernel forwards this flow (the forwarder's fast path);
         #: the forwarder only watches its FIN/RST.
         self.offloaded = False
+        #: The host's agent reported the end: the route only lingers (:meth:`RouteTable.end`).
+        self.ended = False
 
     def row(self) -> dict[str, Any]:
         return {
@@ -266,6 +268,7 @@ class RouteTable:
         closing_timeout: float = limits.CLOSING_TIMEOUT,
         reset_timeout: float = limits.RESET_TIMEOUT,
         idle_timeout: float = limits.ROUTE_IDLE_TIMEOUT,
+        end_linger: float = limits.END_LINGER,
     ) -> None:
         self._clock = clock
         self.max_routes = max_routes
@@ -276,6 +279,7 @@ class RouteTable:
         self.closing_timeout = closing_timeout
         self.reset_timeout = reset_timeout
         self.idle_timeout = idle_timeout
+        self.end_linger = end_linger
         self._routes: dict[bytes, Route] = {}
         # The FENCED ones, kept apart: the forwarder's socket filter names them.
         self._fenced: dict[bytes, FlowKey] = {}
@@ -414,6 +418,25 @@ class RouteTable:
         self.stats[f"deleted_{reason}"] += 1
         return Deleted(route, reason)
 
+    def end(self, key: FlowKey) -> Deleted | None:
+        """The host's agent reported ``key``'s end.  A committed route lingers
+        ``end_linger`` seconds more, closing, for the client's last ACK of the
+        host's FIN (then :meth:`tick` deletes it, reason "ended"); one never
+        committed goes at once.  Returns what was deleted now, if anything."""
+        route = self._routes.get(key.packed)
+        if route is None:
+            self.stats["delete_unknown"] += 1
+            return None
+        if route.state is State.FENCED:
+            return self.delete(key, "ended")
+        if not route.ended:
+            route.ended = True
+            if route.state is State.COMMITTED:
+                route.state = State.CLOSING
+                self.stats["closing"] += 1
+            route.deadline = min(route.deadline, self._clock.seconds() + self.end_linger)
+        return None
+
     def delete_host(self, host: str, reason: str = "host_gone") -> list[Deleted]:
         """Removes every route to ``host`` (its agent is gone)."""
         gone = [r for r in self._routes.values() if r.via.host == host]
@@ -496,7 +519,7 @@ class RouteTable:
         expired = [r for r in self._routes.values() if r.deadline <= now]
         out, self.removed = self.removed, []
         for route in expired:
-            reason = {
+            reason = "ended" if route.ended else {
                 State.FENCED: "fence_timeout",
                 State.COMMITTED: "idle_timeout",
                 State.CLOSING: "closing_timeout",

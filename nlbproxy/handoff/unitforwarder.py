@@ -282,8 +282,10 @@ class UnitForwarder:
     # --- views ------------------------------------------------------------------------
 
     def handed_off(self) -> Counter[str]:
-        """Live handed-off connections (committed or closing routes) by host address."""
-        return Counter(r.via.host for r in self.table.routes() if r.state in (State.COMMITTED, State.CLOSING))
+        """Live handed-off connections (committed or closing routes whose end
+        the agent has not reported) by host address."""
+        return Counter(r.via.host for r in self.table.routes()
+                       if r.state in (State.COMMITTED, State.CLOSING) and not r.ended)
 
     def state(self, limit: int = limits.ADMIN_ROUTE_ROWS) -> dict[str, Any]:
         metrics = self.port.forwarder.metrics() if self.port is not None else {}
