@@ -17,7 +17,7 @@ from nlbproxy.handoff.forwarder import (
     kernel_route_commands, socket_filter, to_tun_header,
 )
 from nlbproxy.handoff.packets import (
-    ETH_HLEN, NOT_TCP, VNET_HDR_LEN, Malformed, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
+    ETH_HLEN, NOT_TCP, VNET_HDR_LEN, VNET_HDR_NONE, Malformed, Parsed, build_tcp_frame, checksum, mac_bytes, mac_text, parse,
     tcp_checksum, too_big_key,
 )
 from nlbproxy.handoff.routes import ACK, FIN, RST, SYN, FlowKey, RouteTable, State, Via, atom_key, from_atom, to_atom
@@ -67,6 +67,23 @@ def too_big(v6: bool = False, sport: int = 40000, kind: tuple[int, int] | None =
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, 1, 0, router, vip)
         ethertype = b"\x08\x00"
     return UNIT_MAC + ROUTER_MAC + ethertype + ip + icmp
+
+
+def icmp6_sum(packet: bytes) -> int:
+    """The ICMPv6 message's sum over its pseudo-header: 0xFFFF when its checksum is right."""
+    pseudo = packet[8:40] + struct.pack("!IxxxB", len(packet) - 40, 58)
+    return checksum(packet[40:], checksum(pseudo))
+
+
+def checksummed(frame_: bytes) -> bytes:
+    """``frame_`` (a :func:`too_big`) with the checksums a router computes."""
+    data = bytearray(frame_)
+    if data[12:14] == b"\x86\xdd":
+        struct.pack_into("!H", data, 14 + 42, ~icmp6_sum(bytes(data[14:])) & 0xFFFF)
+    else:
+        struct.pack_into("!H", data, 14 + 10, ~checksum(data[14:34]) & 0xFFFF)
+        struct.pack_into("!H", data, 14 + 22, ~checksum(data[34:]) & 0xFFFF)
+    return bytes(data)
 
 
 class ParseTests(SynchronousTestCase):
@@ -206,6 +223,29 @@ class ForwarderTests(SynchronousTestCase):
                 data = bytearray(VNET + other)
                 self.assertIsNone(fwd.frame(data, len(data)))
             self.assertEqual((fwd.metrics()["too_big"], fwd.metrics()["passed"]), (1, 3))
+
+    def test_too_big_about_a_tunnelled_flow_goes_to_the_hosts_address(self) -> None:
+        # The tunnel carries TCP only: the message keeps its ICMP form and goes
+        # from the tunnel source to the host's own address, checksums still right.
+        for v6, key, host, source in ((False, KEY, "10.2.0.7", "10.0.0.2"),
+                                      (True, KEY6, "fd4e:4c43::7", "fd4e:4c42::2")):
+            _, table, fwd = forwarder()
+            table.restore(key, Via(host, mac_text(ROUTER_MAC), "eth1", 0x00020003, source), State.COMMITTED)
+            data = bytearray(VNET_HDR_NONE + checksummed(too_big(v6)))  # a router's message: checksums complete
+            out = fwd.frame(data, len(data))
+            assert out is not None
+            sent = bytes(out[1])[VNET_HDR_LEN:]
+            self.assertEqual(sent[:12], ROUTER_MAC + OUT_MAC)
+            addresses = ipaddress.ip_address(source).packed + ipaddress.ip_address(host).packed
+            if v6:
+                self.assertEqual(sent[14 + 8:14 + 40], addresses)
+                self.assertEqual(icmp6_sum(sent[14:]), 0xFFFF)
+            else:
+                self.assertEqual(sent[14 + 12:14 + 20], addresses)
+                self.assertEqual(checksum(sent[14:34]), 0xFFFF)
+            icmp = 14 + (40 if v6 else 20)  # the message itself is untouched, its checksum aside
+            self.assertEqual(sent[icmp + 4:], checksummed(too_big(v6))[icmp + 4:])
+            self.assertEqual((fwd.metrics()["too_big"], fwd.tunnel.stats["too_big"]), (1, 1))
 
     def test_malformed_counted(self) -> None:
         _, _, fwd = forwarder()

@@ -224,6 +224,31 @@ def test_curl_download_through_a_tunnelled_handoff(farm: TunnelFarm) -> None:
     assert closed_cleanly(farm.host)
 
 
+def test_path_mtu_discovery_through_the_tunnel(farm: TunnelFarm) -> None:
+    """The router's hop towards the client narrows to 1280 bytes: the host's
+    full-size replies meet it, and the router's ICMP "too big" goes to their
+    source, the VIP, so to u1.  The tunnel carries TCP only, so u1 sends the
+    message on to the host's own address from its tunnel source; the host
+    lowers its path MTU.  Without that the download stalls after the first
+    window (IPv6 routers never fragment, and IPv4 replies carry DF)."""
+    p = farm.plan
+    family = "-6" if p.v6 else "-4"
+    farm.router.run(["ip", family, "route", "replace", cidr(p.vip), "via", p.lan["u1"]])
+    farm.router.run(["ip", "link", "set", "eth0", "mtu", "1280"])
+    try:
+        before = farm.get("u1", "/api/v1/state")["handoff"]
+        piped = farm.client.run(["sh", "-c", f"curl -sS --fail --max-time 60 '{url(p.vip, 80, '/big')}' | sha256sum"],
+                                timeout=90)
+        assert piped.stdout.split()[0] == hashlib.sha256(pattern(DOWNLOAD, seed=5)).hexdigest()
+        after = farm.get("u1", "/api/v1/state")["handoff"]
+        assert after["handed_off"] == before["handed_off"] + 1 and after["fell_back"] == {}, after
+        metrics = after["forwarder"]["metrics"]
+        assert metrics["too_big"] > before["forwarder"]["metrics"]["too_big"] and metrics["drops"] == {}, metrics
+    finally:
+        farm.router.run(["ip", "link", "set", "eth0", "mtu", "1500"])
+        farm.router.run(["ip", family, "route", "del", cidr(p.vip)])
+
+
 def live(farm: TunnelFarm, unit: str) -> int:
     return int(farm.get(unit, "/api/v1/state")["handoff"]["live"])
 

@@ -119,12 +119,25 @@ class Forwarder:
         TCP is the unit's own traffic."""
         packed = too_big_key(buf, VNET_HDR_LEN, size)
         route = self.table.lookup(packed) if packed is not None else None
-        # A tunnelled route only carries TCP; a fenced one has no host socket yet.
-        if route is None or route.via.flow_id is not None or route.state not in (State.COMMITTED, State.CLOSING):
+        # A fenced flow has no host socket yet.
+        if route is None or route.state not in (State.COMMITTED, State.CLOSING):
             self.stats["passed"] += 1
             return None
+        via = route.via
+        src = self.macs.get(via.ifname)
+        if src is None:
+            self.table.count_drop("no_interface")
+            return None
+        if via.flow_id is not None:
+            # The flow-id tunnel carries TCP only: the message is routed to the host's own address.
+            try:
+                self.tunnel.redirect_too_big(buf, via)
+            except TunnelError:
+                self.table.count_drop("no_tunnel")
+                return None
+        set_macs(buf, VNET_HDR_LEN, via.mac_bytes, src)
         self.stats["too_big"] += 1
-        return self._rewrite(buf, size, route.via, None)
+        return via.ifname, memoryview(buf)[:size]
 
     def _rewrite(self, buf: bytearray, size: int, via: Via, parsed: Parsed | None) -> tuple[str, memoryview] | None:
         src = self.macs.get(via.ifname)

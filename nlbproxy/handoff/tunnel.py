@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from nlbproxy.handoff.packets import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN, Parsed, parse
+from nlbproxy.handoff.packets import ETH_P_8021Q, VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN, Parsed, parse
 from nlbproxy.handoff.routes import FlowKey, Via
 
 _H = struct.Struct("!H")
@@ -244,6 +244,36 @@ class Encapsulator:
         _rewrite(buf, parsed, addresses[:width], addresses[width:],
                  _PORTS.pack(via.flow_id >> 16, via.flow_id & 0xFFFF), vnet)
         self.stats["encoded"] += 1
+
+
+    def redirect_too_big(self, buf: bytearray, via: Via, vnet: bool = True) -> None:
+        """An ICMP "fragmentation needed" / ICMPv6 "packet too big" about
+        tunnelled flow ``via`` (a narrower hop on the host's direct way to
+        the client answered the VIP, which is routed to this unit) goes to
+        the host as the tunnel's packets do, from the tunnel source to the
+        host's own address; not from the hop itself: that router may be the
+        one towards the host, and it drops a packet that claims to come from
+        its own address.  The host's kernel finds the socket by the quoted
+        headers, not the outer ones, and lowers its path MTU.  Checksums:
+        the IPv4 header's, or the ICMPv6 one (it covers the addresses)."""
+        start = VNET_HDR_LEN if vnet else 0
+        l3 = start + 14
+        if _H.unpack_from(buf, start + 12)[0] == ETH_P_8021Q:
+            l3 += 4
+        new = via.tunnel_addresses
+        version = buf[l3] >> 4
+        if (version, len(new)) == (4, 8):
+            at = l3 + 12
+            _H.pack_into(buf, l3 + 10, adjust(_H.unpack_from(buf, l3 + 10)[0], bytes(buf[at:at + 8]), new))
+        elif (version, len(new)) == (6, 32):
+            at, check_at = l3 + 8, l3 + 40 + 2
+            check = adjust(_H.unpack_from(buf, check_at)[0], bytes(buf[at:at + 32]), new,
+                           inverted=not _partial(buf, vnet))
+            _H.pack_into(buf, check_at, check)
+        else:
+            raise TunnelError(f"an IPv{version} message for the tunnel to host {via.host}")
+        buf[at:at + len(new)] = new
+        self.stats["too_big"] += 1
 
 
 class Decapsulator:
