@@ -443,7 +443,10 @@ class TLSServerProtocol(Protocol):
             stats.resumed += 1
         else:
             stats.full += 1
-        self.wrapped.connectionLost(reason if self.error is None else Failure(self.error))
+        wrapped, self.wrapped = self.wrapped, None
+        # Without the router, nothing is left in a cycle with this protocol:
+        # the connection is freed at once rather than by the collector.
+        wrapped.connectionLost(reason if self.error is None else Failure(self.error))
 
     # -- the router's transport --------------------------------------------------------
     def _flush(self) -> None:
