@@ -7,12 +7,17 @@ in front of the same nginx backend (a 100-byte answer).  The proxy is pinned
 to one CPU, the clients and the backend to the other.
 
 Handshakes: ``--clients`` parallel client processes (this script with
-``--handshakes``, Python's ssl) for ``--duration`` seconds each: connect,
-handshake, (TLS 1.3: read the tickets that follow it), close_notify, close;
-``new`` makes every connection a full handshake, ``reuse`` resumes the last
-session each time.  Figures are given per second and per
-CPU-second of the proxy: one client CPU may not saturate a proxy, and other
-load on the machine moves per-second figures far more.
+``--handshakes``; pyOpenSSL, or Python's ssl with ``--client ssl``) for
+``--duration`` seconds each: connect, handshake, (TLS 1.3: read the tickets
+that follow it), close_notify, close; ``new`` makes every connection a full
+handshake, ``reuse`` resumes the last session each time.  Both clients offer
+the same ciphers and groups; Python's ssl spends three times the CPU on a
+resumption (it copies the session, certificate included, into every
+connection), so that four of its clients on one CPU leave a proxy idle
+between resumptions and its per-CPU-second figure then counts sleeping and
+waking too.  Figures are given per second and per CPU-second of the proxy:
+one client CPU may not saturate a proxy, and other load on the machine
+moves per-second figures far more.
 Requests: wrk keep-alive GETs over https and over http.
 
 Where the cost goes: ``tcp`` connections (connect, half-close, read the
@@ -51,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     ap.add_argument("--clients", type=int, default=4, help="parallel handshake client processes")
+    ap.add_argument("--client", choices=sorted(CLIENTS), default="pyopenssl",
+                    help="the handshake clients' TLS library (ssl: Python's, 3 x the CPU per resumption)")
     ap.add_argument("--connections", type=int, default=50, help="wrk -c")
     ap.add_argument("--key", choices=["rsa2048", "ecdsa"], default="rsa2048",
                     help="the certificate's key (RSA 2048 is what most sites serve)")
@@ -180,8 +187,8 @@ def tcp_client(port: int, duration: float) -> None:
     print(json.dumps({"connections": done, "reused": 0}), flush=True)
 
 
-def handshake_client(port: int, version: str, mode: str, duration: float) -> None:
-    """One client process: handshakes in a loop; prints JSON counts."""
+def ssl_client(port: int, version: str, mode: str, duration: float) -> None:
+    """One client process (Python's ssl): handshakes in a loop; prints JSON counts."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -212,6 +219,77 @@ def handshake_client(port: int, version: str, mode: str, duration: float) -> Non
     print(json.dumps({"connections": done, "reused": reused}), flush=True)
 
 
+#: What Python's ssl client offers (its default cipher string; OpenSSL 3.0's
+#: default groups), so that both clients ask the servers for the same work:
+#: pyOpenSSL's own OpenSSL would offer a post-quantum key share, which the
+#: servers' OpenSSL 3.0 ignores but parses.
+PY_SSL_CIPHERS = b"@SECLEVEL=2:ECDH+AESGCM:ECDH+CHACHA20:ECDH+AES:DHE+AES:!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM"
+PY_SSL_GROUPS = b"X25519:P-256:X448:P-521:P-384:ffdhe2048:ffdhe3072:ffdhe4096:ffdhe6144:ffdhe8192"
+
+
+def pyopenssl_client(port: int, version: str, mode: str, duration: float) -> None:
+    """One client process (pyOpenSSL): the same connections as
+    :func:`ssl_client`, at a third of its CPU for a resumed one: Python's
+    ssl copies a session (re-decoding the server's certificate) every time
+    it is set on a connection, which made four clients too slow to keep a
+    proxy busy with resumptions (see README)."""
+    from OpenSSL import SSL
+
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    wanted = SSL.TLS1_2_VERSION if version == "TLSv1_2" else SSL.TLS1_3_VERSION
+    ctx.set_min_proto_version(wanted)
+    ctx.set_max_proto_version(wanted)
+    ctx.set_verify(SSL.VERIFY_NONE)
+    ctx.set_cipher_list(PY_SSL_CIPHERS)
+    if SSL._lib.SSL_CTX_set1_curves_list(ctx._context, PY_SSL_GROUPS) != 1:
+        raise RuntimeError("OpenSSL refused the groups")
+    session_reused = SSL._lib.SSL_session_reused
+    session = None
+    done = reused = 0
+    end = time.monotonic() + duration
+    address = ("127.0.0.1", port)
+    while time.monotonic() < end:
+        with socket.socket() as raw:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.connect(address)
+            tls = SSL.Connection(ctx, None)
+            tls.set_tlsext_host_name(b"bench.test")
+            tls.set_connect_state()
+            if session is not None:
+                tls.set_session(session)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except SSL.WantReadError:
+                    raw.sendall(tls.bio_read(65536))
+                    data = raw.recv(65536)
+                    if not data:
+                        raise ConnectionError("closed during the handshake") from None
+                    tls.bio_write(data)
+            try:
+                raw.sendall(tls.bio_read(65536))  # TLS 1.2 full: our Finished
+            except SSL.WantReadError:
+                pass
+            if version == "TLSv1_3":
+                # The server's tickets follow its handshake flight at once.
+                tls.bio_write(raw.recv(65536))
+                try:
+                    tls.recv(1)
+                except SSL.WantReadError:
+                    pass
+            tls.shutdown()  # close_notify, not waiting for the server's
+            raw.sendall(tls.bio_read(65536))
+            done += 1
+            reused += session_reused(tls._ssl)
+            if mode == "reuse":
+                session = tls.get_session()
+    print(json.dumps({"connections": done, "reused": reused}), flush=True)
+
+
+CLIENTS = {"pyopenssl": pyopenssl_client, "ssl": ssl_client}
+
+
 def handshakes(port: int, mode: str, version: str, args: argparse.Namespace, cpu: int, procs: H.Procs,
                pid: int) -> dict:
     """``--clients`` client processes at once; connections per second (all of
@@ -219,7 +297,8 @@ def handshakes(port: int, mode: str, version: str, args: argparse.Namespace, cpu
     if mode == "tcp":
         argv = [H.PY, str(Path(__file__).resolve()), "--tcp", str(port), str(args.duration)]
     else:
-        argv = [H.PY, str(Path(__file__).resolve()), "--handshakes", str(port), version, mode, str(args.duration)]
+        argv = [H.PY, str(Path(__file__).resolve()), "--handshakes", str(port), version, mode, str(args.duration),
+                args.client]
     cpu0, start = H.cpu_seconds(pid), time.monotonic()
     running = [procs.start(f"handshakes-{i}", argv, cpu=cpu) for i in range(args.clients)]
     for proc in running:
@@ -301,7 +380,7 @@ def rps(url: str, args: argparse.Namespace, cpu: int, pid: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--handshakes"]:
-        handshake_client(int(argv[1]), argv[2], argv[3], float(argv[4]))
+        CLIENTS[argv[5]](int(argv[1]), argv[2], argv[3], float(argv[4]))
         return
     if argv[:1] == ["--tcp"]:
         tcp_client(int(argv[1]), float(argv[2]))
@@ -359,7 +438,7 @@ COLUMNS = ["new tls1_2", "reuse tls1_2", "new tls1_3", "reuse tls1_3", "rps plai
 
 
 def report(results: dict[str, dict], costs: dict[str, float], args: argparse.Namespace) -> None:
-    print(f"\n{args.key} certificate, {args.clients} handshake clients, wrk -c{args.connections}, "
+    print(f"\n{args.key} certificate, {args.clients} handshake clients ({args.client}), wrk -c{args.connections}, "
           f"{args.duration:g}s per figure")
     tables = {}
     for key, what in (("per_s", "per second"), ("per_cpu_s", "per proxy CPU-second")):
@@ -408,7 +487,8 @@ def report(results: dict[str, dict], costs: dict[str, float], args: argparse.Nam
         print(f"{verdict} nlbproxy {what} per proxy CPU-second = {'n/a' if value is None else f'{value:.2f}'} "
               f"(target >= {minimum}; per second: {tables['per_s'].get('nlbproxy', {}).get(what, 0):.2f})")
     if args.json:
-        args.json.write_text(json.dumps({"benchmark": "tls", "key": args.key, "results": results, "openssl_us": costs,
+        args.json.write_text(json.dumps({"benchmark": "tls", "key": args.key, "client": args.client,
+                                         "results": results, "openssl_us": costs,
                                          "ratios": tables, "checks": verdicts}, indent=2))
 
 
