@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     ap.add_argument("--clients", type=int, default=4, help="parallel handshake client processes")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every target N times, in alternating order, and report medians")
     ap.add_argument("--client", choices=sorted(CLIENTS), default="pyopenssl",
                     help="the handshake clients' TLS library (ssl: Python's, 3 x the CPU per resumption)")
     ap.add_argument("--connections", type=int, default=50, help="wrk -c")
@@ -139,7 +141,7 @@ def start_nginx(procs: H.Procs, pem: Path, backend: int, cpu: int) -> tuple[int,
               "        ssl_session_cache shared:SSL:10m; ssl_session_tickets on;\n"
               "        location / { proxy_pass http://be; proxy_http_version 1.1;"
               ' proxy_set_header Connection ""; }')
-    conf = H.nginx_conf(procs.workdir, "proxy-nginx", plain, server, upstream)
+    conf = H.nginx_conf(procs.workdir, f"proxy-nginx-{tls}", plain, server, upstream)  # one per round
     proc = procs.start("nginx", H.nginx_argv(conf), cpu=cpu)
     H.wait_port(plain, proc)
     H.wait_port(tls, proc)
@@ -392,37 +394,65 @@ def main(argv: list[str] | None = None) -> None:
     proxy_cpu, load_cpu = H.pick_cpus()
     print(H.load_note(), flush=True)
     H.raise_nofile()
-    results: dict[str, dict] = {}
+    rounds: dict[str, list[dict]] = {}
     with H.workdir(args.keep) as wd, H.Procs(wd) as procs:
         pem = CA(wd / "pki").issue("bench.pem", dns=["bench.test"], rsa_bits=2048 if args.key == "rsa2048" else 0)
         costs = openssl(pem, proxy_cpu, procs)
         print("OpenSSL alone, server side: " + ", ".join(f"{k} {v:.0f} us" for k, v in costs.items()), flush=True)
         backend = H.start_backend_nginx(procs, load_cpu)
-        for name in args.only:
-            if name == "nlbproxy" and not H.nlbproxy_available():
-                print("nlbproxy: SKIPPED (twistd --help does not list the plugin)", file=sys.stderr)
-                continue
-            plain, tls = STARTERS[name](procs, pem, backend, proxy_cpu)
-            pid = H.find_target_proc(procs, name).pid
-            r: dict = {}
-            for version in ("tls1_2", "tls1_3"):
-                for mode in ("new", "reuse"):
-                    r[f"{mode} {version}"] = hs = handshakes(
-                        tls, mode, "TLSv1_2" if version == "tls1_2" else "TLSv1_3", args, load_cpu, procs, pid)
-                    print(f"{name:<9} {mode:<5} {version}: {hs['per_s']:8.0f} handshakes/s "
-                          f"{hs['per_cpu_s']:8.0f} per proxy CPU-s (proxy CPU {hs['proxy_cpu']:.0%}, "
-                          f"{hs['reused_share']:.0%} resumed)", flush=True)
-            r["tcp"] = hs = handshakes(plain, "tcp", "", args, load_cpu, procs, pid)
-            print(f"{name:<9} tcp connect/close: {hs['per_s']:8.0f} /s {hs['per_cpu_s']:8.0f} per proxy CPU-s "
-                  f"(proxy CPU {hs['proxy_cpu']:.0%})", flush=True)
-            for kind, url in (("plain", f"http://127.0.0.1:{plain}/"), ("tls", f"https://127.0.0.1:{tls}/")):
-                r[f"rps {kind}"] = res = rps(url, args, load_cpu, pid)
-                print(f"{name:<9} keep-alive {kind:<5}: {res['per_s']:8.0f} req/s {res['per_cpu_s']:8.0f} per proxy "
-                      f"CPU-s (proxy CPU {res['proxy_cpu']:.0%})" + (f" ERRORS {res['errors']}" if res["errors"] else ""),
-                      flush=True)
-            results[name] = r
-            procs.stop(H.find_target_proc(procs, name))
-    report(results, costs, args)
+        targets = list(args.only)
+        if "nlbproxy" in targets and not H.nlbproxy_available():
+            print("nlbproxy: SKIPPED (twistd --help does not list the plugin)", file=sys.stderr)
+            targets.remove("nlbproxy")
+        for n in range(args.rounds):
+            if args.rounds > 1:
+                print(f"-- round {n + 1} of {args.rounds}", flush=True)
+            # Alternate the order, so that no target always runs first.
+            for name in targets if n % 2 == 0 else targets[::-1]:
+                rounds.setdefault(name, []).append(measure(name, pem, backend, proxy_cpu, load_cpu, procs, args))
+    results = {name: combine(rounds[name]) for name in targets}
+    if args.rounds > 1:
+        print("\nper round, resumed/full per proxy CPU-second (TLS 1.2, TLS 1.3):")
+        for name in targets:
+            print(f"{name:<10}" + "  ".join(f"{ratios(r, 'per_cpu_s')['resumed/full TLS 1.2']:.2f} "
+                                           f"{ratios(r, 'per_cpu_s')['resumed/full TLS 1.3']:.2f}"
+                                           for r in rounds[name]))
+    report(results, costs, args, rounds)
+
+
+def measure(name: str, pem: Path, backend: int, proxy_cpu: int, load_cpu: int, procs: H.Procs,
+            args: argparse.Namespace) -> dict:
+    """Every figure of one target, started afresh."""
+    plain, tls = STARTERS[name](procs, pem, backend, proxy_cpu)
+    pid = H.find_target_proc(procs, name).pid
+    r: dict = {}
+    for version in ("tls1_2", "tls1_3"):
+        for mode in ("new", "reuse"):
+            r[f"{mode} {version}"] = hs = handshakes(
+                tls, mode, "TLSv1_2" if version == "tls1_2" else "TLSv1_3", args, load_cpu, procs, pid)
+            print(f"{name:<9} {mode:<5} {version}: {hs['per_s']:8.0f} handshakes/s "
+                  f"{hs['per_cpu_s']:8.0f} per proxy CPU-s (proxy CPU {hs['proxy_cpu']:.0%}, "
+                  f"{hs['reused_share']:.0%} resumed)", flush=True)
+    r["tcp"] = hs = handshakes(plain, "tcp", "", args, load_cpu, procs, pid)
+    print(f"{name:<9} tcp connect/close: {hs['per_s']:8.0f} /s {hs['per_cpu_s']:8.0f} per proxy CPU-s "
+          f"(proxy CPU {hs['proxy_cpu']:.0%})", flush=True)
+    for kind, url in (("plain", f"http://127.0.0.1:{plain}/"), ("tls", f"https://127.0.0.1:{tls}/")):
+        r[f"rps {kind}"] = res = rps(url, args, load_cpu, pid)
+        print(f"{name:<9} keep-alive {kind:<5}: {res['per_s']:8.0f} req/s {res['per_cpu_s']:8.0f} per proxy "
+              f"CPU-s (proxy CPU {res['proxy_cpu']:.0%})" + (f" ERRORS {res['errors']}" if res["errors"] else ""),
+              flush=True)
+    procs.stop(H.find_target_proc(procs, name))
+    return r
+
+
+def combine(rounds: list[dict]) -> dict:
+    """The median of each figure over the rounds (errors: their sum)."""
+    return {
+        column: {key: (sum(r[column][key] for r in rounds) if key == "errors"
+                       else H.median([r[column][key] for r in rounds]))
+                 for key in rounds[0][column]}
+        for column in rounds[0]
+    }
 
 
 def ratios(r: dict, key: str) -> dict[str, float]:
@@ -437,9 +467,10 @@ def ratios(r: dict, key: str) -> dict[str, float]:
 COLUMNS = ["new tls1_2", "reuse tls1_2", "new tls1_3", "reuse tls1_3", "rps plain", "rps tls"]
 
 
-def report(results: dict[str, dict], costs: dict[str, float], args: argparse.Namespace) -> None:
+def report(results: dict[str, dict], costs: dict[str, float], args: argparse.Namespace,
+           rounds: dict[str, list[dict]]) -> None:
     print(f"\n{args.key} certificate, {args.clients} handshake clients ({args.client}), wrk -c{args.connections}, "
-          f"{args.duration:g}s per figure")
+          f"{args.duration:g}s per figure" + (f", median of {args.rounds} rounds" if args.rounds > 1 else ""))
     tables = {}
     for key, what in (("per_s", "per second"), ("per_cpu_s", "per proxy CPU-second")):
         print(f"\nhandshakes and requests {what}")
@@ -488,7 +519,7 @@ def report(results: dict[str, dict], costs: dict[str, float], args: argparse.Nam
               f"(target >= {minimum}; per second: {tables['per_s'].get('nlbproxy', {}).get(what, 0):.2f})")
     if args.json:
         args.json.write_text(json.dumps({"benchmark": "tls", "key": args.key, "client": args.client,
-                                         "results": results, "openssl_us": costs,
+                                         "rounds": rounds, "results": results, "openssl_us": costs,
                                          "ratios": tables, "checks": verdicts}, indent=2))
 
 
