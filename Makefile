@@ -15,7 +15,7 @@ TRIAL_MODULES = tests.test_config tests.test_metrics tests.test_router tests.tes
 	tests.test_handoff_state tests.test_handoff_wire tests.test_handoff_unitside tests.test_handoff_routes \
 	tests.test_handoff_fence tests.test_handoff_forwarder tests.test_handoff_tunnel tests.test_handoff_unitforwarder tests.test_handoff_channel \
 	tests.test_handoff_agent_tunnel tests.test_handoff_neighbours tests.test_handoff_delivery \
-	tests.test_tls_keys tests.test_tls_config tests.test_reload tests.test_sockets
+	tests.test_tls_keys tests.test_tls_config tests.test_tls_pump tests.test_reload tests.test_sockets
 
 # System packages the tests drive as real clients and servers: curl and wrk;
 # Chromium and chromedriver for the status page; systemd-analyze for the unit

@@ -7,12 +7,17 @@ in front of the same nginx backend (a 100-byte answer).  The proxy is pinned
 to one CPU, the clients and the backend to the other.
 
 Handshakes: ``--clients`` parallel client processes (this script with
-``--handshakes``, Python's ssl) for ``--duration`` seconds each: connect,
-handshake, (TLS 1.3: read the tickets that follow it), close_notify, close;
-``new`` makes every connection a full handshake, ``reuse`` resumes the last
-session each time.  Figures are given per second and per
-CPU-second of the proxy: one client CPU may not saturate a proxy, and other
-load on the machine moves per-second figures far more.
+``--handshakes``; pyOpenSSL, or Python's ssl with ``--client ssl``) for
+``--duration`` seconds each: connect, handshake, (TLS 1.3: read the tickets
+that follow it), close_notify, close; ``new`` makes every connection a full
+handshake, ``reuse`` resumes the last session each time.  Both clients offer
+the same ciphers and groups; Python's ssl spends three times the CPU on a
+resumption (it copies the session, certificate included, into every
+connection), so that four of its clients on one CPU leave a proxy idle
+between resumptions and its per-CPU-second figure then counts sleeping and
+waking too.  Figures are given per second and per CPU-second of the proxy:
+one client CPU may not saturate a proxy, and other load on the machine
+moves per-second figures far more.
 Requests: wrk keep-alive GETs over https and over http.
 
 Where the cost goes: ``tcp`` connections (connect, half-close, read the
@@ -51,6 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     ap.add_argument("--clients", type=int, default=4, help="parallel handshake client processes")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every target N times, in alternating order, and report medians")
+    ap.add_argument("--client", choices=sorted(CLIENTS), default="pyopenssl",
+                    help="the handshake clients' TLS library (ssl: Python's, 3 x the CPU per resumption)")
     ap.add_argument("--connections", type=int, default=50, help="wrk -c")
     ap.add_argument("--key", choices=["rsa2048", "ecdsa"], default="rsa2048",
                     help="the certificate's key (RSA 2048 is what most sites serve)")
@@ -132,7 +141,7 @@ def start_nginx(procs: H.Procs, pem: Path, backend: int, cpu: int) -> tuple[int,
               "        ssl_session_cache shared:SSL:10m; ssl_session_tickets on;\n"
               "        location / { proxy_pass http://be; proxy_http_version 1.1;"
               ' proxy_set_header Connection ""; }')
-    conf = H.nginx_conf(procs.workdir, "proxy-nginx", plain, server, upstream)
+    conf = H.nginx_conf(procs.workdir, f"proxy-nginx-{tls}", plain, server, upstream)  # one per round
     proc = procs.start("nginx", H.nginx_argv(conf), cpu=cpu)
     H.wait_port(plain, proc)
     H.wait_port(tls, proc)
@@ -180,8 +189,8 @@ def tcp_client(port: int, duration: float) -> None:
     print(json.dumps({"connections": done, "reused": 0}), flush=True)
 
 
-def handshake_client(port: int, version: str, mode: str, duration: float) -> None:
-    """One client process: handshakes in a loop; prints JSON counts."""
+def ssl_client(port: int, version: str, mode: str, duration: float) -> None:
+    """One client process (Python's ssl): handshakes in a loop; prints JSON counts."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -212,6 +221,77 @@ def handshake_client(port: int, version: str, mode: str, duration: float) -> Non
     print(json.dumps({"connections": done, "reused": reused}), flush=True)
 
 
+#: What Python's ssl client offers (its default cipher string; OpenSSL 3.0's
+#: default groups), so that both clients ask the servers for the same work:
+#: pyOpenSSL's own OpenSSL would offer a post-quantum key share, which the
+#: servers' OpenSSL 3.0 ignores but parses.
+PY_SSL_CIPHERS = b"@SECLEVEL=2:ECDH+AESGCM:ECDH+CHACHA20:ECDH+AES:DHE+AES:!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM"
+PY_SSL_GROUPS = b"X25519:P-256:X448:P-521:P-384:ffdhe2048:ffdhe3072:ffdhe4096:ffdhe6144:ffdhe8192"
+
+
+def pyopenssl_client(port: int, version: str, mode: str, duration: float) -> None:
+    """One client process (pyOpenSSL): the same connections as
+    :func:`ssl_client`, at a third of its CPU for a resumed one: Python's
+    ssl copies a session (re-decoding the server's certificate) every time
+    it is set on a connection, which made four clients too slow to keep a
+    proxy busy with resumptions (see README)."""
+    from OpenSSL import SSL
+
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    wanted = SSL.TLS1_2_VERSION if version == "TLSv1_2" else SSL.TLS1_3_VERSION
+    ctx.set_min_proto_version(wanted)
+    ctx.set_max_proto_version(wanted)
+    ctx.set_verify(SSL.VERIFY_NONE)
+    ctx.set_cipher_list(PY_SSL_CIPHERS)
+    if SSL._lib.SSL_CTX_set1_curves_list(ctx._context, PY_SSL_GROUPS) != 1:
+        raise RuntimeError("OpenSSL refused the groups")
+    session_reused = SSL._lib.SSL_session_reused
+    session = None
+    done = reused = 0
+    end = time.monotonic() + duration
+    address = ("127.0.0.1", port)
+    while time.monotonic() < end:
+        with socket.socket() as raw:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.connect(address)
+            tls = SSL.Connection(ctx, None)
+            tls.set_tlsext_host_name(b"bench.test")
+            tls.set_connect_state()
+            if session is not None:
+                tls.set_session(session)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except SSL.WantReadError:
+                    raw.sendall(tls.bio_read(65536))
+                    data = raw.recv(65536)
+                    if not data:
+                        raise ConnectionError("closed during the handshake") from None
+                    tls.bio_write(data)
+            try:
+                raw.sendall(tls.bio_read(65536))  # TLS 1.2 full: our Finished
+            except SSL.WantReadError:
+                pass
+            if version == "TLSv1_3":
+                # The server's tickets follow its handshake flight at once.
+                tls.bio_write(raw.recv(65536))
+                try:
+                    tls.recv(1)
+                except SSL.WantReadError:
+                    pass
+            tls.shutdown()  # close_notify, not waiting for the server's
+            raw.sendall(tls.bio_read(65536))
+            done += 1
+            reused += session_reused(tls._ssl)
+            if mode == "reuse":
+                session = tls.get_session()
+    print(json.dumps({"connections": done, "reused": reused}), flush=True)
+
+
+CLIENTS = {"pyopenssl": pyopenssl_client, "ssl": ssl_client}
+
+
 def handshakes(port: int, mode: str, version: str, args: argparse.Namespace, cpu: int, procs: H.Procs,
                pid: int) -> dict:
     """``--clients`` client processes at once; connections per second (all of
@@ -219,7 +299,8 @@ def handshakes(port: int, mode: str, version: str, args: argparse.Namespace, cpu
     if mode == "tcp":
         argv = [H.PY, str(Path(__file__).resolve()), "--tcp", str(port), str(args.duration)]
     else:
-        argv = [H.PY, str(Path(__file__).resolve()), "--handshakes", str(port), version, mode, str(args.duration)]
+        argv = [H.PY, str(Path(__file__).resolve()), "--handshakes", str(port), version, mode, str(args.duration),
+                args.client]
     cpu0, start = H.cpu_seconds(pid), time.monotonic()
     running = [procs.start(f"handshakes-{i}", argv, cpu=cpu) for i in range(args.clients)]
     for proc in running:
@@ -301,7 +382,7 @@ def rps(url: str, args: argparse.Namespace, cpu: int, pid: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--handshakes"]:
-        handshake_client(int(argv[1]), argv[2], argv[3], float(argv[4]))
+        CLIENTS[argv[5]](int(argv[1]), argv[2], argv[3], float(argv[4]))
         return
     if argv[:1] == ["--tcp"]:
         tcp_client(int(argv[1]), float(argv[2]))
@@ -313,37 +394,65 @@ def main(argv: list[str] | None = None) -> None:
     proxy_cpu, load_cpu = H.pick_cpus()
     print(H.load_note(), flush=True)
     H.raise_nofile()
-    results: dict[str, dict] = {}
+    rounds: dict[str, list[dict]] = {}
     with H.workdir(args.keep) as wd, H.Procs(wd) as procs:
         pem = CA(wd / "pki").issue("bench.pem", dns=["bench.test"], rsa_bits=2048 if args.key == "rsa2048" else 0)
         costs = openssl(pem, proxy_cpu, procs)
         print("OpenSSL alone, server side: " + ", ".join(f"{k} {v:.0f} us" for k, v in costs.items()), flush=True)
         backend = H.start_backend_nginx(procs, load_cpu)
-        for name in args.only:
-            if name == "nlbproxy" and not H.nlbproxy_available():
-                print("nlbproxy: SKIPPED (twistd --help does not list the plugin)", file=sys.stderr)
-                continue
-            plain, tls = STARTERS[name](procs, pem, backend, proxy_cpu)
-            pid = H.find_target_proc(procs, name).pid
-            r: dict = {}
-            for version in ("tls1_2", "tls1_3"):
-                for mode in ("new", "reuse"):
-                    r[f"{mode} {version}"] = hs = handshakes(
-                        tls, mode, "TLSv1_2" if version == "tls1_2" else "TLSv1_3", args, load_cpu, procs, pid)
-                    print(f"{name:<9} {mode:<5} {version}: {hs['per_s']:8.0f} handshakes/s "
-                          f"{hs['per_cpu_s']:8.0f} per proxy CPU-s (proxy CPU {hs['proxy_cpu']:.0%}, "
-                          f"{hs['reused_share']:.0%} resumed)", flush=True)
-            r["tcp"] = hs = handshakes(plain, "tcp", "", args, load_cpu, procs, pid)
-            print(f"{name:<9} tcp connect/close: {hs['per_s']:8.0f} /s {hs['per_cpu_s']:8.0f} per proxy CPU-s "
-                  f"(proxy CPU {hs['proxy_cpu']:.0%})", flush=True)
-            for kind, url in (("plain", f"http://127.0.0.1:{plain}/"), ("tls", f"https://127.0.0.1:{tls}/")):
-                r[f"rps {kind}"] = res = rps(url, args, load_cpu, pid)
-                print(f"{name:<9} keep-alive {kind:<5}: {res['per_s']:8.0f} req/s {res['per_cpu_s']:8.0f} per proxy "
-                      f"CPU-s (proxy CPU {res['proxy_cpu']:.0%})" + (f" ERRORS {res['errors']}" if res["errors"] else ""),
-                      flush=True)
-            results[name] = r
-            procs.stop(H.find_target_proc(procs, name))
-    report(results, costs, args)
+        targets = list(args.only)
+        if "nlbproxy" in targets and not H.nlbproxy_available():
+            print("nlbproxy: SKIPPED (twistd --help does not list the plugin)", file=sys.stderr)
+            targets.remove("nlbproxy")
+        for n in range(args.rounds):
+            if args.rounds > 1:
+                print(f"-- round {n + 1} of {args.rounds}", flush=True)
+            # Alternate the order, so that no target always runs first.
+            for name in targets if n % 2 == 0 else targets[::-1]:
+                rounds.setdefault(name, []).append(measure(name, pem, backend, proxy_cpu, load_cpu, procs, args))
+    results = {name: combine(rounds[name]) for name in targets}
+    if args.rounds > 1:
+        print("\nper round, resumed/full per proxy CPU-second (TLS 1.2, TLS 1.3):")
+        for name in targets:
+            print(f"{name:<10}" + "  ".join(f"{ratios(r, 'per_cpu_s')['resumed/full TLS 1.2']:.2f} "
+                                           f"{ratios(r, 'per_cpu_s')['resumed/full TLS 1.3']:.2f}"
+                                           for r in rounds[name]))
+    report(results, costs, args, rounds)
+
+
+def measure(name: str, pem: Path, backend: int, proxy_cpu: int, load_cpu: int, procs: H.Procs,
+            args: argparse.Namespace) -> dict:
+    """Every figure of one target, started afresh."""
+    plain, tls = STARTERS[name](procs, pem, backend, proxy_cpu)
+    pid = H.find_target_proc(procs, name).pid
+    r: dict = {}
+    for version in ("tls1_2", "tls1_3"):
+        for mode in ("new", "reuse"):
+            r[f"{mode} {version}"] = hs = handshakes(
+                tls, mode, "TLSv1_2" if version == "tls1_2" else "TLSv1_3", args, load_cpu, procs, pid)
+            print(f"{name:<9} {mode:<5} {version}: {hs['per_s']:8.0f} handshakes/s "
+                  f"{hs['per_cpu_s']:8.0f} per proxy CPU-s (proxy CPU {hs['proxy_cpu']:.0%}, "
+                  f"{hs['reused_share']:.0%} resumed)", flush=True)
+    r["tcp"] = hs = handshakes(plain, "tcp", "", args, load_cpu, procs, pid)
+    print(f"{name:<9} tcp connect/close: {hs['per_s']:8.0f} /s {hs['per_cpu_s']:8.0f} per proxy CPU-s "
+          f"(proxy CPU {hs['proxy_cpu']:.0%})", flush=True)
+    for kind, url in (("plain", f"http://127.0.0.1:{plain}/"), ("tls", f"https://127.0.0.1:{tls}/")):
+        r[f"rps {kind}"] = res = rps(url, args, load_cpu, pid)
+        print(f"{name:<9} keep-alive {kind:<5}: {res['per_s']:8.0f} req/s {res['per_cpu_s']:8.0f} per proxy "
+              f"CPU-s (proxy CPU {res['proxy_cpu']:.0%})" + (f" ERRORS {res['errors']}" if res["errors"] else ""),
+              flush=True)
+    procs.stop(H.find_target_proc(procs, name))
+    return r
+
+
+def combine(rounds: list[dict]) -> dict:
+    """The median of each figure over the rounds (errors: their sum)."""
+    return {
+        column: {key: (sum(r[column][key] for r in rounds) if key == "errors"
+                       else H.median([r[column][key] for r in rounds]))
+                 for key in rounds[0][column]}
+        for column in rounds[0]
+    }
 
 
 def ratios(r: dict, key: str) -> dict[str, float]:
@@ -358,9 +467,10 @@ def ratios(r: dict, key: str) -> dict[str, float]:
 COLUMNS = ["new tls1_2", "reuse tls1_2", "new tls1_3", "reuse tls1_3", "rps plain", "rps tls"]
 
 
-def report(results: dict[str, dict], costs: dict[str, float], args: argparse.Namespace) -> None:
-    print(f"\n{args.key} certificate, {args.clients} handshake clients, wrk -c{args.connections}, "
-          f"{args.duration:g}s per figure")
+def report(results: dict[str, dict], costs: dict[str, float], args: argparse.Namespace,
+           rounds: dict[str, list[dict]]) -> None:
+    print(f"\n{args.key} certificate, {args.clients} handshake clients ({args.client}), wrk -c{args.connections}, "
+          f"{args.duration:g}s per figure" + (f", median of {args.rounds} rounds" if args.rounds > 1 else ""))
     tables = {}
     for key, what in (("per_s", "per second"), ("per_cpu_s", "per proxy CPU-second")):
         print(f"\nhandshakes and requests {what}")
@@ -408,7 +518,8 @@ def report(results: dict[str, dict], costs: dict[str, float], args: argparse.Nam
         print(f"{verdict} nlbproxy {what} per proxy CPU-second = {'n/a' if value is None else f'{value:.2f}'} "
               f"(target >= {minimum}; per second: {tables['per_s'].get('nlbproxy', {}).get(what, 0):.2f})")
     if args.json:
-        args.json.write_text(json.dumps({"benchmark": "tls", "key": args.key, "results": results, "openssl_us": costs,
+        args.json.write_text(json.dumps({"benchmark": "tls", "key": args.key, "client": args.client,
+                                         "rounds": rounds, "results": results, "openssl_us": costs,
                                          "ratios": tables, "checks": verdicts}, indent=2))
 
 

@@ -62,6 +62,10 @@ class Pauser:
         pass
 
 
+def _stopped() -> None:
+    pass
+
+
 class Deadline:
     """Calls ``callback`` once ``delay`` seconds after the last :meth:`set`.
 
@@ -96,8 +100,11 @@ class Deadline:
         self._when = None
 
     def stop(self) -> None:
-        """Disarm and drop the pending call (the owner is going away)."""
+        """Disarm for good and drop the pending call and the callback (the
+        owner is going away: its bound method here would make the owner a
+        reference cycle, freed only by the garbage collector)."""
         self._when = None
+        self._callback = _stopped
         if self._call is not None:
             self._call.cancel()
             self._call = None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,6 +22,14 @@ class RecordingTransport:
 
     def resumeProducing(self) -> None:
         self.calls.append("resume")
+
+
+class _Owner:
+    def __init__(self, clock: Clock) -> None:
+        self.deadline = Deadline(clock, self.timed_out)
+
+    def timed_out(self) -> None:
+        pass
 
 
 class PauserTests(SynchronousTestCase):
@@ -145,6 +156,21 @@ class DeadlineTests(SynchronousTestCase):
         self.deadline.stop()
         self.clock.advance(10)
         self.assertEqual(self.fired, [])
+
+    def test_stop_lets_the_owner_go_without_the_collector(self) -> None:
+        # A connection holds its deadline, whose callback is the
+        # connection's bound method: stop() breaks that cycle, so the
+        # connection is freed as soon as nothing else holds it.
+        owner = _Owner(self.clock)
+        owner.deadline.set(5)
+        gone = weakref.ref(owner)
+        owner.deadline.stop()
+        gc.disable()
+        try:
+            del owner
+            self.assertIsNone(gone())
+        finally:
+            gc.enable()
 
     def test_callback_may_set_again(self) -> None:
         def again() -> None:
