@@ -14,11 +14,13 @@ every process it started, even on failure)::
   tests/handoff_plumbing.py; with ``"twistd"`` / ``"twistd-fast"`` a real
   ``twistd nlbproxy`` with ``forwarder_in = "eth0"``, without / with the
   kernel fast path) listens on VIP:80 with ``handoff = true`` (routes: ``/adopt`` to
-  pool apps, ``/sha256`` to pool up, the rest to pool web) and on
+  pool apps, ``/sha256`` to pool up, ``/h1/`` and ``/h2/`` to that host
+  alone, the rest to pool web) and on
   10.0.0.1:8000 as a plain proxying listener for pool web;
-- each host runs a real, unmodified nginx (Debian's) on :8080 (plain) and
-  :8082 (``proxy_protocol``) serving ``www/``, and an agent whose ``web`` app
-  bridges handed-off connections to :8082 with a PROXY header;
+- each host runs a real, unmodified nginx (Debian's) on :8080 (plain), and
+  on :8082 and a Unix socket (``proxy_protocol``) serving ``www/``, and an
+  agent whose ``web`` app bridges handed-off connections with a PROXY
+  header to the Unix socket (h1) or to :8082 (h2);
 - h1 also runs tests.backend on :8081 (pool up, bridged, for uploads with
   checksums); h2 runs tests.handoff_app, a Twisted application that adopts
   handed-off connections (pool apps) and answers proxied ones on :9000.
@@ -137,6 +139,7 @@ http {{
         listen {ip}:8080;
         listen 127.0.0.1:8080;
         listen 127.0.0.1:8082 proxy_protocol;
+        listen unix:{dir}/proxy.sock proxy_protocol;
         root {dir}/www;
     }}
 }}
@@ -329,6 +332,7 @@ class HandoffFarm:
         for path, data in self.files.items():
             (directory / "www" / path).write_bytes(data)
         (directory / "www" / "hello").write_bytes(f"hello from {name}\n".encode())
+        (directory / "www" / name).symlink_to(".")  # /h1/x is x on h1: the unit routes /h1/ there
         conf = directory / "nginx.conf"
         ip = self.ip[name]
         conf.write_text(NGINX.format(dir=directory, ip=listen(ip)))
@@ -339,8 +343,11 @@ class HandoffFarm:
 
     def _agent(self, name: str, host: Node) -> None:
         a, ip = self.addresses, self.ip[name]
-        apps = (f'[[app]]\nname = "web"\nendpoint = "{format_host_port(ip, 8080)}"\ndeliver = "bridge"\n'
-                f'bridge_to = "127.0.0.1:8082"\nproxy_protocol = "{self.proxy_protocol}"\n')
+        # h1's nginx is bridged to through its Unix socket, h2's over loopback TCP.
+        target = f"unix:{self.nginx[name] / 'proxy.sock'}" if name == "h1" else "127.0.0.1:8082"
+        # nginx serves pool web and the pool of this host alone (h1 or h2).
+        apps = "\n".join(f'[[app]]\nname = "{pool}"\nendpoint = "{format_host_port(ip, 8080)}"\ndeliver = "bridge"\n'
+                         f'bridge_to = "{target}"\nproxy_protocol = "{self.proxy_protocol}"\n' for pool in ("web", name))
         if name == "h1":
             apps += (f'\n[[app]]\nname = "up"\nendpoint = "{format_host_port(ip, 8081)}"\ndeliver = "bridge"\n'
                      f'bridge_to = "127.0.0.1:8081"\n')
@@ -372,11 +379,15 @@ class HandoffFarm:
             f'health = "{format_host_port(a.unit, 9903)}"\nhandoff_port = {HANDOFF_PORT}\n\n'
             f'[[listener]]\nname = "vip"\nendpoint = {vip_endpoint}\npool = "web"\nhandoff = true\n'
             f'[[listener.route]]\npool = "apps"\npath_prefix = "/adopt"\n'
-            f'[[listener.route]]\npool = "up"\npath_prefix = "/sha256"\n\n'
+            f'[[listener.route]]\npool = "up"\npath_prefix = "/sha256"\n'
+            f'[[listener.route]]\npool = "h1"\npath_prefix = "/h1/"\n'
+            f'[[listener.route]]\npool = "h2"\npath_prefix = "/h2/"\n\n'
             f'[[listener]]\nname = "proxy"\nendpoint = {server_endpoint(8000, a.unit)}\npool = "web"\n\n'
             f'[pool.web]\nhosts = ["{format_host_port(h1, 8080)}", "{format_host_port(h2, 8080)}"]\n'
             f'[pool.up]\nhosts = ["{format_host_port(h1, 8081)}"]\n'
             f'[pool.apps]\nhosts = ["{format_host_port(h2, 9000)}"]\n'
+            f'[pool.h1]\nhosts = ["{format_host_port(h1, 8080)}"]\n'
+            f'[pool.h2]\nhosts = ["{format_host_port(h2, 8080)}"]\n'
         )
         if self.plumbing.startswith("twistd"):
             # The unit as operators run it: twistd sets up its own forwarder.

@@ -95,6 +95,11 @@ class AgentConfigTests(SynchronousTestCase):
         self.assertEqual((api.deliver, api.adopt_path), ("adopt", str(self.dir / "api.sock")))
         plain = load_agent_config(self.write(GOOD))
         self.assertEqual((plain.handoff, plain.apps[0].deliver, plain.apps[0].proxy_protocol), (None, None, 0))
+        unix = load_agent_config(self.write(text.replace('bridge_to = "127.0.0.1:8080"', 'bridge_to = "unix:web.sock"')))
+        self.assertEqual(unix.apps[0].bridge_to, str(self.dir / "web.sock"))  # a path, relative to the file
+        absolute = load_agent_config(self.write(text.replace('bridge_to = "127.0.0.1:8080"',
+                                                             'bridge_to = "unix:/run/web.sock"')))
+        self.assertEqual(absolute.apps[0].bridge_to, "/run/web.sock")
         tunnelled = load_agent_config(self.write(text.replace("[agent]\n", '[agent]\ntunnel_interface = "eth0"\n')))
         self.assertEqual((tunnelled.tunnel_interface, plain.tunnel_interface), ("eth0", None))
 
@@ -116,6 +121,9 @@ class AgentConfigTests(SynchronousTestCase):
             GOOD.replace("capacity = 70", 'deliver = "adopt"'): "app[0].adopt_path: required with deliver = 'adopt'",
             GOOD.replace("capacity = 70", 'deliver = "bridge"'): "app[0].bridge_to: required with deliver = 'bridge'",
             GOOD.replace("capacity = 70", 'deliver = "teleport"'): "app[0].deliver: expected one of",
+            GOOD.replace("[agent]\n", '[agent]\nhandoff = "tcp:9904"\n').replace(
+                "capacity = 70", 'deliver = "bridge"\nbridge_to = "unix:"'):
+                "app[0].bridge_to: expected a Unix socket's path after 'unix:'",
             GOOD.replace("capacity = 70", 'bridge_to = "127.0.0.1:80"'): "app[0].bridge_to: only with deliver = 'bridge'",
             GOOD.replace("capacity = 70", 'deliver = "bridge"\nbridge_to = "127.0.0.1:80"'):
                 "agent.handoff: required when an [[app]] has deliver",

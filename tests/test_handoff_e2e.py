@@ -70,6 +70,15 @@ def farm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
                           **setup._asdict())
 
 
+def served_to(farm: HandoffFarm, client: str, path: str) -> list[str]:
+    """nginx's access log lines of ``path`` for ``client``: the PROXY header
+    told nginx the client's address, whether the agent bridged to its Unix
+    socket (h1, where nginx logs the peer as ``unix:``) or over TCP (h2)."""
+    want = f'{client} "GET {path} '
+    return ([line for line in farm.access_log("h1") if line.startswith("unix: " + want)]
+            + [line for line in farm.access_log("h2") if line.startswith("127.0.0.1 " + want)])
+
+
 def curl(farm: HandoffFarm, *args: str, timeout: float = 120.0) -> str:
     # -g: the brackets of an IPv6 literal are not a glob.
     done = farm.client.run(["curl", "-gsS", "--fail", "--max-time", str(int(timeout)), *args], timeout=timeout + 10)
@@ -100,8 +109,7 @@ def test_download_with_checksum_through_nginx(farm: HandoffFarm) -> None:
         assert forwarder["inventory"]["stats"]["offloaded"] >= 2, forwarder
         assert forwarder["metrics"]["rx_frames"] - before["forwarder"]["metrics"]["rx_frames"] < 200, forwarder
     # nginx saw the client itself (PROXY header), not the agent or the unit.
-    lines = farm.access_log("h1") + farm.access_log("h2")
-    assert any(line.startswith(f"127.0.0.1 {farm.addresses.client} \"GET /big") for line in lines), lines
+    assert served_to(farm, farm.addresses.client, "/big")
 
 
 @pytest.mark.parametrize("farm", ["ipv6"], indirect=True)
@@ -118,8 +126,7 @@ def test_ipv4_client_of_a_dual_stack_listener(farm: HandoffFarm) -> None:
     after = farm.unit_stats()
     assert after["handed_off"] == before["handed_off"] + 1
     assert (after["fell_back"], after["failed"]) == (before["fell_back"], before["failed"])
-    lines = farm.access_log("h1") + farm.access_log("h2")
-    assert any(line.startswith(f"127.0.0.1 {IPV4.client} \"GET /big") for line in lines), lines
+    assert served_to(farm, IPV4.client, "/big")
 
 
 @pytest.mark.parametrize("farm", ["routed", "ipv6-routed"], indirect=True)

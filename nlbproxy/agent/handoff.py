@@ -14,7 +14,7 @@ the client) and counted in :attr:`HandoffReceiver.stats`.
 Delivery then runs in a thread of its own, so neither a slow application
 nor a local server's connect holds the reactor:
 
-- ``bridge``: connect to ``bridge_to``, write the PROXY header if asked,
+- ``bridge``: connect to ``bridge_to`` (TCP, or a Unix socket), write the PROXY header if asked,
   and splice both ways (:class:`~nlbproxy.handoff.bridge.Bridge`).  When the
   bridge ends the agent sends ENDED to the unit, which deletes its route.
 - ``adopt``: pass the socket to the application's Unix socket
@@ -83,6 +83,22 @@ def reset(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+def connect_server(target: tuple[str, int] | str) -> socket.socket:
+    """A connection to the bridged server: TCP to (ip, port), or its Unix socket at a path."""
+    if isinstance(target, tuple):
+        server = socket.create_connection(target, timeout=BRIDGE_CONNECT_TIMEOUT)
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the PROXY header leaves at once
+        return server
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.settimeout(BRIDGE_CONNECT_TIMEOUT)
+        server.connect(target)
+    except OSError:
+        server.close()
+        raise
+    return server
 
 
 class HandoffReceiver:
@@ -239,8 +255,7 @@ class HandoffReceiver:
                 self.reactor.callFromThread(self._adopted, state)
                 return
             assert app.bridge_to is not None
-            server = socket.create_connection(app.bridge_to, timeout=BRIDGE_CONNECT_TIMEOUT)
-            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            server = connect_server(app.bridge_to)
         except OSError as exc:
             reset(sock)
             self.reactor.callFromThread(self._failed, app, exc, state)
