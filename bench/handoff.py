@@ -50,7 +50,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.handoff_farm import VIP, HandoffFarm, env  # noqa: E402
+from tests.handoff_farm import VIP, HandoffFarm, env, wait_port  # noqa: E402
 from tests.netns import Topology  # noqa: E402
 
 GB = 1_000_000_000
@@ -147,7 +147,7 @@ def main() -> None:
         (tmp / "haproxy.cfg").write_text(HAPROXY.format(unit=farm.unit.ip, h1=farm.hosts["h1"].ip))
         haproxy = farm.unit.popen(["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        farm.wait_port(farm.unit, farm.unit.ip, 8100)
+        wait_port(farm.unit, farm.unit.ip, 8100)
         unit_pid = farm.unit_out.proc.pid
 
         # Latency: warm the unit's channels to both agents first.

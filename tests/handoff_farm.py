@@ -211,6 +211,35 @@ _HOLD = (
 )
 
 
+def spawn(node: Node, argv: list[str]) -> Output:
+    """A process in ``node``'s namespace, its output collected (the topology
+    that made the node kills it at the end)."""
+    proc = node.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=str(ROOT))
+    return Output(proc)
+
+
+def wait_port(node: Node, ip: str, port: int, timeout: float = 20.0) -> None:
+    """Polls, inside ``node``, until ``ip:port`` accepts connections."""
+    code = ("import socket,time,sys\n"
+            f"end=time.monotonic()+{timeout}\n"
+            "while True:\n"
+            f"    try: socket.create_connection(({ip!r},{port}),timeout=1).close(); break\n"
+            "    except OSError:\n"
+            "        if time.monotonic()>end: sys.exit(1)\n"
+            "        time.sleep(0.02)\n")
+    node.python(code, timeout=timeout + 5)
+
+
+def start_nginx(node: Node, directory: Path, ip: str) -> None:
+    """Debian's nginx in ``node`` with the :data:`NGINX` config, serving
+    ``directory/www``; returns once it accepts connections."""
+    conf = directory / "nginx.conf"
+    conf.write_text(NGINX.format(dir=directory, ip=listen(ip)))
+    node.popen(["nginx", "-e", str(directory / "error.log"), "-c", str(conf)],
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(node, "127.0.0.1", 8082)
+
+
 def closed_cleanly(node: Node) -> bool:
     """No TCP socket of ``node`` waits in LAST_ACK: the clients' ACKs of the
     host's FINs reached it (a handed-off connection whose route went before
@@ -333,13 +362,8 @@ class HandoffFarm:
             (directory / "www" / path).write_bytes(data)
         (directory / "www" / "hello").write_bytes(f"hello from {name}\n".encode())
         (directory / "www" / name).symlink_to(".")  # /h1/x is x on h1: the unit routes /h1/ there
-        conf = directory / "nginx.conf"
-        ip = self.ip[name]
-        conf.write_text(NGINX.format(dir=directory, ip=listen(ip)))
-        host.popen(["nginx", "-e", str(directory / "error.log"), "-c", str(conf)],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start_nginx(host, directory, self.ip[name])
         self.nginx[name] = directory
-        self.wait_port(host, "127.0.0.1", 8082)
 
     def _agent(self, name: str, host: Node) -> None:
         a, ip = self.addresses, self.ip[name]
@@ -360,13 +384,13 @@ class HandoffFarm:
             f'api = "tcp:0:interface=127.0.0.1"\nsecret_file = "{self.tmp / "secret.key"}"\n'
             f'handoff = {server_endpoint(HANDOFF_PORT, ip)}\n\n{apps}'
         )
-        self.agents[name] = self.start(host, ["twistd", "-n", "--pidfile=", "nlbagent", "--config", str(config)])
+        self.agents[name] = spawn(host, ["twistd", "-n", "--pidfile=", "nlbagent", "--config", str(config)])
         self.agents[name].wait_for("handoffs on ")
 
     def _apps(self) -> None:
         h1, h2 = self.hosts["h1"], self.hosts["h2"]
-        self.start(h1, [sys.executable, "-m", "tests.backend", "0.0.0.0", "8081", "b1"]).wait_for("^ready")
-        self.start(h2, [sys.executable, "-m", "tests.handoff_app", str(self.tmp / "adopt.sock"),
+        spawn(h1, [sys.executable, "-m", "tests.backend", "0.0.0.0", "8081", "b1"]).wait_for("^ready")
+        spawn(h2, [sys.executable, "-m", "tests.handoff_app", str(self.tmp / "adopt.sock"),
                         f"{self.ip['h2']}:9000"]).wait_for("^ready")
 
     def _unit(self) -> None:
@@ -394,27 +418,12 @@ class HandoffFarm:
             fast = "forwarder_fast_path = true\n" if self.plumbing == "twistd-fast" else ""
             text = config.read_text().replace("[[listener]]", f'forwarder_in = "eth0"\n{fast}\n[[listener]]', 1)
             config.write_text(text)
-            self.unit_out = self.start(self.unit, ["twistd", "-n", "--pidfile=", "nlbproxy", "--config", str(config)])
+            self.unit_out = spawn(self.unit, ["twistd", "-n", "--pidfile=", "nlbproxy", "--config", str(config)])
             self.admin = self.unit_out.wait_for(r"admin API on (http://\S+)").group(1).rstrip("/")
         else:
             how = ["kernel", f"{h1}=11", f"{h2}=12"] if self.plumbing == "kernel" else ["forwarder"]
-            self.unit_out = self.start(self.unit, [sys.executable, "-m", "tests.handoff_unit", str(config), *how])
+            self.unit_out = spawn(self.unit, [sys.executable, "-m", "tests.handoff_unit", str(config), *how])
         self.unit_out.wait_for("farm known")
-
-    def start(self, node: Node, argv: list[str]) -> Output:
-        proc = node.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
-                          cwd=str(ROOT))
-        return Output(proc)
-
-    def wait_port(self, node: Node, ip: str, port: int, timeout: float = 20.0) -> None:
-        code = ("import socket,time,sys\n"
-                f"end=time.monotonic()+{timeout}\n"
-                "while True:\n"
-                f"    try: socket.create_connection(({ip!r},{port}),timeout=1).close(); break\n"
-                "    except OSError:\n"
-                "        if time.monotonic()>end: sys.exit(1)\n"
-                "        time.sleep(0.02)\n")
-        node.python(code, timeout=timeout + 5)
 
     # -- observing ---------------------------------------------------------------------
     def unit_stats(self) -> dict[str, Any]:

@@ -328,19 +328,23 @@ class FakeSocket:
         self.closed = True
 
 
+class FakeSockets(dict[str, FakeSocket]):
+    """The fake AF_PACKET sockets a PacketPort opened, by "rx:eth0" / "tx:eth1"."""
+
+    def open(self, ifname: str, receive: bool) -> socket.socket:
+        sock = self[("rx:" if receive else "tx:") + ifname] = FakeSocket(ifname, receive)
+        return sock  # type: ignore[return-value]
+
+
 class PacketPortTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.table = RouteTable(self.reactor, closing_timeout=10)
         self.fwd = Forwarder(self.table, {"eth1": OUT_MAC})
-        self.sockets: dict[str, FakeSocket] = {}
+        self.sockets = FakeSockets()
         self.deleted: list[str] = []
 
-        def opener(ifname: str, receive: bool) -> socket.socket:
-            sock = self.sockets[("rx:" if receive else "tx:") + ifname] = FakeSocket(ifname, receive)
-            return sock  # type: ignore[return-value]
-
-        self.port = PacketPort(self.reactor, self.fwd, "eth0", max_batch=3, opener=opener,
+        self.port = PacketPort(self.reactor, self.fwd, "eth0", max_batch=3, opener=self.sockets.open,
                                on_deleted=lambda gone: self.deleted.extend(d.reason for d in gone))
         self.port.start()
         self.addCleanup(self.port.stop)
@@ -429,13 +433,9 @@ class PlumbingTests(SynchronousTestCase):
         self.reactor.advance(1000)
         self.table = RouteTable(self.reactor, closing_timeout=10)
         self.fwd = Forwarder(self.table, {"eth1": OUT_MAC})
-        self.sockets: dict[str, FakeSocket] = {}
+        self.sockets = FakeSockets()
 
-        def opener(ifname: str, receive: bool) -> socket.socket:
-            sock = self.sockets[("rx:" if receive else "tx:") + ifname] = FakeSocket(ifname, receive)
-            return sock  # type: ignore[return-value]
-
-        self.port = PacketPort(self.reactor, self.fwd, "eth0", opener=opener)
+        self.port = PacketPort(self.reactor, self.fwd, "eth0", opener=self.sockets.open)
         self.port.start()
         self.addCleanup(self.port.stop)
         self.fence = RecordingFence()
@@ -675,13 +675,9 @@ class KernelPathTests(SynchronousTestCase):
         kernel = KernelPath(backend, "eth0", "eth1", mac_text(OUT_MAC))
         kernel.setup()
         filters: list[list[tuple[int, int, int, int]]] = []
-        sockets: dict[str, FakeSocket] = {}
+        sockets = FakeSockets()
 
-        def opener(ifname: str, receive: bool) -> socket.socket:
-            sock = sockets[("rx:" if receive else "tx:") + ifname] = FakeSocket(ifname, receive)
-            return sock  # type: ignore[return-value]
-
-        port = PacketPort(reactor, fwd, "eth0", opener=opener, kernel=kernel,
+        port = PacketPort(reactor, fwd, "eth0", opener=sockets.open, kernel=kernel,
                           attach=lambda sock, program: filters.append(program))
         port.start()
         self.addCleanup(port.stop)
@@ -719,11 +715,9 @@ class KernelPathTests(SynchronousTestCase):
         backend = type("B", (), {"run": lambda self, text: commands.append(text)})()
         kernel = KernelPath(backend, "eth0", "eth1", mac_text(OUT_MAC))
         kernel.setup()
+        sockets = FakeSockets()
 
-        def opener(ifname: str, receive: bool) -> socket.socket:
-            return FakeSocket(ifname, receive)  # type: ignore[return-value]
-
-        port = PacketPort(reactor, Forwarder(table, {"eth1": OUT_MAC}), "eth0", opener=opener, kernel=kernel,
+        port = PacketPort(reactor, Forwarder(table, {"eth1": OUT_MAC}), "eth0", opener=sockets.open, kernel=kernel,
                           attach=lambda sock, program: None)
         port.start()
         self.addCleanup(port.stop)
@@ -747,13 +741,9 @@ class TunnelPlumbingTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.table = RouteTable(self.reactor, closing_timeout=10)
         self.fwd = Forwarder(self.table, {"eth1": OUT_MAC})
-        self.sockets: dict[str, FakeSocket] = {}
+        self.sockets = FakeSockets()
 
-        def opener(ifname: str, receive: bool) -> socket.socket:
-            sock = self.sockets[("rx:" if receive else "tx:") + ifname] = FakeSocket(ifname, receive)
-            return sock  # type: ignore[return-value]
-
-        self.port = PacketPort(self.reactor, self.fwd, "eth0", opener=opener)
+        self.port = PacketPort(self.reactor, self.fwd, "eth0", opener=self.sockets.open)
         self.port.start()
         self.addCleanup(self.port.stop)
         self.fence = RecordingFence()

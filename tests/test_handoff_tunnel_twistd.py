@@ -33,7 +33,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Any
 import pytest
 
 from nlbproxy.config import format_host_port
-from tests.handoff_farm import NGINX, Held, Output, cidr, closed_cleanly, env, listen, server_endpoint, url
+from tests.handoff_farm import Held, Output, cidr, closed_cleanly, server_endpoint, spawn, start_nginx, url
 from tests.handoff_util import pattern
 from tests.netns import Node, Topology, require_netns, require_tools, wait_for
 
@@ -126,9 +125,7 @@ class TunnelFarm:
             self.out[name].wait_for("farm known", timeout=30)
 
     def start(self, name: str, node: Node, argv: list[str]) -> Output:
-        proc = node.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
-                          cwd=str(Path(__file__).resolve().parent.parent))
-        self.out[name] = Output(proc)
+        self.out[name] = spawn(node, argv)
         return self.out[name]
 
     def _nginx(self) -> None:
@@ -136,14 +133,7 @@ class TunnelFarm:
         (directory / "www").mkdir(parents=True)
         (directory / "www" / "big").write_bytes(pattern(DOWNLOAD, seed=5))
         (directory / "www" / "hello").write_bytes(b"hello from h1\n")
-        conf = directory / "nginx.conf"
-        conf.write_text(NGINX.format(dir=directory, ip=listen(self.plan.host)))
-        self.host.popen(["nginx", "-e", str(directory / "error.log"), "-c", str(conf)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.host.python("import socket,time\nend=time.monotonic()+20\nwhile True:\n"
-                         "    try: socket.create_connection(('127.0.0.1',8082),timeout=1).close(); break\n"
-                         "    except OSError:\n"
-                         "        assert time.monotonic()<end\n        time.sleep(0.02)\n", timeout=30)
+        start_nginx(self.host, directory, self.plan.host)
 
     def _agent(self) -> None:
         p = self.plan

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import pytest
 
 from nlbproxy.config import format_host_port
 from nlbproxy.limits import END_LINGER
-from tests.handoff_farm import NGINX, Held, Output, cidr, closed_cleanly, env, listen, server_endpoint, url
+from tests.handoff_farm import Held, Output, cidr, closed_cleanly, server_endpoint, spawn, start_nginx, url
 from tests.handoff_util import pattern
 from tests.netns import Node, Topology, require_netns, require_tools, wait_for
 
@@ -97,9 +96,7 @@ class Farm:
             self.out[name].wait_for("farm known", timeout=30)
 
     def start(self, name: str, node: Node, argv: list[str]) -> Output:
-        proc = node.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
-                          cwd=str(Path(__file__).resolve().parent.parent))
-        self.out[name] = Output(proc)
+        self.out[name] = spawn(node, argv)
         return self.out[name]
 
     def _nginx(self, name: str, host: Node) -> None:
@@ -107,14 +104,7 @@ class Farm:
         (directory / "www" / name).mkdir(parents=True)
         (directory / "www" / "big").write_bytes(pattern(DOWNLOAD, seed=3))
         (directory / "www" / name / "hello").write_bytes(f"hello from {name}\n".encode())
-        conf = directory / "nginx.conf"
-        conf.write_text(NGINX.format(dir=directory, ip=listen(self.plan.hosts[name])))
-        host.popen(["nginx", "-e", str(directory / "error.log"), "-c", str(conf)],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        host.python("import socket,time\nend=time.monotonic()+20\nwhile True:\n"
-                    "    try: socket.create_connection(('127.0.0.1',8082),timeout=1).close(); break\n"
-                    "    except OSError:\n"
-                    "        assert time.monotonic()<end\n        time.sleep(0.02)\n", timeout=30)
+        start_nginx(host, directory, self.plan.hosts[name])
 
     def _agent(self, name: str, host: Node) -> None:
         ip = self.plan.hosts[name]

@@ -26,7 +26,7 @@ from nlbproxy.handoff.unitside import Flow, HandoffStats
 from nlbproxy.limits import END_LINGER
 from nlbproxy.session.dam import DAM
 from tests.test_admin import FakeUpstreams
-from tests.test_handoff_forwarder import HOST_MAC, KEY, OUT_MAC, VNET, FakeSocket, frame
+from tests.test_handoff_forwarder import HOST_MAC, KEY, OUT_MAC, VNET, FakeSocket, FakeSockets, frame
 
 HOST_IP = "10.0.1.3"
 FLOW = Flow(("10.0.0.5", 40000), ("10.0.0.100", 80))
@@ -276,14 +276,9 @@ class TunnelledUnitForwarderTests(SynchronousTestCase):
                                  tunnel_source="10.0.0.2", tunnel_gateway="10.0.0.1")
         fwd = build_forwarder(config, reactor, make_farm(reactor), None)
         assert fwd is not None and fwd.tunnel is not None
-        sockets: dict[str, FakeSocket] = {}
-
-        def opener(ifname: str, receive: bool) -> socket.socket:
-            sock = sockets[f"{'rx' if receive else 'tx'}:{ifname}"] = FakeSocket(ifname, receive)
-            return sock  # type: ignore[return-value]
-
+        sockets = FakeSockets()
         backend = RecordingBackend()
-        fwd._backend_factory, fwd._opener, fwd._mac_of = lambda: backend, opener, lambda ifname: OUT_MAC
+        fwd._backend_factory, fwd._opener, fwd._mac_of = lambda: backend, sockets.open, lambda ifname: OUT_MAC
         fwd._resolve_mac = {"10.0.0.1": "02:00:00:00:00:01"}.__getitem__
         fwd.start()
         self.addCleanup(fwd.stop)

@@ -144,10 +144,14 @@ class Protocol_(SynchronousTestCase):
         self.protocol.makeConnection(self.transport)
 
     def client(self) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+        """A client whose ClientHello is written (in ``outgoing``)."""
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         ctx = ssl.create_default_context(cafile=str(self.ca.file))
         ctx.set_alpn_protocols(["h2", "http/1.1"])
-        return ctx.wrap_bio(incoming, outgoing, server_hostname="a.test"), incoming, outgoing
+        client = ctx.wrap_bio(incoming, outgoing, server_hostname="a.test")
+        with self.assertRaises(ssl.SSLWantReadError):
+            client.do_handshake()  # the ClientHello, waiting in outgoing
+        return client, incoming, outgoing
 
     def pump(self, client: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:
         for _ in range(10):
@@ -167,10 +171,6 @@ class Protocol_(SynchronousTestCase):
 
     def test_a_handshake_then_data_both_ways(self) -> None:
         client, incoming, outgoing = self.client()
-        try:
-            client.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
         self.pump(client, incoming, outgoing)
         self.assertTrue(self.protocol.handshaken)
         self.assertEqual(client.selected_alpn_protocol(), "http/1.1")
@@ -194,10 +194,6 @@ class Protocol_(SynchronousTestCase):
         # two requests and its close_notify in one segment all get through,
         # and a record cut in two is read once whole.
         client, incoming, outgoing = self.client()
-        try:
-            client.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
         self.protocol.dataReceived(outgoing.read())  # ClientHello
         incoming.write(self.transport.value())
         self.transport.clear()
@@ -213,10 +209,6 @@ class Protocol_(SynchronousTestCase):
 
     def test_a_record_cut_in_two_is_read_once_whole(self) -> None:
         client, incoming, outgoing = self.client()
-        try:
-            client.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
         self.pump(client, incoming, outgoing)
         client.write(b"GET / HTTP/1.1\r\n\r\n")
         record = outgoing.read()
@@ -228,10 +220,6 @@ class Protocol_(SynchronousTestCase):
 
     def test_the_clients_close_notify_closes(self) -> None:
         client, incoming, outgoing = self.client()
-        try:
-            client.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
         self.pump(client, incoming, outgoing)
         with self.assertRaises(ssl.SSLWantReadError):
             client.unwrap()

@@ -65,6 +65,18 @@ def unframe(data: bytes) -> tuple[Address, bytes] | None:
     return (ip, port), data[end:]
 
 
+def from_peer(drops: Counter[str], data: bytes, addr: tuple[str, int], known: bool) -> tuple[Address, bytes] | None:
+    """The address and datagram of a frame from a relay peer; None (and the
+    drop counted) when it came from a stranger or is malformed."""
+    if not known:
+        drops["stranger"] += 1
+        return None
+    framed = unframe(data)
+    if framed is None:
+        drops["malformed"] += 1
+    return framed
+
+
 class PublicHealth(HealthSocket):
     """The unit's public health socket in a supervisor: accepts, relays, answers.
 
@@ -116,12 +128,8 @@ class WorkerLink(DatagramProtocol):
                 self.relayed += 1
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
-        if (addr[0], addr[1]) not in self.workers:
-            self.drops["stranger"] += 1
-            return
-        framed = unframe(data)
+        framed = from_peer(self.drops, data, addr, (addr[0], addr[1]) in self.workers)
         if framed is None:
-            self.drops["malformed"] += 1
             return
         address, datagram = framed
         envelope = self.codec.decode(datagram, SENDER_UNIT_KINDS)
@@ -161,12 +169,8 @@ class RelayedHealth(DatagramProtocol):
         self.inner.transport = None
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
-        if (addr[0], addr[1]) != self.supervisor:
-            self.drops["stranger"] += 1
-            return
-        framed = unframe(data)
+        framed = from_peer(self.drops, data, addr, (addr[0], addr[1]) == self.supervisor)
         if framed is None:
-            self.drops["malformed"] += 1
             return
         address, datagram = framed
         self.inner.datagramReceived(datagram, address)
